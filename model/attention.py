@@ -1,0 +1,289 @@
+"""Attention math as pure functions: masks, position encodings and scaled dot-product attention.
+
+Everything here is a plain function of arrays (jit-able, no parameters), so tests can hold it against a float64 numpy
+formula and the Flax modules in layers.py stay thin. Attention is softmax(Q K^T / sqrt(d_k) + bias) V with boolean masks
+(True = may attend). Two implementations agree to float rounding: `dot_product_attention` materializes the [T, S] score
+matrix, `chunked_attention` walks key/value chunks with an online softmax so its memory grows linearly in length.
+Masks for the chunked path are described by `MaskInfo` (segment ids, positions, causal flag) and built one block at a
+time, never as a dense [T, S] array.
+
+Letters: B batch, T query length, S key length, N query heads, K key/value heads, G = N // K, H head dim.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A large finite negative keeps fully masked rows finite (uniform weights) instead of NaN.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# ----------------------------------------------------------------------------------------------------------- masks
+
+
+def padding_mask(q_valid: jax.Array, kv_valid: jax.Array) -> jax.Array:
+  """[B,T] bool, [B,S] bool -> [B,1,T,S]: real queries see only real keys."""
+  return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
+
+
+def causal_mask(q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+  """[B,T] int, [B,S] int -> [B,1,T,S]: position t sees keys at positions <= t."""
+  return kv_positions[:, None, None, :] <= q_positions[:, None, :, None]
+
+
+def prefix_lm_mask(q_positions: jax.Array, kv_positions: jax.Array, prefix_len: jax.Array) -> jax.Array:
+  """Causal, except that every query sees the whole prefix: keys with position < prefix_len[b] ([B])."""
+  in_prefix = kv_positions[:, None, None, :] < prefix_len[:, None, None, None]
+  return causal_mask(q_positions, kv_positions) | in_prefix
+
+
+def segment_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+  """[B,T], [B,S] -> [B,1,T,S]: block-diagonal mask for packed sequences (same segment id only).
+
+  Segment id 0 marks padding: a padding query only meets padding keys, so real positions never see padding and no row
+  is left empty.
+  """
+  return q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskInfo:
+  """What decides which key a query may see, without the dense [T, S] mask.
+
+  q_segment_ids [B,T], kv_segment_ids [B,S]: packing/padding segments (0 = padding); None means all one segment.
+  q_positions [B,T], kv_positions [B,S]: order used by the causal rule (cache slots when decoding).
+  prefix_len [B]: prefix-LM boundary (with causal=True); None for none.
+  causal: static flag.
+  """
+
+  q_segment_ids: Optional[jax.Array] = None
+  kv_segment_ids: Optional[jax.Array] = None
+  q_positions: Optional[jax.Array] = None
+  kv_positions: Optional[jax.Array] = None
+  prefix_len: Optional[jax.Array] = None
+  causal: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+  def block(self, q_slice: slice | None = None, kv_slice: slice | None = None) -> Optional[jax.Array]:
+    """The boolean mask [B,1,t,s] for a block of queries and keys (all of them by default); None if nothing masks."""
+    sl = lambda x, s: None if x is None else (x if s is None else x[:, s])
+    mask = None
+    if self.q_segment_ids is not None:
+      mask = segment_mask(sl(self.q_segment_ids, q_slice), sl(self.kv_segment_ids, kv_slice))
+    if self.causal:
+      qp, kp = sl(self.q_positions, q_slice), sl(self.kv_positions, kv_slice)
+      rule = causal_mask(qp, kp) if self.prefix_len is None else prefix_lm_mask(qp, kp, self.prefix_len)
+      mask = rule if mask is None else mask & rule
+    return mask
+
+  def dense(self) -> Optional[jax.Array]:
+    return self.block()
+
+
+def make_mask_info(*, q_segment_ids=None, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=False,
+                   prefix_len=None, q_len=None, kv_len=None, batch=None) -> MaskInfo:
+  """Fills defaults: kv segments follow q segments, causal positions default to arange."""
+  if kv_segment_ids is None:
+    kv_segment_ids = q_segment_ids
+  if causal:
+    if q_positions is None:
+      q_positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    if kv_positions is None:
+      kv_positions = jnp.broadcast_to(jnp.arange(kv_len, dtype=jnp.int32), (batch, kv_len))
+  return MaskInfo(q_segment_ids, kv_segment_ids, q_positions, kv_positions, prefix_len, causal)
+
+
+# ---------------------------------------------------------------------------------------------- position encodings
+
+
+def sinusoidal_positions(positions: jax.Array, dim: int, max_timescale: float = 10_000.0) -> jax.Array:
+  """[..., T] int -> [..., T, dim]: PE(p, 2i) = sin(p / 10000^(2i/dim)), PE(p, 2i+1) = cos(...), interleaved."""
+  half = dim // 2
+  inv = 1.0 / (max_timescale ** (np.arange(half, dtype=np.float32) * 2.0 / dim))
+  angles = positions[..., None].astype(jnp.float32) * inv
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*angles.shape[:-1], 2 * half)
+  if dim % 2:
+    pe = jnp.pad(pe, [(0, 0)] * (pe.ndim - 1) + [(0, 1)])
+  return pe
+
+
+def rope_frequencies(positions: jax.Array, head_dim: int, theta: float = 10_000.0):
+  """[B,T] int -> (sin, cos) each [B,T,H/2]; computed once per stack, shared by every layer."""
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+  angles = positions[..., None].astype(jnp.float32) * inv
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+  """Rotary embedding, half-split layout (as in LLaMA/HF): x [B,T,N,H], sin/cos [B,T,H/2]."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  s, c = sin[:, :, None, :], cos[:, :, None, :]
+  out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+  return out.astype(x.dtype)
+
+
+def t5_relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int = 32,
+                                max_distance: int = 128) -> jax.Array:
+  """T5's bucketing of (key_pos - query_pos): exact for small distances, log-spaced up to max_distance."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(jnp.int32) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  # The epsilon mirrors T5 so the same distances land in the same buckets.
+  val_if_large = max_exact + (
+      jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps) / math.log(max_distance / max_exact)
+      * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, val_if_large)
+
+
+# ----------------------------------------------------------------------------------------------- attention proper
+
+
+def _group(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  b, t, n, h = q.shape
+  return q.reshape(b, t, num_kv_heads, n // num_kv_heads, h)
+
+
+def _bias_blocks(bias: Optional[jax.Array], num_kv_heads: int):
+  """[B|1, N, T, S] -> [B|1, K, G, T, S] matching grouped queries."""
+  if bias is None:
+    return None
+  b, n, t, s = bias.shape
+  return bias.reshape(b, num_kv_heads, n // num_kv_heads, t, s)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
+                          bias: Optional[jax.Array] = None, scale: Optional[float] = None,
+                          dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+  """softmax(q k^T * scale + bias, masked) v, the plain way.
+
+  q [B,T,N,H]; k, v [B,S,K,H] with N a multiple of K (grouped-query; K == 1 is multi-query); mask [B|1, 1|N, T, S]
+  bool; bias [B|1, N, T, S]; scale defaults to 1/sqrt(H). Scores and softmax run in float32. Returns [B,T,N,H].
+  """
+  kheads = k.shape[2]
+  scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+  qg = _group(q, kheads)
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    scores = scores + _bias_blocks(bias.astype(jnp.float32), kheads)
+  if mask is not None:
+    m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kheads, -1, *mask.shape[2:])
+    scores = jnp.where(m, scores, _MASK_VALUE)
+  weights = jax.nn.softmax(scores, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('BKGTS,BSKH->BTKGH', weights.astype(v.dtype), v)
+  return out.reshape(q.shape)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Optional[MaskInfo] = None,
+                      bias: Optional[jax.Array] = None, scale: Optional[float] = None, q_chunk: int = 128,
+                      kv_chunk: int = 128) -> jax.Array:
+  """Memory-efficient attention (Rabe & Staats; the online softmax of FlashAttention), same result as the plain one.
+
+  Queries are processed q_chunk at a time; for each, a scan over kv_chunk-sized key blocks keeps a running max m, a
+  running normalizer l and an unnormalized output acc, so only a [q_chunk, kv_chunk] score block ever exists. Lengths
+  that are not a multiple of the chunk are padded and the padded keys masked. Shapes as in dot_product_attention;
+  mask_info describes the mask block by block; bias [B|1,N,T,S] (if given) is sliced per block.
+  """
+  b, t, n, h = q.shape
+  s, kheads = k.shape[1], k.shape[2]
+  scale = 1.0 / math.sqrt(h) if scale is None else scale
+  q_chunk, kv_chunk = min(q_chunk, t), min(kv_chunk, s)
+  tp, sp = -(-t // q_chunk) * q_chunk, -(-s // kv_chunk) * kv_chunk
+  mi = mask_info or MaskInfo()
+
+  def pad(x, length, axis=1, value=0):
+    if x is None or x.shape[axis] == length:
+      return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+  qg = pad(_group(q, kheads), tp)
+  kp, vp = pad(k, sp), pad(v, sp)
+  kv_valid = pad(jnp.ones((b, s), bool), sp, value=False)
+  bias_g = _bias_blocks(bias, kheads)
+  if bias_g is not None:
+    bias_g = pad(pad(bias_g.astype(jnp.float32), tp, axis=3), sp, axis=4)
+  fields = dict(q_segment_ids=pad(mi.q_segment_ids, tp), kv_segment_ids=pad(mi.kv_segment_ids, sp, value=-1),
+                q_positions=pad(mi.q_positions, tp), kv_positions=pad(mi.kv_positions, sp))
+  nq, nk = tp // q_chunk, sp // kv_chunk
+
+  def one_query_chunk(qi):
+    qs = qi * q_chunk
+    q_blk = jax.lax.dynamic_slice_in_dim(qg, qs, q_chunk, axis=1)           # [B,tq,K,G,H]
+    sl = lambda x, start, size: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+
+    def kv_step(carry, ki):
+      m, l, acc = carry
+      ks = ki * kv_chunk
+      k_blk, v_blk = sl(kp, ks, kv_chunk), sl(vp, ks, kv_chunk)
+      scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+      if bias_g is not None:
+        bb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias_g, qs, q_chunk, axis=3), ks, kv_chunk, 4)
+        scores = scores + bb
+      blk_info = MaskInfo(sl(fields['q_segment_ids'], qs, q_chunk), sl(fields['kv_segment_ids'], ks, kv_chunk),
+                          sl(fields['q_positions'], qs, q_chunk), sl(fields['kv_positions'], ks, kv_chunk),
+                          mi.prefix_len, mi.causal)
+      mask = blk_info.block()
+      valid = sl(kv_valid, ks, kv_chunk)[:, None, None, :]
+      mask = valid if mask is None else mask & valid                        # [B,1,tq,sk]
+      scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
+      m_new = jnp.maximum(m, scores.max(axis=-1))
+      p = jnp.exp(scores - m_new[..., None])
+      corr = jnp.exp(m - m_new)
+      l_new = l * corr + p.sum(axis=-1)
+      acc_new = acc * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p, v_blk.astype(jnp.float32))
+      return (m_new, l_new, acc_new), None
+
+    g = n // kheads
+    init = (jnp.full((b, kheads, g, q_chunk), -jnp.inf, jnp.float32), jnp.zeros((b, kheads, g, q_chunk), jnp.float32),
+            jnp.zeros((b, kheads, g, q_chunk, h), jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, jnp.arange(nk))
+    out = acc / l[..., None]                                                # [B,K,G,tq,H]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_chunk, n, h)
+
+  outs = jax.lax.map(one_query_chunk, jnp.arange(nq))                       # [nq,B,tq,N,H]
+  out = jnp.transpose(outs, (1, 0, 2, 3, 4)).reshape(b, tp, n, h)[:, :t]
+  return out.astype(q.dtype)
+
+
+def attention(q, k, v, *, mask_info: Optional[MaskInfo] = None, bias=None, scale=None, implementation: str = 'auto',
+              chunk_size: int = 128, dropout_rate: float = 0.0, dropout_rng=None):
+  """Dispatches to one implementation. 'auto': cuDNN flash attention on GPU when it applies, else plain.
+
+  'plain' and 'chunked' are ours; 'cudnn' is jax.nn.dot_product_attention (GPU only, no bias with dropout). Chunked and
+  cuDNN paths take no attention dropout (dropout there would need the same rng stream in every block).
+  """
+  if implementation == 'auto':
+    usable = (jax.default_backend() == 'gpu' and dropout_rate == 0.0 and q.dtype in (jnp.bfloat16, jnp.float16)
+              and (mask_info is None or mask_info.prefix_len is None))
+    implementation = 'cudnn' if usable else 'plain'
+  if implementation == 'plain':
+    mask = None if mask_info is None else mask_info.dense()
+    return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=scale, dropout_rate=dropout_rate,
+                                 dropout_rng=dropout_rng)
+  if implementation == 'chunked':
+    return chunked_attention(q, k, v, mask_info=mask_info, bias=bias, scale=scale, q_chunk=chunk_size,
+                             kv_chunk=chunk_size)
+  if implementation == 'cudnn':
+    mask = None if mask_info is None else mask_info.dense()
+    return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask,
+                                        scale=scale, implementation='cudnn')
+  raise ValueError(f"attention implementation {implementation!r} is unknown; use 'auto', 'plain', 'chunked' or "
+                   "'cudnn'.")

@@ -1,0 +1,252 @@
+"""Prediction heads and the top-level LanguageModel that puts a backbone and any set of heads in one params pytree.
+
+Pre-training heads: MLM (tied to the input embedding, applied only at the gathered masked positions), NSP on the pooled
+[CLS], LM (tied or not), the ELECTRA discriminator. Task heads: sequence classification, token classification and
+extractive-QA start/end. `LanguageModel(cfg, heads=('mlm', 'nsp'))` returns a dict of what each head produced, so
+objectives can be combined over one forward pass; `Electra` pairs a generator and a discriminator that share
+embeddings. Batches follow the contract in train/data/__init__.py (tokens, segment_ids, positions, ...).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.layers import Embeddings, Norm, activation, dense, zeros_init
+from model.transformer import Decoder, Encoder, EncoderDecoder, ModelConfig
+
+HEADS = ('mlm', 'nsp', 'lm', 'rtd', 'classifier', 'tagger', 'qa')
+
+
+def gather_positions(hidden, positions):
+  """hidden [B,T,D], positions [B,P] int -> [B,P,D]."""
+  return jnp.take_along_axis(hidden, positions[..., None].astype(jnp.int32), axis=1)
+
+
+class MLMHead(nn.Module):
+  """BERT's transform (dense, activation, norm) then logits against the tied embedding table plus a bias: -> [..., V]."""
+  cfg: ModelConfig
+  embed: Embeddings
+
+  @nn.compact
+  def __call__(self, hidden):
+    cfg = self.cfg
+    h = dense(cfg, cfg.embed_width, ('embed', 'embed_in'), use_bias=True, name='transform')(hidden)
+    h = Norm(cfg, features_axis='embed_in', name='norm')(activation(cfg.activation)(h))
+    bias = self.param('bias', zeros_init(('vocab',)), (cfg.vocab_size,), cfg.jnp_param_dtype)
+    return self.embed.attend(h) + bias.astype(h.dtype)
+
+
+class Pooler(nn.Module):
+  """tanh(W h_[CLS] + b): [B,T,D] -> [B,D] (BERT's pooled output, read by NSP and the classifier)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    return jnp.tanh(dense(self.cfg, self.cfg.d_model, ('embed', 'mlp'), use_bias=True, name='dense')(hidden[:, 0]))
+
+
+class LMHead(nn.Module):
+  """Next-token logits [B,T,D] -> [B,T,V]: the transposed embedding table when tied, else its own kernel."""
+  cfg: ModelConfig
+  embed: Embeddings
+
+  @nn.compact
+  def __call__(self, hidden):
+    cfg = self.cfg
+    if cfg.tie_embeddings:
+      if cfg.scale_tied_logits:
+        hidden = hidden * cfg.d_model ** -0.5
+      return self.embed.attend(hidden)
+    return dense(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False, name='out')(hidden)
+
+
+class RTDHead(nn.Module):
+  """ELECTRA's discriminator: per-token logit that the token was replaced, [B,T,D] -> [B,T]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, hidden):
+    cfg = self.cfg
+    h = activation(cfg.activation)(dense(cfg, cfg.d_model, ('embed', 'mlp'), use_bias=True, name='dense')(hidden))
+    return dense(cfg, 1, ('mlp', None), use_bias=True, name='out')(h)[..., 0]
+
+
+def pool(hidden, segment_ids, how: str):
+  """[B,T,D] -> [B,D]: 'cls' first token, 'mean' over real tokens, 'last' the last real token (decoders)."""
+  if how == 'cls':
+    return hidden[:, 0]
+  real = (segment_ids != 0).astype(hidden.dtype)
+  if how == 'mean':
+    return (hidden * real[..., None]).sum(1) / jnp.maximum(real.sum(1, keepdims=True), 1.0)
+  if how == 'last':
+    last = jnp.maximum(real.sum(1).astype(jnp.int32) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"classifier pooling {how!r} is unknown; use 'cls', 'mean' or 'last'.")
+
+
+class LanguageModel(nn.Module):
+  """A backbone chosen by cfg.arch plus the named heads, as one module with one params pytree.
+
+  params: {'embed', 'transformer', and one entry per head ('mlm', 'pooler', 'nsp', 'lm', 'rtd', 'classifier',
+  'tagger', 'qa')}. __call__(batch) returns {'hidden': [B,T,D], and per head: 'mlm_logits' [B,P,V] (at
+  batch['masked_positions'], or every position without it), 'nsp_logits' [B,2], 'lm_logits' [B,T,V], 'rtd_logits'
+  [B,T], 'cls_logits' [B,C], 'tag_logits' [B,T,C], 'start_logits'/'end_logits' [B,T]}; encoder-decoder models read
+  encoder_* / decoder_* keys and also return 'encoded'.
+  """
+  cfg: ModelConfig
+  heads: Sequence[str] = ()
+  num_labels: int = 2
+  num_tags: int = 2
+  classifier_pooling: Optional[str] = None  # None: 'cls' for encoders, 'last' for decoders
+
+  def setup(self):
+    cfg = self.cfg
+    unknown = set(self.heads) - set(HEADS)
+    if unknown:
+      raise ValueError(f'unknown head(s) {sorted(unknown)}; known: {HEADS}.')
+    self.embed = Embeddings(cfg)
+    if cfg.arch == 'encoder':
+      self.transformer = Encoder(cfg, shared_embeddings=self.embed)
+    elif cfg.arch == 'decoder':
+      self.transformer = Decoder(cfg, shared_embeddings=self.embed)
+    else:
+      self.transformer = EncoderDecoder(cfg, shared_embeddings=self.embed)
+    heads = set(self.heads)
+    if 'mlm' in heads:
+      self.mlm = MLMHead(cfg, self.embed)
+    if 'nsp' in heads or ('classifier' in heads and self.pooling == 'cls' and cfg.arch == 'encoder'):
+      self.pooler = Pooler(cfg)
+    if 'nsp' in heads:
+      self.nsp = dense(cfg, 2, ('embed', None), use_bias=True)
+    if 'lm' in heads:
+      self.lm = LMHead(cfg, self.embed)
+    if 'rtd' in heads:
+      self.rtd = RTDHead(cfg)
+    if 'classifier' in heads:
+      self.classifier = dense(cfg, self.num_labels, ('embed', None), use_bias=True)
+    if 'tagger' in heads:
+      self.tagger = dense(cfg, self.num_tags, ('embed', None), use_bias=True)
+    if 'qa' in heads:
+      self.qa = dense(cfg, 2, ('embed', None), use_bias=True)
+    self.head_dropout = nn.Dropout(cfg.dropout_rate)
+
+  @property
+  def pooling(self) -> str:
+    return self.classifier_pooling or ('cls' if self.cfg.arch == 'encoder' else 'last')
+
+  def encode(self, batch, *, deterministic: bool = True):
+    """Encoder-decoder only: batch['encoder_tokens'] [B,S] -> [B,S,D]."""
+    return self.transformer.encode(batch['encoder_tokens'], segment_ids=batch.get('encoder_segment_ids'),
+                                   positions=batch.get('encoder_positions'), deterministic=deterministic)
+
+  def backbone(self, batch, *, deterministic: bool = True, decode: bool = False):
+    """The final hidden states [B,T,D] (decoder side for encoder-decoder) and, for T5, the encoder output."""
+    cfg = self.cfg
+    if cfg.arch == 'encoder':
+      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'),
+                              positions=batch.get('positions'), token_type_ids=batch.get('token_type_ids'),
+                              deterministic=deterministic, extra_embeddings=batch.get('extra_embeddings')), None
+    if cfg.arch == 'decoder':
+      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'),
+                              positions=batch.get('positions'), deterministic=deterministic, decode=decode,
+                              extra_embeddings=batch.get('extra_embeddings')), None
+    encoded = batch.get('encoded')
+    if encoded is None:
+      encoded = self.encode(batch, deterministic=deterministic)
+    hidden = self.transformer.decode(batch['decoder_tokens'], encoded=encoded,
+                                     encoder_segment_ids=batch.get('encoder_segment_ids'),
+                                     segment_ids=batch.get('decoder_segment_ids'),
+                                     positions=batch.get('decoder_positions'), deterministic=deterministic,
+                                     decode=decode)
+    return hidden, encoded
+
+  def __call__(self, batch, *, deterministic: bool = True, decode: bool = False):
+    hidden, encoded = self.backbone(batch, deterministic=deterministic, decode=decode)
+    out = {'hidden': hidden}
+    if encoded is not None:
+      out['encoded'] = encoded
+    heads = set(self.heads)
+    seg_key = 'decoder_segment_ids' if self.cfg.arch == 'encoder_decoder' else 'segment_ids'
+    segment_ids = batch.get(seg_key)
+    if segment_ids is None:
+      segment_ids = jnp.ones(hidden.shape[:2], jnp.int32)
+    if 'mlm' in heads:
+      positions = batch.get('masked_positions')
+      out['mlm_logits'] = self.mlm(hidden if positions is None else gather_positions(hidden, positions))
+    pooled = None
+    if hasattr(self, 'pooler') and ('nsp' in heads or 'classifier' in heads):
+      pooled = self.pooler(hidden)
+    if 'nsp' in heads:
+      out['nsp_logits'] = self.nsp(pooled)
+    if 'lm' in heads:
+      out['lm_logits'] = self.lm(hidden)
+    if 'rtd' in heads:
+      out['rtd_logits'] = self.rtd(hidden)
+    if 'classifier' in heads:
+      if pooled is None or self.pooling != 'cls':
+        pooled = pool(hidden, segment_ids, self.pooling)
+      out['cls_logits'] = self.classifier(self.head_dropout(pooled, deterministic=deterministic))
+    if 'tagger' in heads:
+      out['tag_logits'] = self.tagger(self.head_dropout(hidden, deterministic=deterministic))
+    if 'qa' in heads:
+      span = self.qa(hidden)
+      out['start_logits'], out['end_logits'] = span[..., 0], span[..., 1]
+    return out
+
+
+class Electra(nn.Module):
+  """ELECTRA's generator (small MLM encoder) and discriminator (RTD encoder) over one shared embedding table.
+
+  params: {'embed', 'generator', 'mlm', 'discriminator', 'rtd'}. The train step samples replacements from
+  `generate` and scores them with `discriminate`; __call__ runs both on the same tokens (for init).
+  """
+  generator_cfg: ModelConfig
+  discriminator_cfg: ModelConfig
+
+  def setup(self):
+    g, d = self.generator_cfg, self.discriminator_cfg
+    if (g.vocab_size, g.embed_width, g.max_len) != (d.vocab_size, d.embed_width, d.max_len):
+      raise ValueError('ELECTRA generator and discriminator must agree on vocab_size, embed_dim and max_len to share '
+                       f'embeddings; got generator {g.vocab_size, g.embed_width, g.max_len}, discriminator '
+                       f'{d.vocab_size, d.embed_width, d.max_len}.')
+    self.embed = Embeddings(d)
+    self.generator = Encoder(g, shared_embeddings=self.embed)
+    self.mlm = MLMHead(g, self.embed)
+    self.discriminator = Encoder(d, shared_embeddings=self.embed)
+    self.rtd = RTDHead(d)
+
+  def _encode(self, encoder, batch, tokens, deterministic):
+    return encoder(tokens, segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
+                   token_type_ids=batch.get('token_type_ids'), deterministic=deterministic)
+
+  def generate(self, batch, *, deterministic: bool = True):
+    """MLM logits of the generator at batch['masked_positions']: [B,P,V]."""
+    hidden = self._encode(self.generator, batch, batch['tokens'], deterministic)
+    return self.mlm(gather_positions(hidden, batch['masked_positions']))
+
+  def discriminate(self, batch, tokens, *, deterministic: bool = True):
+    """Replaced-token logits [B,T] for the corrupted tokens [B,T]."""
+    return self.rtd(self._encode(self.discriminator, batch, tokens, deterministic))
+
+  def __call__(self, batch, *, deterministic: bool = True):
+    return {'mlm_logits': self.generate(batch, deterministic=deterministic),
+            'rtd_logits': self.discriminate(batch, batch['tokens'], deterministic=deterministic)}
+
+
+def init_params(module: nn.Module, rng, batch, **kwargs):
+  """Unboxed params of `module` for an example batch (logical axis metadata dropped; see logical_axes)."""
+  return nn.meta.unbox(module.init({'params': rng, 'dropout': rng}, batch, **kwargs)['params'])
+
+
+def logical_axes(module: nn.Module, batch, **kwargs):
+  """The logical axis names of every parameter, as a pytree of PartitionSpecs, computed without allocating."""
+  shapes = jax.eval_shape(lambda: module.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, batch,
+                                              **kwargs)['params'])
+  return nn.get_partition_spec(shapes)
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,205 @@
+"""The Flax modules a transformer is built from: embeddings, norms, multi-head attention, MLP and one block.
+
+Every parameter carries logical axis names (embed, heads, kv_heads, kv, mlp, vocab) so that train/partitioning.py can
+shard it without this file knowing about meshes. Modules take the frozen ModelConfig whole. Compute runs in
+`cfg.dtype`, parameters are stored in `cfg.param_dtype`; softmax and norms compute in float32.
+
+Letters: B batch, T length, D model width, E embedding width, N heads, K kv heads, H head dim, F MLP width, V vocab.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model import attention as attn
+
+if TYPE_CHECKING:
+  from model.transformer import ModelConfig
+
+_ACTIVATIONS = {
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+}
+
+
+def activation(name: str):
+  return _ACTIVATIONS[name]
+
+
+def kernel_init(cfg: 'ModelConfig', names: tuple[str, ...], scale: float = 1.0):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), names)
+
+
+def zeros_init(names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def dense(cfg: 'ModelConfig', features, names: tuple[str, ...], *, axis=-1, use_bias: Optional[bool] = None,
+          name: Optional[str] = None) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs."""
+  use_bias = cfg.use_bias if use_bias is None else use_bias
+  n_out = len(features) if isinstance(features, tuple) else 1
+  return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+                         kernel_init=kernel_init(cfg, names), bias_init=zeros_init(names[-n_out:]), name=name)
+
+
+class Norm(nn.Module):
+  """LayerNorm (with bias) or RMSNorm (scale only, as LLaMA/T5), computed in float32."""
+  cfg: 'ModelConfig'
+  features_axis: str = 'embed'
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), (self.features_axis,))
+    if cfg.norm == 'rmsnorm':
+      layer = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype, scale_init=ones)
+    else:
+      layer = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype, scale_init=ones,
+                           bias_init=zeros_init((self.features_axis,)))
+    return layer(x.astype(jnp.float32)).astype(cfg.jnp_dtype)
+
+
+class Embeddings(nn.Module):
+  """Token (+ learned or sinusoidal position) (+ token-type) embeddings, optional norm and dropout: [B,T] -> [B,T,E].
+
+  `attend` reuses the token table as the output projection of tied heads (MLM, tied LM).
+  """
+  cfg: 'ModelConfig'
+
+  def setup(self):
+    cfg = self.cfg
+    emb_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('vocab', 'embed'))
+    self.token = nn.Embed(cfg.vocab_size, cfg.embed_width, embedding_init=emb_init, dtype=cfg.jnp_dtype,
+                          param_dtype=cfg.jnp_param_dtype)
+    if cfg.position == 'learned':
+      pos_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('length', 'embed'))
+      self.position = nn.Embed(cfg.max_len, cfg.embed_width, embedding_init=pos_init, dtype=cfg.jnp_dtype,
+                               param_dtype=cfg.jnp_param_dtype)
+    if cfg.type_vocab_size:
+      type_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'embed'))
+      self.token_type = nn.Embed(cfg.type_vocab_size, cfg.embed_width, embedding_init=type_init, dtype=cfg.jnp_dtype,
+                                 param_dtype=cfg.jnp_param_dtype)
+    if cfg.embed_norm:
+      self.norm = Norm(cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def __call__(self, tokens, *, positions, token_type_ids=None, deterministic: bool = True,
+               extra_embeddings=None):
+    """tokens [B,T] int, positions [B,T] int, token_type_ids [B,T] int -> [B,T,E].
+
+    extra_embeddings [B,T,E], if given, is added before the norm (soft prompts and adapters build on it).
+    """
+    cfg = self.cfg
+    x = self.token(tokens)
+    if cfg.position == 'learned':
+      x = x + self.position(positions)
+    elif cfg.position == 'sinusoidal':
+      x = x + attn.sinusoidal_positions(positions, cfg.embed_width).astype(x.dtype)
+    if cfg.type_vocab_size:
+      tt = jnp.zeros_like(tokens) if token_type_ids is None else token_type_ids
+      x = x + self.token_type(tt)
+    if extra_embeddings is not None:
+      x = x + extra_embeddings.astype(x.dtype)
+    if cfg.embed_norm:
+      x = self.norm(x)
+    return self.dropout(x, deterministic=deterministic)
+
+  def attend(self, x):
+    """[..., E] -> [..., V] with the token table transposed."""
+    return self.token.attend(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Projections to N query heads and K <= N key/value heads, attention, projection back to D.
+
+  Self-attention when `kv_input` is None, cross-attention otherwise. With decode=True the keys and values of every call
+  are written into a 'cache' collection at `cache_index` (self-attention only), so one token at a time sees all before.
+  """
+  cfg: 'ModelConfig'
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, kv_input=None, *, mask_info: Optional[attn.MaskInfo] = None, bias=None, rope=None,
+               cache_index=None):
+    """x [B,T,D]; kv_input [B,S,D] or None; bias [B|1,N,T,S]; rope (sin, cos) each [B,T,H/2] -> [B,T,D]."""
+    cfg = self.cfg
+    n, k_heads, h = cfg.num_heads, cfg.kv_heads, cfg.head_width
+    q = dense(cfg, (n, h), ('embed', 'heads', 'kv'), name='query')(x)                           # [B,T,N,H]
+    src = x if kv_input is None else kv_input
+    k = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='key')(src)                # [B,S,K,H]
+    v = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='value')(src)              # [B,S,K,H]
+    if rope is not None:
+      sin, cos = rope
+      q, k = attn.apply_rope(q, sin, cos), attn.apply_rope(k, sin, cos)
+    if self.decode and kv_input is None:
+      is_initialized = self.has_variable('cache', 'key')
+      cached_k = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
+      cached_v = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
+      if is_initialized:
+        k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
+        v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))
+        cached_k.value, cached_v.value = k, v
+    rate = 0.0 if self.deterministic else cfg.attention_dropout_rate
+    out = attn.attention(q, k, v, mask_info=mask_info, bias=bias, scale=cfg.attention_scale,
+                         implementation=cfg.attention_impl, chunk_size=cfg.attention_chunk, dropout_rate=rate,
+                         dropout_rng=self.make_rng('dropout') if rate > 0 else None)
+    out = dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out')(out)      # [B,T,D]
+    return out
+
+
+class Mlp(nn.Module):
+  """Position-wise feed-forward: act(x W_i) W_o, or the gated form act(x W_i0) * (x W_i1) W_o (SwiGLU, GeGLU)."""
+  cfg: 'ModelConfig'
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    act = activation(cfg.activation)
+    if cfg.gated_mlp:
+      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_0')(x)) * dense(
+          cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_1')(x)
+    else:
+      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi')(x))
+    hidden = nn.Dropout(cfg.mlp_dropout_rate)(hidden, deterministic=self.deterministic)
+    return dense(cfg, cfg.d_model, ('mlp', 'embed'), name='wo')(hidden)
+
+
+class Block(nn.Module):
+  """One transformer layer: self-attention, optional cross-attention, MLP; each with a residual and a norm.
+
+  pre-LN: x + f(norm(x)) (GPT-2, LLaMA, T5); post-LN: norm(x + f(x)) (BERT). The signature is nn.scan's:
+  (carry, *broadcast) -> (carry, None).
+  """
+  cfg: 'ModelConfig'
+  causal: bool = False
+  cross: bool = False
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask_info, bias, rope, cross_x, cross_mask_info, cache_index):
+    cfg = self.cfg
+    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)
+
+    def residual(x, fn, norm_name):
+      if cfg.pre_norm:
+        return x + drop(fn(Norm(cfg, name=norm_name)(x)))
+      return Norm(cfg, name=norm_name)(x + drop(fn(x)))
+
+    self_attn = MultiHeadAttention(cfg, decode=self.decode, deterministic=self.deterministic, name='self_attn')
+    x = residual(x, lambda y: self_attn(y, mask_info=mask_info, bias=bias, rope=rope, cache_index=cache_index),
+                 'self_attn_norm')
+    if self.cross:
+      cross_attn = MultiHeadAttention(cfg, deterministic=self.deterministic, name='cross_attn')
+      x = residual(x, lambda y: cross_attn(y, cross_x, mask_info=cross_mask_info), 'cross_attn_norm')
+    x = residual(x, Mlp(cfg, deterministic=self.deterministic, name='mlp'), 'mlp_norm')
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    return x, None

@@ -1,0 +1,42 @@
+"""lmlab: choose, pre-train and fine-tune transformer language models in JAX."""
+from setuptools import setup
+
+_CORE = [
+    "jax>=0.10,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10,<5",
+    "tensorflow-cpu>=2.21,<2.22",
+    "array-record>=0.8,<0.9",
+    "grain>=0.2.18,<0.3",
+    "tokenizers>=0.23,<0.24",
+    "sentencepiece>=0.2,<0.3",
+    "absl-py>=2.1,<3",
+    "ml-collections>=1.0,<2",
+    "numpy>=1.26,<3",
+    "safetensors>=0.5,<1",
+    "gguf>=0.17,<1",
+    "tensorboardX>=2.6,<3",
+    "matplotlib>=3.8,<4",
+]
+
+setup(
+    name="lmlab",
+    version="0.1.0",
+    description="A JAX research codebase for choosing, pre-training and fine-tuning transformer language models.",
+    packages=["model", "train", "train.data", "configs"],
+    python_requires=">=3.10",
+    install_requires=_CORE,
+    extras_require={
+        # torch is for parity tests only; pinned so a CPU build is taken (an unpinned one pulls CUDA).
+        "test": [
+            "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",
+            "torch==2.13.0",
+            "transformers>=4.50,<6",
+        ],
+        "gpu": ["jax[cuda12]>=0.10,<0.11"],
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
+    },
+)
