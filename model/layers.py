@@ -56,13 +56,17 @@ class Norm(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), (self.features_axis,))
+    x32 = x.astype(jnp.float32)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(), (self.features_axis,)),
+                       (x.shape[-1],), cfg.jnp_param_dtype)
     if cfg.norm == 'rmsnorm':
-      layer = nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype, scale_init=ones)
-    else:
-      layer = nn.LayerNorm(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.jnp_param_dtype, scale_init=ones,
-                           bias_init=zeros_init((self.features_axis,)))
-    return layer(x.astype(jnp.float32)).astype(cfg.jnp_dtype)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+      return (y * scale.astype(jnp.float32)).astype(cfg.jnp_dtype)
+    bias = self.param('bias', zeros_init((self.features_axis,)), (x.shape[-1],), cfg.jnp_param_dtype)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(cfg.jnp_dtype)
 
 
 class Embeddings(nn.Module):
