@@ -382,7 +382,7 @@ class NextSentence:
             b = np.concatenate(osents[int(rng.integers(0, len(osents))):])
         else:
             b = rest
-        a, b = _truncate_pair(a, b, budget, rng)
+        a, b = _truncate_pair(a, b, budget, rng, keep_join=True)
         tokens = np.concatenate([[sp.cls], a, [sp.sep], b, [sp.sep]]).astype(np.int32)
         n = len(tokens)
         tt = np.concatenate([np.zeros(len(a) + 2, np.int32), np.ones(len(b) + 1, np.int32)])
@@ -395,9 +395,11 @@ class NextSentence:
         return out
 
 
-def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int, rng: np.random.Generator | None = None):
+def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int, rng: np.random.Generator | None = None, *,
+                   keep_join: bool = False):
     """BERT's truncate_seq_pair in closed form: tokens come off the longer side until both fit (the shorter side is
-    kept whole when it fits in half the budget); with an rng each dropped token is from the front or back at random."""
+    kept whole when it fits in half the budget); with an rng each dropped token is from the front or back at random.
+    keep_join: cut a only at its front and b only at its back, so that where a ends b still begins (NSP)."""
     a, b = np.asarray(a, np.int32), np.asarray(b, np.int32)
     la, lb = len(a), len(b)
     if la + lb <= budget:
@@ -407,11 +409,12 @@ def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int, rng: np.random.Gen
     else:  # both longer than half: the one-at-a-time loop ends with a at floor(budget/2), b at ceil
         na, nb = budget // 2, budget - budget // 2
 
-    def cut(x, keep):
+    def cut(x, keep, front_share):
         drop = len(x) - keep
-        front = int(rng.binomial(drop, 0.5)) if rng is not None and drop else 0
+        front = int(rng.binomial(drop, 0.5)) if front_share is None and rng is not None and drop else \
+            int(drop * (front_share or 0))
         return x[front:front + keep]
-    return cut(a, na), cut(b, nb)
+    return cut(a, na, 1 if keep_join else None), cut(b, nb, 0 if keep_join else None)
 
 
 # ---- tasks -----------------------------------------------------------------------------------------------------------
