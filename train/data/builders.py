@@ -187,10 +187,14 @@ def build(kind: str, *, name: str, data_dir: str | os.PathLike, splits: Splits,
     # Label sets come from the first split (normally train) so that every split shares one id mapping.
     first_files = list(file_splits[0][1])
     if kind == "classification" and options.get("label_names") is None:
-        options["label_names"] = readers.infer_labels(first_files, label_column=options.get("label_column", "label"))
+        options["label_names"] = readers.infer_labels(first_files, label_column=options.get("label_column", "label"),
+                                                      on_error=options.get("on_error", "raise"))
     if kind == "tagging" and options.get("tag_names") is None:
-        tag_kw = {k: options[k] for k in ("token_column", "tag_column", "num_columns") if k in options}
+        tag_kw = {k: options[k] for k in ("token_column", "tag_column", "num_columns", "on_error") if k in options}
         options["tag_names"] = readers.infer_tags(first_files, **tag_kw)
+    for key in ("label_names", "tag_names"):
+        if key in options and not options[key]:
+            raise readers.DataError(first_files[0], None, f"no {key.split('_')[0]}s found to build a label set from")
     for key in ("label_names", "tag_names", "text_columns"):
         if key in options:
             options[key] = list(options[key])

@@ -218,10 +218,10 @@ def table_rows(path: PathLike, problems: Problems, *, columns: Sequence[str]) ->
         yield i, {c: fields[j] for c, j in zip(columns, idx)}
 
 
-def infer_labels(paths: PathLike | Sequence[PathLike], *, label_column: str) -> list[str]:
+def infer_labels(paths: PathLike | Sequence[PathLike], *, label_column: str, on_error: str = "raise") -> list[str]:
     """The sorted set of label strings found in the files (used when no label set is given)."""
     labels = set()
-    problems = Problems("skip", "label inference", quiet=True)
+    problems = Problems(on_error, "label inference", quiet=True)
     for path in expand_paths(paths):
         for _, row in table_rows(path, problems, columns=[label_column]):
             labels.add(str(row[label_column]).strip())
@@ -302,10 +302,10 @@ def conll_records(paths: PathLike | Sequence[PathLike], *, token_column: int = 0
     problems.report()
 
 
-def infer_tags(paths: PathLike | Sequence[PathLike], **kwargs) -> list[str]:
+def infer_tags(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise", **kwargs) -> list[str]:
     """The sorted tag set of CoNLL files ("O" first when present, as tag 0)."""
     tags = set()
-    for rec in conll_records(paths, on_error="skip", quiet=True, **kwargs):
+    for rec in conll_records(paths, on_error=on_error, quiet=True, **kwargs):
         tags.update(rec["tags"])
     return sorted(tags, key=lambda t: (t != "O", t))
 
