@@ -1,0 +1,371 @@
+"""Training objectives: keyword-only pure loss functions over model outputs, and their weighted combination.
+
+Each loss takes arrays by keyword (shapes in its docstring), computes log-probabilities in float32 whatever the model's
+dtype, and returns `(loss, metrics)`: the loss is a weighted mean over the real targets, and the metrics always carry
+`weight_sum` (how many targets the means were taken over) so that a logger can average them correctly across steps and
+devices. `build_loss_fn(cfg, {'mlm': 1.0, 'nsp': 1.0})` checks that the architecture can serve every named objective
+(before anything is traced or compiled), and returns one `loss_fn(params, batch, rng, *, model, deterministic)` that
+runs a single forward pass with exactly the heads `heads_for(objectives)` names and sums the weighted losses; ELECTRA's
+replaced-token detection samples its corruptions from the generator inside that function. Batch keys follow the
+contract in train/data/__init__.py.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Mapping, Union
+
+import jax
+import jax.numpy as jnp
+
+from model.heads import HEADS, Electra, LanguageModel
+from model.transformer import ModelConfig
+
+Metrics = dict[str, jax.Array]
+
+
+# ------------------------------------------------------------------------------------------------- the core
+
+
+def _weighted_mean(values, weights):
+  """sum(w * v) / sum(w), and 0 (not NaN) when every weight is 0 (an all-padding eval batch)."""
+  total = jnp.sum(weights)
+  # `where`, not a product, so that inf/NaN at weight-0 positions (garbage logits under padding) cannot leak in.
+  num = jnp.sum(jnp.where(weights > 0, values * weights, 0.0))
+  return jnp.where(total > 0, num / jnp.where(total > 0, total, 1.0), 0.0), total
+
+
+def cross_entropy(*, logits, targets, weights=None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+  """Softmax cross-entropy, weighted mean over the targets.
+
+  logits [..., V] (any float dtype; computed in float32), targets [...] int, weights [...] float (default all 1).
+  label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform over V. z_loss c adds
+  c * logsumexp(logits)^2 per target (PaLM), which keeps the softmax normalizer near 1 in low precision.
+  Metrics: loss (what is optimized), accuracy (argmax == target), perplexity (exp of the plain token-mean NLL,
+  without smoothing or z-loss, so it stays comparable across settings), weight_sum.
+  """
+  logits = logits.astype(jnp.float32)
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  # Padding targets may hold any id (even out of range); point them at 0 so the gather is always in bounds.
+  targets = jnp.where(weights > 0, targets, 0).astype(jnp.int32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)                                    # [...]
+  log_probs = logits - log_z[..., None]                                        # [..., V]
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]   # [...]
+  per_target = nll
+  if label_smoothing:
+    per_target = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+  if z_loss:
+    per_target = per_target + z_loss * jnp.square(log_z)
+  loss, weight_sum = _weighted_mean(per_target, weights)
+  mean_nll, _ = _weighted_mean(nll, weights)
+  accuracy, _ = _weighted_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), weights)
+  metrics = {'loss': loss, 'accuracy': accuracy, 'perplexity': jnp.exp(mean_nll), 'weight_sum': weight_sum}
+  if z_loss:
+    metrics['z_loss'] = _weighted_mean(jnp.square(log_z), weights)[0]
+  return loss, metrics
+
+
+def sigmoid_cross_entropy(*, logits, labels, weights=None):
+  """Binary cross-entropy on logits, weighted mean. logits [...] float, labels [...] in {0, 1}, weights [...] float.
+
+  Metrics: loss, accuracy (logit > 0 == label), positive_fraction (weighted share of label 1), weight_sum.
+  """
+  logits = logits.astype(jnp.float32)
+  labels = labels.astype(jnp.float32)
+  weights = jnp.ones(logits.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  # log(1 + e^x) - y x: the stable form of -[y log s(x) + (1 - y) log(1 - s(x))].
+  per_target = jax.nn.softplus(logits) - labels * logits
+  loss, weight_sum = _weighted_mean(per_target, weights)
+  accuracy, _ = _weighted_mean(((logits > 0) == (labels > 0.5)).astype(jnp.float32), weights)
+  positive, _ = _weighted_mean(labels, weights)
+  return loss, {'loss': loss, 'accuracy': accuracy, 'positive_fraction': positive, 'weight_sum': weight_sum}
+
+
+# ------------------------------------------------------------------------------------------ pre-training losses
+
+
+def mlm_loss(*, logits, labels, weights):
+  """Masked LM. logits [B,P,V] at the masked positions, labels [B,P] original ids, weights [B,P] (0 = padding)."""
+  return cross_entropy(logits=logits, targets=labels, weights=weights)
+
+
+def nsp_loss(*, logits, labels):
+  """Next-sentence prediction. logits [B,2], labels [B] (0 = B follows A, 1 = B is random)."""
+  return cross_entropy(logits=logits, targets=labels)
+
+
+def clm_loss(*, logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
+  """Causal LM. logits [B,T,V], targets [B,T] (the next token), weights [B,T] (0 on padding / segment ends)."""
+  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing,
+                       z_loss=z_loss)
+
+
+def seq2seq_loss(*, logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
+  """Encoder-decoder CE (T5 span corruption, translation, ...). logits [B,T_dec,V], targets/weights [B,T_dec]."""
+  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing,
+                       z_loss=z_loss)
+
+
+def rtd_loss(*, logits, labels, weights):
+  """ELECTRA's discriminator: sigmoid CE. logits [B,T], labels [B,T] (1 = replaced), weights [B,T] (real tokens)."""
+  return sigmoid_cross_entropy(logits=logits, labels=labels, weights=weights)
+
+
+# ------------------------------------------------------------------------------------------- downstream losses
+
+
+def classification_loss(*, logits, labels, weights=None):
+  """Sequence classification. logits [B,C], labels [B] int, weights [B] (default 1)."""
+  return cross_entropy(logits=logits, targets=labels, weights=weights)
+
+
+def tagging_loss(*, logits, labels, weights):
+  """Token classification (NER, POS). logits [B,T,C], labels [B,T], weights [B,T] (first sub-word of a word = 1)."""
+  return cross_entropy(logits=logits, targets=labels, weights=weights)
+
+
+def span_qa_loss(*, start_logits, end_logits, start_positions, end_positions, weights=None):
+  """Extractive QA: the mean of the start and end CEs. *_logits [B,T], *_positions [B] int, weights [B].
+
+  Metrics: loss, start_accuracy, end_accuracy, exact_match (both right), weight_sum.
+  """
+  start, start_m = cross_entropy(logits=start_logits, targets=start_positions, weights=weights)
+  end, end_m = cross_entropy(logits=end_logits, targets=end_positions, weights=weights)
+  w = jnp.ones(start_positions.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  both = ((jnp.argmax(start_logits, -1) == start_positions) & (jnp.argmax(end_logits, -1) == end_positions))
+  exact, _ = _weighted_mean(both.astype(jnp.float32), w)
+  loss = 0.5 * (start + end)
+  return loss, {'loss': loss, 'start_accuracy': start_m['accuracy'], 'end_accuracy': end_m['accuracy'],
+                'exact_match': exact, 'weight_sum': start_m['weight_sum']}
+
+
+def regression_loss(*, predictions, targets, weights=None):
+  """Mean squared error (STS-B). predictions [B] (or [B,1]), targets [B] float, weights [B]."""
+  predictions = predictions.astype(jnp.float32).reshape(targets.shape)
+  weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+  loss, weight_sum = _weighted_mean(jnp.square(predictions - targets.astype(jnp.float32)), weights)
+  return loss, {'loss': loss, 'weight_sum': weight_sum}
+
+
+# ------------------------------------------------------------------------------------------------------ ELECTRA
+
+
+def scatter_at_positions(*, tokens, positions, values, weights):
+  """tokens [B,T] with values [B,P] written at positions [B,P] where weights [B,P] > 0 (padding slots write nothing).
+
+  A one-hot sum rather than a scatter: padding slots usually point at position 0 too, and XLA leaves the winner of
+  colliding scatter writes unspecified, which would make the corruption depend on the backend.
+  """
+  hit = (jax.nn.one_hot(positions, tokens.shape[1], dtype=jnp.int32)
+         * (weights > 0).astype(jnp.int32)[..., None])                          # [B,P,T]
+  written = hit.sum(1) > 0                                                       # [B,T]
+  new = jnp.einsum('bpt,bp->bt', hit, values.astype(jnp.int32))                  # [B,T]
+  return jnp.where(written, new, tokens)
+
+
+def rtd_labels(*, corrupted, original, segment_ids):
+  """ELECTRA's targets: (labels, weights) [B,T], label 1 exactly where the corrupted token differs from the original
+  (a generator sample that happens to equal the original is labeled 0, as in the paper), weight 1 on real tokens."""
+  weights = (segment_ids != 0).astype(jnp.float32)
+  labels = ((corrupted != original) & (segment_ids != 0)).astype(jnp.int32)
+  return labels, weights
+
+
+def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0, deterministic: bool = False,
+                 temperature: float = 1.0):
+  """Generator MLM loss + rtd_lambda * discriminator loss for one ELECTRA step -> (loss, metrics).
+
+  The generator predicts the masked tokens of batch['tokens'] (already masked by the data pipeline); one replacement
+  per masked position is sampled from its softmax, with the logits stop-gradient'ed (the discriminator's loss must not
+  train the generator through the sample, as in ELECTRA); the discriminator sees the corrupted sequence and predicts,
+  at every real token, whether it differs from the original. Metrics: 'generator/*', 'discriminator/*', 'loss'.
+  """
+  sample_rng, gen_rng, disc_rng = jax.random.split(rng, 3)
+  variables = {'params': params}
+  gen_logits = model.apply(variables, batch, deterministic=deterministic, rngs={'dropout': gen_rng},
+                           method=Electra.generate)                             # [B,P,V]
+  gen_loss, gen_m = mlm_loss(logits=gen_logits, labels=batch['masked_ids'], weights=batch['masked_weights'])
+  sampled = jax.random.categorical(
+      sample_rng, jax.lax.stop_gradient(gen_logits.astype(jnp.float32)) / temperature, axis=-1)  # [B,P]
+  original = scatter_at_positions(tokens=batch['tokens'], positions=batch['masked_positions'],
+                                  values=batch['masked_ids'], weights=batch['masked_weights'])
+  corrupted = scatter_at_positions(tokens=batch['tokens'], positions=batch['masked_positions'], values=sampled,
+                                   weights=batch['masked_weights'])
+  segment_ids = batch.get('segment_ids')
+  if segment_ids is None:
+    segment_ids = jnp.ones_like(batch['tokens'])
+  labels, weights = rtd_labels(corrupted=corrupted, original=original, segment_ids=segment_ids)
+  disc_logits = model.apply(variables, batch, corrupted, deterministic=deterministic, rngs={'dropout': disc_rng},
+                            method=Electra.discriminate)                         # [B,T]
+  disc_loss, disc_m = rtd_loss(logits=disc_logits, labels=labels, weights=weights)
+  loss = gen_loss + rtd_lambda * disc_loss
+  metrics = {'loss': loss}
+  metrics.update({f'generator/{k}': v for k, v in gen_m.items()})
+  metrics.update({f'discriminator/{k}': v for k, v in disc_m.items()})
+  return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------- the combinator
+
+# objective -> (the LanguageModel heads it reads, the architectures that can serve it, the fix when one cannot).
+OBJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    'mlm': (('mlm',), ('encoder',), "use an encoder (arch='encoder'); decoder-only models train with 'clm'"),
+    'nsp': (('nsp',), ('encoder',), "use an encoder (arch='encoder') or drop 'nsp'"),
+    'clm': (('lm',), ('decoder',), "use a decoder (arch='decoder'); encoders train with 'mlm', encoder-decoders "
+            "with 'span' or 'seq2seq'"),
+    'rtd': (('rtd',), ('encoder',), "ELECTRA's replaced-token detection needs an encoder discriminator and the "
+            "Electra(generator_cfg, discriminator_cfg) model"),
+    'span': (('lm',), ('encoder_decoder',), "span corruption needs an encoder-decoder (arch='encoder_decoder'); "
+             "use 'mlm' for encoders, 'clm' for decoders"),
+    'seq2seq': (('lm',), ('encoder_decoder',), "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a "
+                "decoder with source and target concatenated"),
+    'classification': (('classifier',), ('encoder', 'decoder'), "encoder-decoders classify with 'seq2seq' and "
+                       "the label as target text"),
+    'regression': (('classifier',), ('encoder', 'decoder'), "encoder-decoders regress with 'seq2seq' on the "
+                   "value as text"),
+    'tagging': (('tagger',), ('encoder', 'decoder'), "use an encoder for token classification"),
+    'qa': (('qa',), ('encoder', 'decoder'), "use an encoder for extractive QA, or 'seq2seq' for generative QA"),
+}
+
+# The batch keys each objective reads, checked when tracing so a wrong data pipeline fails with names, not a KeyError.
+_BATCH_KEYS = {
+    'mlm': ('masked_positions', 'masked_ids', 'masked_weights'),
+    'nsp': ('nsp_labels',),
+    'clm': ('targets', 'weights'),
+    'rtd': ('tokens', 'masked_positions', 'masked_ids', 'masked_weights'),
+    'span': ('encoder_tokens', 'decoder_tokens', 'decoder_targets', 'decoder_weights'),
+    'seq2seq': ('encoder_tokens', 'decoder_tokens', 'decoder_targets', 'decoder_weights'),
+    'classification': ('label',),
+    'regression': ('label',),
+    'tagging': ('tag_labels', 'tag_weights'),
+    'qa': ('start_positions', 'end_positions'),
+}
+
+
+def _arch(cfg_or_arch) -> str:
+  if isinstance(cfg_or_arch, ModelConfig):
+    return cfg_or_arch.arch
+  if isinstance(cfg_or_arch, str):
+    return cfg_or_arch
+  raise TypeError(f'expected a ModelConfig or an arch name, got {type(cfg_or_arch).__name__}.')
+
+
+def validate_objectives(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float]) -> None:
+  """Raises ValueError, naming the objective, the architecture and the fix, for anything the model cannot serve."""
+  arch = _arch(cfg_or_arch)
+  if not objectives:
+    raise ValueError(f'no objectives given; name at least one of {sorted(OBJECTIVES)} with a weight, '
+                     "e.g. {'mlm': 1.0}.")
+  unknown = sorted(set(objectives) - set(OBJECTIVES))
+  if unknown:
+    raise ValueError(f'unknown objective(s) {unknown}; known objectives: {sorted(OBJECTIVES)}.')
+  for name, weight in objectives.items():
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not 0 <= weight < float('inf'):
+      raise ValueError(f'objective {name!r} has weight {weight!r}; weights must be finite numbers >= 0.')
+    heads, archs, fix = OBJECTIVES[name]
+    if arch not in archs:
+      raise ValueError(f"objective {name!r} cannot be trained on arch={arch!r} (it needs {' or '.join(archs)}): "
+                       f'{fix}.')
+  if 'rtd' in objectives and len(objectives) > 1:
+    others = sorted(set(objectives) - {'rtd'})
+    raise ValueError(f"objective 'rtd' (ELECTRA) already includes its generator's MLM loss and runs on the Electra "
+                     f'model, which has no heads for {others}; train rtd alone.')
+  if {'classification', 'regression'} <= set(objectives):
+    raise ValueError("objectives 'classification' and 'regression' both read the one classifier head; pick one.")
+
+
+def heads_for(objectives: Mapping[str, float] | Any) -> tuple[str, ...]:
+  """The LanguageModel heads the objectives read, in model.heads.HEADS order (e.g. ('mlm', 'nsp'))."""
+  unknown = sorted(set(objectives) - set(OBJECTIVES))
+  if unknown:
+    raise ValueError(f'unknown objective(s) {unknown}; known objectives: {sorted(OBJECTIVES)}.')
+  needed = {h for name in objectives for h in OBJECTIVES[name][0]}
+  return tuple(h for h in HEADS if h in needed)
+
+
+def _check_model(model, objectives, heads):
+  if 'rtd' in objectives:
+    if not isinstance(model, Electra):
+      raise ValueError(f"objective 'rtd' needs the Electra(generator_cfg, discriminator_cfg) model, got "
+                       f'{type(model).__name__}.')
+    return
+  if not isinstance(model, LanguageModel):
+    raise ValueError(f'objectives {sorted(objectives)} need a LanguageModel, got {type(model).__name__}.')
+  missing = sorted(set(heads) - set(model.heads))
+  if missing:
+    raise ValueError(f'objectives {sorted(objectives)} read head(s) {missing} the model was built without; build '
+                     f'LanguageModel(cfg, heads=heads_for(objectives)) = heads={heads}.')
+  if 'regression' in objectives and model.num_labels != 1:
+    raise ValueError(f"objective 'regression' needs LanguageModel(num_labels=1); got num_labels={model.num_labels}.")
+
+
+def _check_batch(batch, objectives):
+  for name in objectives:
+    missing = [k for k in _BATCH_KEYS[name] if k not in batch]
+    if missing:
+      raise ValueError(f'objective {name!r} needs batch key(s) {missing}; the batch has {sorted(batch)} '
+                       '(see the batch contract in train/data/__init__.py).')
+
+
+def _objective_loss(name, out, batch, *, label_smoothing, z_loss):
+  if name == 'mlm':
+    return mlm_loss(logits=out['mlm_logits'], labels=batch['masked_ids'], weights=batch['masked_weights'])
+  if name == 'nsp':
+    return nsp_loss(logits=out['nsp_logits'], labels=batch['nsp_labels'])
+  if name == 'clm':
+    return clm_loss(logits=out['lm_logits'], targets=batch['targets'], weights=batch['weights'],
+                    label_smoothing=label_smoothing, z_loss=z_loss)
+  if name in ('span', 'seq2seq'):
+    return seq2seq_loss(logits=out['lm_logits'], targets=batch['decoder_targets'], weights=batch['decoder_weights'],
+                        label_smoothing=label_smoothing, z_loss=z_loss)
+  if name == 'classification':
+    return classification_loss(logits=out['cls_logits'], labels=batch['label'], weights=batch.get('label_weights'))
+  if name == 'regression':
+    return regression_loss(predictions=out['cls_logits'][..., 0], targets=batch['label'],
+                           weights=batch.get('label_weights'))
+  if name == 'tagging':
+    return tagging_loss(logits=out['tag_logits'], labels=batch['tag_labels'], weights=batch['tag_weights'])
+  if name == 'qa':
+    return span_qa_loss(start_logits=out['start_logits'], end_logits=out['end_logits'],
+                        start_positions=batch['start_positions'], end_positions=batch['end_positions'],
+                        weights=batch.get('label_weights'))
+  raise AssertionError(name)  # validate_objectives rules this out
+
+
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+
+def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float], *,
+                  rtd_lambda: float = 50.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  generator_temperature: float = 1.0) -> LossFn:
+  """One loss over the params pytree for a weighted set of objectives, e.g. {'mlm': 1.0, 'nsp': 1.0}.
+
+  Validates now (ValueError naming objective, arch and fix) and returns
+  `loss_fn(params, batch, rng, *, model, deterministic=False) -> (loss, metrics)`, for
+  `jax.value_and_grad(loss_fn, has_aux=True)`. `model` is `LanguageModel(cfg, heads=heads_for(objectives), ...)`,
+  or `Electra(generator_cfg, discriminator_cfg)` for 'rtd'; `rng` feeds dropout (and ELECTRA's sampling).
+  loss = sum_name weight * loss_name; metrics are '<name>/<metric>' per objective plus 'loss'. label_smoothing and
+  z_loss apply to the generative token losses ('clm', 'span', 'seq2seq'); rtd_lambda weighs ELECTRA's discriminator.
+  """
+  validate_objectives(cfg_or_arch, objectives)
+  objectives = dict(objectives)
+  heads = heads_for(objectives)
+
+  def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
+    _check_model(model, objectives, heads)
+    _check_batch(batch, objectives)
+    if 'rtd' in objectives:
+      loss, m = electra_loss(params, batch, rng, model=model, rtd_lambda=rtd_lambda, deterministic=deterministic,
+                             temperature=generator_temperature)
+      total = objectives['rtd'] * loss
+      return total, {'loss': total, **{f'rtd/{k}': v for k, v in m.items()}}
+    out = model.apply({'params': params}, batch, deterministic=deterministic, rngs={'dropout': rng})
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for name, weight in objectives.items():
+      loss, m = _objective_loss(name, out, batch, label_smoothing=label_smoothing, z_loss=z_loss)
+      total = total + weight * loss
+      metrics.update({f'{name}/{k}': v for k, v in m.items()})
+    metrics['loss'] = total
+    return total, metrics
+
+  return loss_fn
