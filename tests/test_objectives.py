@@ -1,15 +1,23 @@
 """train/objectives.py: each loss against float64 numpy written from its formula, masking, ELECTRA's corruption and
 labels, the combinator's gradients (weighted sum of the parts') and its refusals."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.heads import Electra, LanguageModel, init_params
+from model.heads import Electra, LanguageModel
+from model.heads import init_params as _init_params
 from model.transformer import preset
 from train import objectives as obj
 
 V = 101
+
+
+def init_params(model, rng, batch):
+  # jitted: eager Flax init dispatches op by op and is several times slower on a loaded 2-core machine
+  return jax.jit(lambda r: _init_params(model, r, batch))(rng)
 
 
 def np_log_softmax(x):
@@ -139,6 +147,7 @@ def test_rtd_labels_are_exactly_token_differs():
   np.testing.assert_array_equal(w, segment_ids.astype(np.float32))
 
 
+@functools.cache
 def _electra_setup():
   disc = preset('bert-tiny', vocab_size=V, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0, num_layers=1)
   gen = disc.replace(d_model=64, num_heads=1, d_ff=128, embed_dim=128)
@@ -162,7 +171,7 @@ def _electra_setup():
 
 def test_electra_labels_follow_the_generator_sample():
   model, params, batch = _electra_setup()
-  loss_fn = obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0})
+  loss_fn = jax.jit(obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0}), static_argnames=('model', 'deterministic'))
   real = float(batch['segment_ids'].sum())
   # A generator bias that puts all mass on one id: the original id at every masked slot -> nothing replaced.
   ids = np.asarray(batch['masked_ids'])
@@ -187,13 +196,13 @@ def test_electra_labels_follow_the_generator_sample():
 def test_electra_generator_gets_no_gradient_through_the_sample():
   model, params, batch = _electra_setup()
   loss_fn = obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0})
-  grads = jax.grad(lambda p: loss_fn(p, batch, jax.random.key(3), model=model, deterministic=True)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(3), model=model, deterministic=True)[0]))(params)
 
   def gen_only(p):
     logits = model.apply({'params': p}, batch, method=Electra.generate)
     return obj.mlm_loss(logits=logits, labels=batch['masked_ids'], weights=batch['masked_weights'])[0]
 
-  expected = jax.grad(gen_only)(params)
+  expected = jax.jit(jax.grad(gen_only))(params)
   for key in ('generator', 'mlm'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[key], expected[key])
   # the shared embedding table learns from both
@@ -203,8 +212,9 @@ def test_electra_generator_gets_no_gradient_through_the_sample():
 # ---------------------------------------------------------------------------------------------- the combinator
 
 
+@functools.cache
 def _bert_setup():
-  cfg = preset('bert-tiny', vocab_size=V, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0)
+  cfg = preset('bert-tiny', vocab_size=V, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0, num_layers=1)
   model = LanguageModel(cfg, heads=obj.heads_for({'mlm': 1.0, 'nsp': 1.0}))
   rng = np.random.default_rng(1)
   batch = dict(tokens=jnp.asarray(rng.integers(5, V, (2, 8)), jnp.int32), segment_ids=jnp.ones((2, 8), jnp.int32),
@@ -227,13 +237,15 @@ def test_combined_gradient_is_weighted_sum_of_parts():
   cfg, model, params, batch = _bert_setup()
   rng = jax.random.key(0)
 
-  def grad_of(objectives):
+  def grad_of(objectives, p):
     fn = obj.build_loss_fn(cfg, objectives)
-    return jax.grad(lambda p: fn(p, batch, rng, model=model, deterministic=True), has_aux=True)(params)
+    return jax.grad(lambda p: fn(p, batch, rng, model=model, deterministic=True), has_aux=True)(p)
 
-  g_both, metrics = grad_of({'mlm': 0.7, 'nsp': 2.0})
-  g_mlm, m_mlm = grad_of({'mlm': 1.0})
-  g_nsp, m_nsp = grad_of({'nsp': 1.0})
+  @jax.jit  # one compilation for the three, to keep the test fast
+  def grads(p):
+    return grad_of({'mlm': 0.7, 'nsp': 2.0}, p), grad_of({'mlm': 1.0}, p), grad_of({'nsp': 1.0}, p)
+
+  (g_both, metrics), (g_mlm, m_mlm), (g_nsp, m_nsp) = grads(params)
   jax.tree.map(lambda b, m, n: np.testing.assert_allclose(b, 0.7 * m + 2.0 * n, rtol=1e-4, atol=1e-7),
                g_both, g_mlm, g_nsp)
   np.testing.assert_allclose(metrics['loss'], 0.7 * m_mlm['mlm/loss'] + 2.0 * m_nsp['nsp/loss'], rtol=1e-6)
@@ -243,12 +255,13 @@ def test_combined_gradient_is_weighted_sum_of_parts():
 
 
 def test_clm_and_span_run_end_to_end():
-  gpt = preset('gpt2-tiny', vocab_size=V, max_len=16, pad_id=0, bos_id=1, eos_id=1)
+  gpt = preset('gpt2-tiny', vocab_size=V, max_len=16, pad_id=0, bos_id=1, eos_id=1, num_layers=1)
   model = LanguageModel(gpt, heads=obj.heads_for({'clm': 1.0}))
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
   batch = dict(tokens=tokens, targets=tokens + 1, weights=jnp.ones((2, 8)), segment_ids=jnp.ones((2, 8), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
-  loss, m = obj.build_loss_fn(gpt, {'clm': 1.0})(params, batch, jax.random.key(1), model=model)
+  loss, m = jax.jit(obj.build_loss_fn(gpt, {'clm': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
+                                                                                    model=model)
   assert np.isfinite(float(loss)) and abs(float(m['clm/perplexity']) - np.exp(float(loss))) < 1e-3 * float(
       m['clm/perplexity'])
   t5 = preset('t5-tiny', vocab_size=V, max_len=16, num_layers=1)
@@ -257,7 +270,8 @@ def test_clm_and_span_run_end_to_end():
                decoder_targets=tokens[:, 1:5], decoder_weights=jnp.ones((2, 4)),
                decoder_segment_ids=jnp.ones((2, 4), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
-  loss, m = obj.build_loss_fn(t5, {'span': 1.0})(params, batch, jax.random.key(1), model=model, deterministic=True)
+  loss, m = jax.jit(obj.build_loss_fn(t5, {'span': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
+                                                                                    model=model)
   assert np.isfinite(float(loss)) and set(m) >= {'span/loss', 'span/accuracy', 'span/weight_sum', 'loss'}
 
 
