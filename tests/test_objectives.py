@@ -254,7 +254,7 @@ def test_combined_gradient_is_weighted_sum_of_parts():
   assert float(metrics['mlm/weight_sum']) == 5.0
 
 
-def test_clm_and_span_run_end_to_end():
+def test_clm_runs_end_to_end():
   gpt = preset('gpt2-tiny', vocab_size=V, max_len=16, pad_id=0, bos_id=1, eos_id=1, num_layers=1)
   model = LanguageModel(gpt, heads=obj.heads_for({'clm': 1.0}))
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
@@ -264,6 +264,10 @@ def test_clm_and_span_run_end_to_end():
                                                                                     model=model)
   assert np.isfinite(float(loss)) and abs(float(m['clm/perplexity']) - np.exp(float(loss))) < 1e-3 * float(
       m['clm/perplexity'])
+
+
+def test_span_runs_end_to_end():
+  tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
   t5 = preset('t5-tiny', vocab_size=V, max_len=16, num_layers=1)
   model = LanguageModel(t5, heads=obj.heads_for({'span': 1.0}))
   batch = dict(encoder_tokens=tokens, encoder_segment_ids=jnp.ones((2, 8), jnp.int32), decoder_tokens=tokens[:, :4],
@@ -300,6 +304,8 @@ def test_refusals_at_call_name_model_and_batch_problems():
     obj.build_loss_fn(cfg, {'rtd': 1.0})(params, batch, jax.random.key(0), model=model)
   with pytest.raises(ValueError, match=r"\['tagger'\].*heads_for"):
     obj.build_loss_fn(cfg, {'tagging': 1.0})(params, batch, jax.random.key(0), model=model)
+  loss, _ = obj.build_loss_fn(cfg, {'mlm': 1.0})(params, batch, None, model=model, deterministic=True)
+  assert np.isfinite(float(loss))
   with pytest.raises(ValueError, match=r"'nsp'.*nsp_labels"):
     obj.build_loss_fn(cfg, {'nsp': 1.0})(params, {k: v for k, v in batch.items() if k != 'nsp_labels'},
                                          jax.random.key(0), model=model)

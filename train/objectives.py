@@ -342,7 +342,8 @@ def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str,
   Validates now (ValueError naming objective, arch and fix) and returns
   `loss_fn(params, batch, rng, *, model, deterministic=False) -> (loss, metrics)`, for
   `jax.value_and_grad(loss_fn, has_aux=True)`. `model` is `LanguageModel(cfg, heads=heads_for(objectives), ...)`,
-  or `Electra(generator_cfg, discriminator_cfg)` for 'rtd'; `rng` feeds dropout (and ELECTRA's sampling).
+  or `Electra(generator_cfg, discriminator_cfg)` for 'rtd'; `rng` feeds dropout and ELECTRA's sampling (it may be
+  None with deterministic=True, except for 'rtd', which samples even in evaluation).
   loss = sum_name weight * loss_name; metrics are '<name>/<metric>' per objective plus 'loss'. label_smoothing and
   z_loss apply to the generative token losses ('clm', 'span', 'seq2seq'); rtd_lambda weighs ELECTRA's discriminator.
   """
@@ -354,11 +355,15 @@ def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str,
     _check_model(model, objectives, heads)
     _check_batch(batch, objectives)
     if 'rtd' in objectives:
+      if rng is None:
+        raise ValueError("objective 'rtd' samples the generator's replacements and needs an rng, also in evaluation.")
       loss, m = electra_loss(params, batch, rng, model=model, rtd_lambda=rtd_lambda, deterministic=deterministic,
                              temperature=generator_temperature)
       total = objectives['rtd'] * loss
       return total, {'loss': total, **{f'rtd/{k}': v for k, v in m.items()}}
-    out = model.apply({'params': params}, batch, deterministic=deterministic, rngs={'dropout': rng})
+    # rng may be None for deterministic evaluation of non-sampling objectives.
+    out = model.apply({'params': params}, batch, deterministic=deterministic,
+                      rngs={} if rng is None else {'dropout': rng})
     total = jnp.zeros((), jnp.float32)
     metrics = {}
     for name, weight in objectives.items():

@@ -35,7 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
                                 # 'inverse_sqrt' (peak * sqrt(warmup / step)) | 'constant'
       total_steps=10_000,       # optimizer steps (not micro-steps) of the whole run; linear/cosine end here
       end_lr=0.0,               # final learning rate as a fraction of the peak (linear, cosine)
-      b1=0.9, b2=0.999, eps=1e-6,  # AdamW moments (eps 1e-6 as BERT); Adafactor uses b1 as momentum if > 0
+      b1=0.9, b2=0.999, eps=1e-6,  # AdamW moments (eps 1e-6 as BERT)
       weight_decay=0.01,        # decoupled, multiplied by the learning rate, on decay_mask leaves only
       clip_norm=1.0,            # global gradient-norm clipping; 0 or None: off
       grad_accum_steps=1,       # micro-batches averaged per optimizer step (optax.MultiSteps); 1: off
@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
       momentum=0.0,             # SGD only
       adafactor_decay_rate=0.8,  # Adafactor second-moment decay exponent
       adafactor_param_scale=True,  # Adafactor: scale updates by parameter RMS (T5's relative step size)
+      adafactor_momentum=0.0,   # Adafactor first moment (EMA of updates); 0: none, as T5 (saves a params-sized copy)
       trainable=(),             # path patterns (glob or regex, '/'-joined) of what trains; empty: everything
       frozen=(),                # path patterns of what gets exactly zero update and no optimizer state
   ))
@@ -247,8 +248,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     parts.append(optax.clip_by_block_rms(1.0))
     if c['adafactor_param_scale']:
       parts.append(optax.scale_by_param_block_rms())
-    if c['b1']:
-      parts.append(optax.ema(c['b1'], debias=False))
+    if c['adafactor_momentum']:
+      parts.append(optax.ema(c['adafactor_momentum'], debias=False))
   elif c['momentum']:
     parts.append(optax.trace(decay=c['momentum']))
   if c['weight_decay']:
