@@ -143,9 +143,9 @@ class MultiHeadAttention(nn.Module):
       sin, cos = rope
       q, k = attn.apply_rope(q, sin, cos), attn.apply_rope(k, sin, cos)
     if self.decode and kv_input is None:
-      is_initialized = self.has_variable('cache', 'key')
-      cached_k = self.variable('cache', 'key', jnp.zeros, k.shape, k.dtype)
-      cached_v = self.variable('cache', 'value', jnp.zeros, v.shape, v.dtype)
+      is_initialized = self.has_variable('cache', 'cached_key')
+      cached_k = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+      cached_v = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
       if is_initialized:
         k = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), (0, cache_index, 0, 0))
         v = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), (0, cache_index, 0, 0))

@@ -280,7 +280,9 @@ def default_positions(tokens, segment_ids=None):
 
 def _embedder(module):
   """The module's own Embeddings, or the table it shares with a sibling (EncoderDecoder, ELECTRA)."""
-  return module.embed if module.shared_embeddings is None else module.shared_embeddings
+  if module.shared_embeddings is not None:
+    return module.shared_embeddings
+  return module.embed if hasattr(module, 'embed') else Embeddings(module.cfg, name='embed')
 
 
 def _segments(tokens, segment_ids):
@@ -296,14 +298,7 @@ class Encoder(nn.Module):
   cfg: ModelConfig
   shared_embeddings: Optional[nn.Module] = None
 
-  def setup(self):
-    cfg = self.cfg
-    if self.shared_embeddings is None:
-      self.embed = Embeddings(cfg)
-    if cfg.embed_width != cfg.d_model:
-      self.embed_proj = dense(cfg, cfg.d_model, ('embed_in', 'embed'), use_bias=True)
-    self.stack = Stack(cfg, cfg.num_layers)
-
+  @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, token_type_ids=None, deterministic=True,
                extra_embeddings=None):
     cfg = self.cfg
@@ -312,9 +307,10 @@ class Encoder(nn.Module):
     x = _embedder(self)(tokens, positions=positions, token_type_ids=token_type_ids, deterministic=deterministic,
                         extra_embeddings=extra_embeddings)
     if cfg.embed_width != cfg.d_model:
-      x = self.embed_proj(x)
+      x = dense(cfg, cfg.d_model, ('embed_in', 'embed'), use_bias=True, name='embed_proj')(x)
     mask_info = attn.make_mask_info(q_segment_ids=segment_ids)
-    return self.stack(x, mask_info=mask_info, positions=positions, deterministic=deterministic)
+    return Stack(cfg, cfg.num_layers, name='stack')(x, mask_info=mask_info, positions=positions,
+                                                    deterministic=deterministic)
 
 
 class Decoder(nn.Module):
@@ -328,12 +324,7 @@ class Decoder(nn.Module):
   cross: bool = False
   shared_embeddings: Optional[nn.Module] = None
 
-  def setup(self):
-    if self.shared_embeddings is None:
-      self.embed = Embeddings(self.cfg)
-    self.stack = Stack(self.cfg, self.cfg.decoder_layers if self.cross else self.cfg.num_layers, causal=True,
-                       cross=self.cross)
-
+  @nn.compact
   def __call__(self, tokens, *, segment_ids=None, positions=None, encoded=None, encoder_segment_ids=None,
                deterministic=True, decode=False, extra_embeddings=None):
     cfg = self.cfg
@@ -365,7 +356,9 @@ class Decoder(nn.Module):
       enc_seg = jnp.ones(encoded.shape[:2], jnp.int32) if encoder_segment_ids is None else encoder_segment_ids
       # Decoder segment k sees encoder segment k; decoder padding (0) sees encoder padding only.
       cross_mask_info = attn.MaskInfo(segment_ids, enc_seg)
-    return self.stack(x, mask_info=mask_info, positions=positions, kv_positions=kv_positions, cross_x=encoded,
+    stack = Stack(cfg, cfg.decoder_layers if self.cross else cfg.num_layers, causal=True, cross=self.cross,
+                  name='stack')
+    return stack(x, mask_info=mask_info, positions=positions, kv_positions=kv_positions, cross_x=encoded,
                       cross_mask_info=cross_mask_info, cache_index=cache_index, deterministic=deterministic,
                       decode=decode)
 
