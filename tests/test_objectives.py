@@ -162,7 +162,8 @@ def _electra_setup():
   masked = tokens.copy()
   np.put_along_axis(masked, positions, 4, 1)
   masked[1, 0] = tokens[1, 0]  # the padding slot points at 0, which is not masked
-  batch = dict(tokens=jnp.asarray(masked), segment_ids=jnp.asarray(segment_ids), masked_positions=jnp.asarray(positions),
+  batch = dict(tokens=jnp.asarray(masked), segment_ids=jnp.asarray(segment_ids),
+               masked_positions=jnp.asarray(positions),
                masked_ids=jnp.asarray(masked_ids), masked_weights=jnp.asarray(mweights),
                token_type_ids=jnp.zeros((2, 8), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
@@ -171,7 +172,8 @@ def _electra_setup():
 
 def test_electra_labels_follow_the_generator_sample():
   model, params, batch = _electra_setup()
-  loss_fn = jax.jit(obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0}), static_argnames=('model', 'deterministic'))
+  loss_fn = jax.jit(obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0}),
+                    static_argnames=('model', 'deterministic'))
   real = float(batch['segment_ids'].sum())
   # A generator bias that puts all mass on one id: the original id at every masked slot -> nothing replaced.
   ids = np.asarray(batch['masked_ids'])

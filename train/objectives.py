@@ -12,7 +12,7 @@ contract in train/data/__init__.py.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Mapping, Union
+from typing import Callable, Iterable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
@@ -273,8 +273,8 @@ def validate_objectives(cfg_or_arch: Union[ModelConfig, str], objectives: Mappin
     raise ValueError("objectives 'classification' and 'regression' both read the one classifier head; pick one.")
 
 
-def heads_for(objectives: Mapping[str, float] | Any) -> tuple[str, ...]:
-  """The LanguageModel heads the objectives read, in model.heads.HEADS order (e.g. ('mlm', 'nsp'))."""
+def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
+  """The LanguageModel heads the objectives (names, or a {name: weight} dict) read, in HEADS order: ('mlm', 'nsp')."""
   unknown = sorted(set(objectives) - set(OBJECTIVES))
   if unknown:
     raise ValueError(f'unknown objective(s) {unknown}; known objectives: {sorted(OBJECTIVES)}.')

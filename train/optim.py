@@ -10,9 +10,8 @@ are listed, with defaults and meaning, in `default_config()`; an unknown or inva
 from __future__ import annotations
 
 import fnmatch
-import math
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +235,7 @@ def scale_by_layerwise_decay(decay: float) -> optax.GradientTransformation:
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """The optax chain for cfg (see default_config for the fields). Call its update with params (weight decay needs them)."""
+  """The optax chain for cfg (fields: default_config). Pass params to its update: weight decay reads them."""
   c = _config(cfg)
   parts = []
   if c['clip_norm']:
