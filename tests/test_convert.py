@@ -34,7 +34,19 @@ def _ids(rng, pad, avoid=()):
   return np.where(REAL == 1, ids, pad).astype(np.int32)
 
 
-def _save(model, path):
+def _spice(model, std=0.15):
+  """Random init is nearly uniform attention, zero biases and unit norms, which would hide a wrong bias, norm or
+  q/k layout; noise on every parameter (ties kept: a tied tensor is one Parameter) makes every weight matter."""
+  g = torch.Generator().manual_seed(123)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn(p.shape, generator=g) * std)
+  return model
+
+
+def _save(model, path, spice=True):
+  if spice:
+    _spice(model)
   model.eval()
   model.save_pretrained(path)
   return path
@@ -145,11 +157,11 @@ def test_electra_generator_discriminator_and_combined(tmp_path):
   torch.manual_seed(3)
   gen_hf = _save(transformers.ElectraForMaskedLM(_electra_cfg(24, 2, 40)), tmp_path / 'gen')
   torch.manual_seed(4)
-  disc_model = transformers.ElectraForPreTraining(_electra_cfg(32, 4, 48))
+  disc_model = _spice(transformers.ElectraForPreTraining(_electra_cfg(32, 4, 48)))
   # ELECTRA shares one embedding table between the two; make the random checkpoints do so too.
   disc_model.electra.embeddings.load_state_dict(
       transformers.ElectraForMaskedLM.from_pretrained(gen_hf).electra.embeddings.state_dict())
-  disc_hf = _save(disc_model, tmp_path / 'disc')
+  disc_hf = _save(disc_model, tmp_path / 'disc', spice=False)
   gen, disc = convert.import_hf(gen_hf), convert.import_hf(disc_hf)
   assert gen.heads == ('mlm',) and disc.heads == ('rtd',) and gen.cfg.embed_dim == 16
   rng = np.random.default_rng(3)
@@ -238,8 +250,15 @@ def test_t5(tmp_path, version):
     kw.update(feed_forward_proj='gated-gelu', tie_word_embeddings=False)
   model = transformers.T5ForConditionalGeneration(transformers.T5Config(**kw))
   hf = _save(model, tmp_path / 'hf')
+  if version == 'v1_1':
+    # T5 v1.1 checkpoints have their own lm_head (transformers 5 writes a tied one; give it a distinct one).
+    from safetensors.numpy import load_file, save_file
+    sd = load_file(str(hf / 'model.safetensors'))
+    sd['lm_head.weight'] = np.random.default_rng(0).normal(0, 1, sd['shared.weight'].shape).astype(np.float32)
+    save_file(sd, str(hf / 'model.safetensors'), metadata={'format': 'pt'})
   conv = convert.import_hf(hf)
   assert conv.cfg.gated_mlp == (version == 'v1_1') and conv.cfg.decoder_layers == 3
+  assert conv.cfg.tie_embeddings == (version == 'v1_0')
   assert conv.cfg.scale_tied_logits == (version == 'v1_0')
   rng = np.random.default_rng(10)
   enc, dec = _ids(rng, 0), _ids(rng, 0)
@@ -312,7 +331,7 @@ def test_gguf_llama(tmp_path):
   torch.manual_seed(11)
   cfg = transformers.LlamaConfig(**{**_llama_cfg(), 'hidden_size': 64, 'intermediate_size': 64, 'vocab_size': 96,
                                     'head_dim': 16})
-  model = transformers.LlamaForCausalLM(cfg).eval()
+  model = _spice(transformers.LlamaForCausalLM(cfg)).eval()
   tokens = ['<|unk|>', '<|bos|>', '<|eos|>'] + [chr(ord('a') + i % 26) * (1 + i // 26) for i in range(93)]
   path = tmp_path / 'tiny.gguf'
   _write_gguf(path, model, tokens)
