@@ -1,0 +1,158 @@
+"""From `config.data` to a tokenizer and train/eval loaders for pre-training: the glue the trainer calls.
+
+Text comes from the embedded stdlib corpus (no files), local text files (through the TFDS text builder, built once
+into `<workdir>/tfds`), or a TFDS catalog dataset by name. The tokenizer is loaded from `data.tokenizer_path` or
+trained on the training text and saved to `<workdir>/tokenizer`, so a checkpoint is usable without the run. The
+example kind follows the objectives: mlm/rtd -> MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span ->
+SpanCorruption. Every path and field is checked here, before anything compiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+from train.data import embedded
+from train.data import examples as ex
+from train.data import tokenizers as toks
+from train.data.loader import Loader
+
+SOURCES = ('embedded', 'files', 'tfds')
+TOKENIZER_KINDS = {'mlm': 'wordpiece', 'nsp': 'wordpiece', 'rtd': 'wordpiece', 'clm': 'bpe', 'span': 'unigram'}
+
+
+@dataclasses.dataclass
+class PretrainingData:
+  tokenizer: toks.Tokenizer
+  train: Loader
+  eval: Optional[Loader]
+  kind: str                    # 'mlm' | 'nsp' | 'clm' | 'span'
+  tokens_per_example: int
+
+
+def example_kind(objectives: Mapping[str, float]) -> str:
+  names = set(objectives)
+  if 'nsp' in names:
+    return 'nsp'
+  for kind in ('mlm', 'rtd', 'clm', 'span'):
+    if kind in names:
+      return 'mlm' if kind == 'rtd' else kind
+  raise ValueError(f'config.objectives={sorted(names)}: pre-training needs one of mlm, nsp, rtd, clm, span.')
+
+
+def check_config(data, objectives: Mapping[str, float]):
+  """Raises ValueError naming the config.data field and the fix (missing files included)."""
+  if data.source not in SOURCES:
+    raise ValueError(f'config.data.source={data.source!r}: use one of {SOURCES}.')
+  if data.source == 'files':
+    paths = [p for p in str(data.path).split(',') if p]
+    if not paths:
+      raise ValueError('config.data.path is empty: give a text file, a folder of .txt files, or a comma-separated '
+                       'list, or set config.data.source="embedded".')
+    for p in paths:
+      if not os.path.exists(p):
+        raise FileNotFoundError(f'config.data.path: {p} does not exist; give an existing text file or folder.')
+  if data.source == 'tfds' and not data.tfds_name:
+    raise ValueError('config.data.tfds_name is empty: name a TFDS catalog dataset, e.g. "wikipedia/20230601.en".')
+  if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
+    raise FileNotFoundError(f'config.data.tokenizer_path: {data.tokenizer_path} does not exist; point it at a saved '
+                            'tokenizer folder, tokenizer.json or vocab.txt, or leave it empty to train one.')
+  for field in ('seq_len', 'batch_size'):
+    if int(data[field]) <= 0:
+      raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
+  example_kind(objectives)
+
+
+def _records(data, workdir: str) -> dict[str, Any]:
+  if data.source == 'embedded':
+    return embedded.corpus(data.embedded_kind)
+  if data.source == 'files':
+    from train.data import builders  # imports TFDS; only runs when local files are used
+    paths = [p for p in str(data.path).split(',') if p]
+    built = builders.build('text', name=data.name or 'corpus', data_dir=os.path.join(workdir, 'tfds'),
+                           splits={'all': paths}, document_split=data.document_split)
+    records = built['all']
+    n_eval = max(1, int(len(records) * data.eval_fraction)) if data.eval_fraction > 0 else 0
+    # The last passages are held out: whole documents mostly, and stable when the file grows at the end.
+    return {'train': _Slice(records, 0, len(records) - n_eval),
+            'validation': _Slice(records, len(records) - n_eval, len(records))}
+  from train.data import builders
+  field_map = dict(data.tfds_field_map) if data.tfds_field_map else {'text': 'text'}
+  return {'train': builders.catalog_source(data.tfds_name, split=data.tfds_train_split, data_dir=data.tfds_data_dir,
+                                           field_map=field_map),
+          'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split,
+                                                data_dir=data.tfds_data_dir, field_map=field_map)}
+
+
+class _Slice:
+  """A random-access window [start, stop) of a source."""
+
+  def __init__(self, source, start, stop):
+    self.source, self.start, self.stop = source, start, stop
+
+  def __len__(self):
+    return self.stop - self.start
+
+  def __getitem__(self, i):
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    return self.source[self.start + i]
+
+
+def _tokenizer(data, kind: str, train_records, workdir: str) -> toks.Tokenizer:
+  saved = os.path.join(workdir, 'tokenizer')
+  if data.tokenizer_path:
+    return toks.Tokenizer.load(data.tokenizer_path)
+  if os.path.exists(saved):
+    return toks.Tokenizer.load(saved)  # a resumed run keeps the tokenizer its checkpoints were trained with
+  texts = [train_records[i]['text'] for i in range(min(len(train_records), data.tokenizer_train_records))]
+  tok = toks.train_tokenizer(data.tokenizer_kind or TOKENIZER_KINDS[kind], texts, vocab_size=data.vocab_size)
+  os.makedirs(workdir, exist_ok=True)
+  tok.save(saved)
+  return tok
+
+
+def _transform(kind: str, stream, tokenizer, data, records=None):
+  specials = ex.Specials.from_tokenizer(tokenizer)
+  if kind == 'clm':
+    t = ex.CausalLM(stream, seq_len=data.seq_len)
+    return t, range(t.num_windows)
+  if kind == 'mlm':
+    t = ex.MaskedLM(stream, specials, seq_len=data.seq_len, max_predictions=data.max_predictions or None,
+                    mask_rate=data.mask_rate, whole_word=data.whole_word)
+    return t, range(t.num_windows)
+  if kind == 'span':
+    t = ex.SpanCorruption(stream, specials, inputs_length=data.seq_len, targets_length=data.targets_len or None)
+    return t, range(t.num_windows)
+  t = ex.NextSentence(records, tokenizer, seq_len=data.seq_len, max_predictions=data.max_predictions or None,
+                      mask_rate=data.mask_rate, whole_word=data.whole_word)
+  return t, range(len(records))
+
+
+def build(data, objectives: Mapping[str, float], *, workdir: str, seed: int) -> PretrainingData:
+  """Tokenizer + train loader (+ eval loader when a validation split exists)."""
+  check_config(data, objectives)
+  kind = example_kind(objectives)
+  records = _records(data, workdir)
+  tokenizer = _tokenizer(data, kind, records['train'], workdir)
+  doc_end = tokenizer.eos_id if kind in ('clm', 'span') else tokenizer.sep_id
+
+  def loader(split, split_seed, shuffle):
+    recs = records.get(split)
+    if recs is None or len(recs) == 0:
+      return None
+    stream = ex.TokenStream.from_records(recs, tokenizer, doc_end_id=doc_end) if kind != 'nsp' else None
+    transform, source = _transform(kind, stream, tokenizer, data, recs)
+    if len(source) < data.batch_size:
+      raise ValueError(f'config.data: the {split} split gives {len(source)} examples of seq_len {data.seq_len}, '
+                       f'fewer than one batch of {data.batch_size}; use more text or a smaller batch/seq_len.')
+    return Loader(source, transform, batch_size=data.batch_size, seed=split_seed, shuffle=shuffle,
+                  prefetch=data.prefetch)
+
+  train = loader('train', seed, True)
+  try:
+    evaluation = loader('validation', seed + 1, False)
+  except ValueError:
+    evaluation = None  # a validation split too small for one batch: no eval rather than no run
+  tokens = data.seq_len + (data.targets_len or 0)
+  return PretrainingData(tokenizer, train, evaluation, kind, tokens)
