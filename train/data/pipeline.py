@@ -70,8 +70,8 @@ def _records(data, workdir: str) -> dict[str, Any]:
     from train.data import builders  # imports TFDS; only runs when local files are used
     paths = [p for p in str(data.path).split(',') if p]
     built = builders.build('text', name=data.name or 'corpus', data_dir=os.path.join(workdir, 'tfds'),
-                           splits={'all': paths}, document_split=data.document_split)
-    records = built['all']
+                           splits={'corpus': paths}, document_split=data.document_split)
+    records = built['corpus']  # not 'all': TFDS reserves that split name
     n_eval = max(1, int(len(records) * data.eval_fraction)) if data.eval_fraction > 0 else 0
     # The last passages are held out: whole documents mostly, and stable when the file grows at the end.
     return {'train': _Slice(records, 0, len(records) - n_eval),
