@@ -58,7 +58,7 @@ def _torch(x):
 
 def _apply(conv, batch):
   module = LanguageModel(conv.cfg, heads=conv.heads)
-  return module.apply({'params': conv.params}, {k: jnp.asarray(v) for k, v in batch.items()})
+  return jax.jit(module.apply)({'params': conv.params}, {k: jnp.asarray(v) for k, v in batch.items()})
 
 
 def _diff(ours, theirs, mask=None):
@@ -366,6 +366,15 @@ def test_gguf_llama(tmp_path):
   tok = conv.tokenizer
   assert tok.get_vocab_size() == 96 and tok.token_to_id('<|eos|>') == 2
   assert tok.encode('<|bos|>', add_special_tokens=False).ids == [1]
+  # Saved in our layout, the params and the tokenizer (via train/data/tokenizers.py) load back.
+  convert.save(conv, tmp_path / 'ours')
+  again = convert.load(tmp_path / 'ours')
+  assert again.cfg == conv.cfg and again.heads == conv.heads
+  for path, a in convert._flatten(conv.params).items():
+    np.testing.assert_array_equal(convert._flatten(again.params)[path], a, err_msg=path)
+  tokenizers = pytest.importorskip('train.data.tokenizers')
+  wrapped = tokenizers.Tokenizer.load(tmp_path / 'ours')
+  assert wrapped.vocab_size == 96 and wrapped.encode('<|eos|>') == [2]
   # And it exports as a HF LLaMA checkpoint.
   _record('gguf llama export', _roundtrip(conv, tmp_path, transformers.LlamaForCausalLM,
                                           dict(input_ids=_torch(ids), attention_mask=_torch(REAL)), ref, 'logits',
@@ -464,6 +473,77 @@ def test_bad_gguf(tmp_path):
   p.write_bytes(b'GGUF' + b'\0' * 10)
   with pytest.raises(convert.ConversionError, match='bad.gguf'):
     convert.import_gguf(p)
+
+
+# ------------------------------------------------------------------------------ lmlab-trained models -> transformers
+
+
+@pytest.mark.parametrize('family,preset,heads,cls', [
+    ('bert', 'bert-tiny', ('mlm', 'nsp'), 'BertForPreTraining'),
+    ('gpt2', 'gpt2-tiny', ('lm',), 'GPT2LMHeadModel'),
+    ('llama', 'llama-tiny', ('lm',), 'LlamaForCausalLM'),
+    ('t5', 't5-tiny', ('lm',), 'T5ForConditionalGeneration'),
+])
+def test_export_lmlab_model(tmp_path, family, preset, heads, cls):
+  """A model initialized (as if trained) in lmlab, with no HF config to start from, exports and runs the same."""
+  from model.heads import init_params
+  from model.transformer import preset as make
+  extra = {'max_len': 32, 'num_layers': 2} if family != 't5' else {'num_layers': 1}
+  if family == 'gpt2':
+    extra.update(pad_id=0, bos_id=0, eos_id=0)
+  cfg = make(preset, vocab_size=V, **extra)
+  rng = np.random.default_rng(20)
+  if cfg.arch == 'encoder_decoder':
+    batch = {'encoder_tokens': _ids(rng, 0), 'encoder_segment_ids': REAL, 'decoder_tokens': _ids(rng, 0),
+             'decoder_segment_ids': REAL}
+  else:
+    batch = {'tokens': _ids(rng, cfg.pad_id), 'segment_ids': REAL}
+  module = LanguageModel(cfg, heads=heads)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  params = jax.jit(lambda b: init_params(module, jax.random.key(0), b))(batch)
+  # Larger, non-zero weights everywhere (biases and norms included), so that every tensor matters.
+  noise = np.random.default_rng(1)
+  params = jax.tree.map(lambda l: np.asarray(l) + np.float32(0.15) * noise.standard_normal(l.shape, np.float32), params)
+  ours = jax.jit(module.apply)({'params': params}, batch)
+  conv = convert.Converted(cfg=cfg, params=params, heads=heads, family=family)
+  out = convert.export_hf(conv, tmp_path / 'hf')
+  model, info = getattr(transformers, cls).from_pretrained(out, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  model.eval()
+  with torch.no_grad():
+    if family == 't5':
+      ref = model(input_ids=_torch(batch['encoder_tokens']), attention_mask=_torch(REAL),
+                  decoder_input_ids=_torch(batch['decoder_tokens']), decoder_attention_mask=_torch(REAL))
+    else:
+      ref = model(input_ids=_torch(batch['tokens']), attention_mask=_torch(REAL))
+  if family == 'bert':
+    _record('lmlab bert -> hf mlm', _diff(ours['mlm_logits'], ref.prediction_logits, REAL))
+    _record('lmlab bert -> hf nsp', _diff(ours['nsp_logits'], ref.seq_relationship_logits))
+  else:
+    _record(f'lmlab {family} -> hf', _diff(ours['lm_logits'], ref.logits, REAL))
+  # And back in: the same params.
+  back = convert.import_hf(out, scan_layers=cfg.scan_layers)
+  assert back.heads == heads
+  for path, a in convert._flatten(jax.tree.map(np.asarray, params)).items():
+    np.testing.assert_allclose(convert._flatten(back.params)[path], a, rtol=0, atol=0, err_msg=path)
+
+
+def test_pytorch_bin_and_bfloat16(tmp_path):
+  torch.manual_seed(21)
+  model = _spice(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2,
+                                                                      n_positions=16)))
+  model.eval()
+  model.config.save_pretrained(tmp_path)
+  torch.save(model.state_dict(), tmp_path / 'pytorch_model.bin')
+  conv = convert.import_hf(tmp_path)
+  ids = _ids(np.random.default_rng(21), 0)
+  with torch.no_grad():
+    ref = model(input_ids=_torch(ids), attention_mask=_torch(REAL)).logits.numpy()
+  _record('gpt2 from pytorch_model.bin', _diff(_apply(conv, {'tokens': ids, 'segment_ids': REAL})['lm_logits'], ref,
+                                               REAL))
+  half = convert.import_hf(tmp_path, param_dtype='bfloat16')
+  assert half.cfg.param_dtype == 'bfloat16'
+  assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(half.params))
 
 
 def test_report_diffs():
