@@ -27,57 +27,62 @@ _PREFETCH = flags.DEFINE_integer("prefetch", 0, "loader prefetch threads")
 
 
 def step_tokens_per_second(kind: str, seq_len: int):
-    """Tokens/s of the train step of the preset matching `kind` ("mlm" | "clm") at seq_len, or None when the trainer
+  """Tokens/s of the train step of the preset matching `kind` ("mlm" | "clm") at seq_len, or None when the trainer
     (or such a measurement helper in it) does not exist yet."""
-    try:
-        from train import trainer
-    except ImportError:
-        return None
-    fn = getattr(trainer, "benchmark_tokens_per_second", None)
-    return None if fn is None else fn(kind=kind, seq_len=seq_len)
+  try:
+    from train import trainer
+  except ImportError:
+    return None
+  fn = getattr(trainer, "benchmark_tokens_per_second", None)
+  return None if fn is None else fn(kind=kind, seq_len=seq_len)
 
 
 def main(argv):
-    del argv
+  del argv
+  t0 = time.perf_counter()
+  with tempfile.TemporaryDirectory() as tmp:
+    records = builders.build("text", name="bench", data_dir=tmp, splits={"train": _DATA.value})["train"]
+    records = [records[i] for i in range(len(records))]
+  t_build = time.perf_counter() - t0
+  print(f"corpus: {_DATA.value}: {len(records)} passages, {sum(len(r['text']) for r in records) / 1e6:.1f} MB, "
+        f"TFDS build+read {t_build:.1f}s")
+  rows = []
+  for kind, tok_kind in (("mlm", "wordpiece"), ("clm", "bpe")):
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        records = builders.build("text", name="bench", data_dir=tmp, splits={"train": _DATA.value})["train"]
-        records = [records[i] for i in range(len(records))]
-    t_build = time.perf_counter() - t0
-    print(f"corpus: {_DATA.value}: {len(records)} passages, {sum(len(r['text']) for r in records) / 1e6:.1f} MB, "
-          f"TFDS build+read {t_build:.1f}s")
-    rows = []
-    for kind, tok_kind in (("mlm", "wordpiece"), ("clm", "bpe")):
-        t0 = time.perf_counter()
-        tok = tokenizers.train_tokenizer(tok_kind, [r["text"] for r in records], vocab_size=_VOCAB.value)
-        t_tok = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stream = examples.TokenStream.from_records(records, tok, doc_end_id=tok.sep_id if kind == "mlm" else tok.eos_id)
-        t_stream = time.perf_counter() - t0
-        print(f"{kind}: train {tok_kind} tokenizer {t_tok:.1f}s; tokenize corpus {t_stream:.1f}s "
-              f"({len(stream.tokens) / t_stream / 1e6:.2f}M tokens/s)")
-        for seq_len in (128, 512):
-            if kind == "mlm":
-                fn = examples.MaskedLM(stream, examples.Specials.from_tokenizer(tok), seq_len=seq_len)
-            else:
-                fn = examples.CausalLM(stream, seq_len=seq_len)
-            loader = Loader(range(fn.num_windows), fn, batch_size=_BATCH.value, seed=0, process_index=0,
-                            process_count=1, prefetch=_PREFETCH.value)
-            next(loader)  # warm-up
-            t0 = time.perf_counter()
-            for _ in range(_BATCHES.value):
-                next(loader)
-            dt = time.perf_counter() - t0
-            loader.close()
-            n = _BATCHES.value * _BATCH.value
-            rows.append((kind, seq_len, n / dt, n * seq_len / dt, step_tokens_per_second(kind, seq_len)))
-    print(f"\n{'objective':>9} {'seq':>5} {'examples/s':>11} {'tokens/s':>11} {'step tokens/s':>14} {'ratio':>7}")
-    for kind, seq_len, eps, tps, step in rows:
-        step_s = "n/a" if step is None else f"{step:,.0f}"
-        ratio = "n/a" if not step else f"{tps / step:.1f}x"
-        print(f"{kind:>9} {seq_len:>5} {eps:>11,.0f} {tps:>11,.0f} {step_s:>14} {ratio:>7}")
+    tok = tokenizers.train_tokenizer(tok_kind, [r["text"] for r in records], vocab_size=_VOCAB.value)
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stream = examples.TokenStream.from_records(records, tok, doc_end_id=tok.sep_id if kind == "mlm" else tok.eos_id)
+    t_stream = time.perf_counter() - t0
+    print(f"{kind}: train {tok_kind} tokenizer {t_tok:.1f}s; tokenize corpus {t_stream:.1f}s "
+          f"({len(stream.tokens) / t_stream / 1e6:.2f}M tokens/s)")
+    for seq_len in (128, 512):
+      if kind == "mlm":
+        fn = examples.MaskedLM(stream, examples.Specials.from_tokenizer(tok), seq_len=seq_len)
+      else:
+        fn = examples.CausalLM(stream, seq_len=seq_len)
+      loader = Loader(range(fn.num_windows),
+                      fn,
+                      batch_size=_BATCH.value,
+                      seed=0,
+                      process_index=0,
+                      process_count=1,
+                      prefetch=_PREFETCH.value)
+      next(loader)  # warm-up
+      t0 = time.perf_counter()
+      for _ in range(_BATCHES.value):
+        next(loader)
+      dt = time.perf_counter() - t0
+      loader.close()
+      n = _BATCHES.value * _BATCH.value
+      rows.append((kind, seq_len, n / dt, n * seq_len / dt, step_tokens_per_second(kind, seq_len)))
+  print(f"\n{'objective':>9} {'seq':>5} {'examples/s':>11} {'tokens/s':>11} {'step tokens/s':>14} {'ratio':>7}")
+  for kind, seq_len, eps, tps, step in rows:
+    step_s = "n/a" if step is None else f"{step:,.0f}"
+    ratio = "n/a" if not step else f"{tps / step:.1f}x"
+    print(f"{kind:>9} {seq_len:>5} {eps:>11,.0f} {tps:>11,.0f} {step_s:>14} {ratio:>7}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    app.run(main)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  app.run(main)

@@ -18,76 +18,124 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def _write(path, text, mode="w"):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if mode == "wb":
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if mode == "wb":
+    path.write_bytes(text)
+  else:
+    path.write_text(text, encoding="utf-8")
+  return path
 
 
 def _all(source):
-    return [source[i] for i in range(len(source))]
+  return [source[i] for i in range(len(source))]
 
 
 def test_text_corpus_keeps_documents_passages_and_sentences(tmp_path):
-    a = _write(tmp_path / "books" / "a.txt", "One fish. Two fish!\n\nRed fish? Blue fish.\n")
-    _write(tmp_path / "books" / "b.txt", "Mr. Smith went home. He slept.\n")
-    _write(tmp_path / "books" / "notes.md", "not text corpus\n")
-    src = B.build("text", name="books", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "books"},
-                  max_chars=22)
-    recs = sorted(_all(src["train"]), key=lambda r: (r["document_id"], r["passage_index"]))
-    assert [r["sentences"] for r in recs] == [["One fish.", "Two fish!"], ["Red fish?", "Blue fish."],
-                                             ["Mr. Smith went home."], ["He slept."]]
-    assert [r["document_id"] for r in recs] == [0, 0, 1, 1]
-    assert [r["passage_index"] for r in recs] == [0, 1, 0, 1]
-    assert any(".array_record" in p.name for p in (tmp_path / "tfds").rglob("*"))
-    # A changed file is noticed and the dataset rebuilt.
-    _write(a, "Only one sentence here.\n")
-    src = B.build("text", name="books", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "books"})
-    assert sorted(r["text"] for r in _all(src["train"])) == ["Mr. Smith went home. He slept.",
-                                                            "Only one sentence here."]
+  a = _write(tmp_path / "books" / "a.txt", "One fish. Two fish!\n\nRed fish? Blue fish.\n")
+  _write(tmp_path / "books" / "b.txt", "Mr. Smith went home. He slept.\n")
+  _write(tmp_path / "books" / "notes.md", "not text corpus\n")
+  src = B.build("text", name="books", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "books"}, max_chars=22)
+  recs = sorted(_all(src["train"]), key=lambda r: (r["document_id"], r["passage_index"]))
+  assert [r["sentences"] for r in recs] == [["One fish.", "Two fish!"], ["Red fish?", "Blue fish."],
+                                            ["Mr. Smith went home."], ["He slept."]]
+  assert [r["document_id"] for r in recs] == [0, 0, 1, 1]
+  assert [r["passage_index"] for r in recs] == [0, 1, 0, 1]
+  assert any(".array_record" in p.name for p in (tmp_path / "tfds").rglob("*"))
+  # A changed file is noticed and the dataset rebuilt.
+  _write(a, "Only one sentence here.\n")
+  src = B.build("text", name="books", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "books"})
+  assert sorted(r["text"] for r in _all(src["train"])) == ["Mr. Smith went home. He slept.", "Only one sentence here."]
 
 
 def test_classification_pairs_from_tsv_csv_and_jsonl(tmp_path):
-    tsv = _write(tmp_path / "train.tsv", 'id\tpremise\thypothesis\tlabel\n0\tA "quoted\tB\tyes\n1\tC\tD\tno\n')
-    csv = _write(tmp_path / "dev.csv", 'premise,hypothesis,label\n"E, e",F,no\n')
-    jsonl = _write(tmp_path / "test.jsonl", '{"premise": "G", "hypothesis": "H", "label": "yes"}\n')
-    src = B.build("classification", name="nli", data_dir=tmp_path / "tfds",
-                  splits={"train": tsv, "dev": csv, "test": jsonl}, text_columns=["premise", "hypothesis"])
-    train = sorted(_all(src["train"]), key=lambda r: r["idx"])
-    assert [(r["text_a"], r["text_b"], r["label"]) for r in train] == [('A "quoted', "B", 1), ("C", "D", 0)]
-    assert [(r["text_a"], r["label"]) for r in _all(src["dev"])] == [("E, e", 0)]  # labels sorted: no=0, yes=1
-    assert _all(src["test"])[0]["label"] == 1
+  tsv = _write(tmp_path / "train.tsv", 'id\tpremise\thypothesis\tlabel\n0\tA "quoted\tB\tyes\n1\tC\tD\tno\n')
+  csv = _write(tmp_path / "dev.csv", 'premise,hypothesis,label\n"E, e",F,no\n')
+  jsonl = _write(tmp_path / "test.jsonl", '{"premise": "G", "hypothesis": "H", "label": "yes"}\n')
+  src = B.build("classification",
+                name="nli",
+                data_dir=tmp_path / "tfds",
+                splits={
+                    "train": tsv,
+                    "dev": csv,
+                    "test": jsonl
+                },
+                text_columns=["premise", "hypothesis"])
+  train = sorted(_all(src["train"]), key=lambda r: r["idx"])
+  assert [(r["text_a"], r["text_b"], r["label"]) for r in train] == [('A "quoted', "B", 1), ("C", "D", 0)]
+  assert [(r["text_a"], r["label"]) for r in _all(src["dev"])] == [("E, e", 0)]  # labels sorted: no=0, yes=1
+  assert _all(src["test"])[0]["label"] == 1
 
 
 def test_tagging_qa_and_seq2seq_build(tmp_path):
-    conll = _write(tmp_path / "t.conll", "-DOCSTART- O\n\nJohn\tB-person\nruns\tO\n\nParis\tB-location\n")
-    src = B.build("tagging", name="ner", data_dir=tmp_path / "tfds", splits={"train": conll})
-    recs = sorted(_all(src["train"]), key=lambda r: r["idx"])
-    assert [r["tokens"] for r in recs] == [["John", "runs"], ["Paris"]]
-    assert recs[0]["tags"][1] == 0  # "O" is tag 0
-    squad = {"data": [{"title": "t", "paragraphs": [{"context": "The cat sat on the mat.", "qas": [
-        {"id": "q1", "question": "Where?", "answers": [{"text": "on the mat", "answer_start": 12}]}]}]}]}
-    qa = _write(tmp_path / "qa.json", json.dumps(squad, indent=1))
-    rec = _all(B.build("qa", name="qa", data_dir=tmp_path / "tfds", splits={"train": qa})["train"])[0]
-    assert rec["context"][rec["answer_start"]:][:len(rec["answer_text"])] == "on the mat"
-    pairs = _write(tmp_path / "mt.tsv", "en\tde\nHello.\tHallo.\n")
-    rec = _all(B.build("seq2seq", name="mt", data_dir=tmp_path / "tfds", splits={"train": pairs},
-                       source_column="en", target_column="de")["train"])[0]
-    assert (rec["source"], rec["target"]) == ("Hello.", "Hallo.")
+  conll = _write(tmp_path / "t.conll", "-DOCSTART- O\n\nJohn\tB-person\nruns\tO\n\nParis\tB-location\n")
+  src = B.build("tagging", name="ner", data_dir=tmp_path / "tfds", splits={"train": conll})
+  recs = sorted(_all(src["train"]), key=lambda r: r["idx"])
+  assert [r["tokens"] for r in recs] == [["John", "runs"], ["Paris"]]
+  assert recs[0]["tags"][1] == 0  # "O" is tag 0
+  squad = {
+      "data": [{
+          "title":
+              "t",
+          "paragraphs": [{
+              "context": "The cat sat on the mat.",
+              "qas": [{
+                  "id": "q1",
+                  "question": "Where?",
+                  "answers": [{
+                      "text": "on the mat",
+                      "answer_start": 12
+                  }]
+              }]
+          }]
+      }]
+  }
+  qa = _write(tmp_path / "qa.json", json.dumps(squad, indent=1))
+  rec = _all(B.build("qa", name="qa", data_dir=tmp_path / "tfds", splits={"train": qa})["train"])[0]
+  assert rec["context"][rec["answer_start"]:][:len(rec["answer_text"])] == "on the mat"
+  pairs = _write(tmp_path / "mt.tsv", "en\tde\nHello.\tHallo.\n")
+  rec = _all(
+      B.build("seq2seq",
+              name="mt",
+              data_dir=tmp_path / "tfds",
+              splits={"train": pairs},
+              source_column="en",
+              target_column="de")["train"])[0]
+  assert (rec["source"], rec["target"]) == ("Hello.", "Hallo.")
 
 
-_SQUAD_BAD = {"data": [{"title": "t", "paragraphs": [{"context": "The cat sat.", "qas": [
-    {"id": "ok1", "question": "Who?", "answers": [{"text": "cat", "answer_start": 4}]},
-    {"id": "bad2", "question": "What?", "answers": [{"text": "dog", "answer_start": 4}]}]}]}]}
+_SQUAD_BAD = {
+    "data": [{
+        "title":
+            "t",
+        "paragraphs": [{
+            "context":
+                "The cat sat.",
+            "qas": [{
+                "id": "ok1",
+                "question": "Who?",
+                "answers": [{
+                    "text": "cat",
+                    "answer_start": 4
+                }]
+            }, {
+                "id": "bad2",
+                "question": "What?",
+                "answers": [{
+                    "text": "dog",
+                    "answer_start": 4
+                }]
+            }]
+        }]
+    }]
+}
 
 BAD_CASES = {
     # name: (kind, file name, content, build options, expected line, words of the problem)
     "invalid utf-8": ("text", "a.txt", b"fine line\nstill fine\nbad \xff byte\n", {}, 3, "invalid UTF-8"),
     "empty file": ("text", "a.txt", b"", {}, 1, "empty"),
-    "label outside set": ("classification", "a.tsv", b"sentence\tlabel\nok\tpos\nhmm\tmaybe\n",
-                          {"label_names": ["neg", "pos"]}, 3, "not in the label set"),
+    "label outside set": ("classification", "a.tsv", b"sentence\tlabel\nok\tpos\nhmm\tmaybe\n", {
+        "label_names": ["neg", "pos"]
+    }, 3, "not in the label set"),
     "conll columns": ("tagging", "a.conll", b"John\tB-per\nruns\tO\textra\n", {}, 2, "expected 2 columns"),
     "qa answer": ("qa", "a.json", json.dumps(_SQUAD_BAD, indent=1).encode(), {},
                   next(i for i, ln in enumerate(json.dumps(_SQUAD_BAD, indent=1).split("\n"), 1) if '"bad2"' in ln),
@@ -98,49 +146,65 @@ BAD_CASES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_is_one_line_naming_file_line_and_problem(tmp_path, case):
-    kind, name, content, options, line, problem = BAD_CASES[case]
-    path = _write(tmp_path / "in" / name, content, "wb")
-    with pytest.raises(DataError) as err:
-        B.build(kind, name="bad", data_dir=tmp_path / "tfds", splits={"train": path}, **options)
-    msg = str(err.value)
-    assert "\n" not in msg
-    assert msg.startswith(f"{path.resolve()}:{line}: "), msg
-    assert problem in msg
-    assert not list((tmp_path / "tfds").rglob("*.array_record*")), "TFDS wrote data before the error"
+  kind, name, content, options, line, problem = BAD_CASES[case]
+  path = _write(tmp_path / "in" / name, content, "wb")
+  with pytest.raises(DataError) as err:
+    B.build(kind, name="bad", data_dir=tmp_path / "tfds", splits={"train": path}, **options)
+  msg = str(err.value)
+  assert "\n" not in msg
+  assert msg.startswith(f"{path.resolve()}:{line}: "), msg
+  assert problem in msg
+  assert not list((tmp_path / "tfds").rglob("*.array_record*")), "TFDS wrote data before the error"
 
 
 def test_bad_records_are_skipped_and_counted_when_asked(tmp_path, caplog):
-    path = _write(tmp_path / "a.tsv", "sentence\tlabel\nok\tpos\nhmm\tmaybe\nno\tneg\nuh\tperhaps\n")
-    with caplog.at_level(logging.WARNING):
-        src = B.build("classification", name="skip", data_dir=tmp_path / "tfds", splits={"train": path},
-                      label_names=["neg", "pos"], on_error="skip")
-    assert sorted(r["text_a"] for r in _all(src["train"])) == ["no", "ok"]
-    assert "skipped 2 bad record(s)" in caplog.text
+  path = _write(tmp_path / "a.tsv", "sentence\tlabel\nok\tpos\nhmm\tmaybe\nno\tneg\nuh\tperhaps\n")
+  with caplog.at_level(logging.WARNING):
+    src = B.build("classification",
+                  name="skip",
+                  data_dir=tmp_path / "tfds",
+                  splits={"train": path},
+                  label_names=["neg", "pos"],
+                  on_error="skip")
+  assert sorted(r["text_a"] for r in _all(src["train"])) == ["no", "ok"]
+  assert "skipped 2 bad record(s)" in caplog.text
 
 
 def test_pipeline_from_built_files_through_the_loader_is_deterministic(tmp_path):
-    rng = np.random.default_rng(0)
-    words = [f"word{i}" for i in range(50)]
-    for d in range(4):
-        _write(tmp_path / "c" / f"{d}.txt", "\n\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(40)))
-    src = B.build("text", name="c", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "c"})["train"]
-    tok = T.train_wordpiece([r["text"] for r in _all(src)], vocab_size=200)
-    mlm = E.MaskedLM(E.TokenStream.from_records(src, tok, doc_end_id=tok.sep_id),
-                     E.Specials.from_tokenizer(tok), seq_len=32)
-    make = lambda seed: Loader(range(mlm.num_windows), mlm, batch_size=4, seed=seed, process_index=0,  # noqa: E731
-                               process_count=1)
-    a, b, c = make(0), make(0), make(1)
-    for _ in range(5):
-        x, y, z = next(a), next(b), next(c)
-        assert x["tokens"].shape == (4, 32) and x["masked_positions"].shape == (4, 6)
-        assert all(np.array_equal(x[k], y[k]) for k in x)
-    assert not np.array_equal(x["tokens"], z["tokens"])
+  rng = np.random.default_rng(0)
+  words = [f"word{i}" for i in range(50)]
+  for d in range(4):
+    _write(tmp_path / "c" / f"{d}.txt", "\n\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(40)))
+  src = B.build("text", name="c", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "c"})["train"]
+  tok = T.train_wordpiece([r["text"] for r in _all(src)], vocab_size=200)
+  mlm = E.MaskedLM(E.TokenStream.from_records(src, tok, doc_end_id=tok.sep_id),
+                   E.Specials.from_tokenizer(tok),
+                   seq_len=32)
+  make = lambda seed: Loader(
+      range(mlm.num_windows),
+      mlm,
+      batch_size=4,
+      seed=seed,
+      process_index=0,  # noqa: E731
+      process_count=1)
+  a, b, c = make(0), make(0), make(1)
+  for _ in range(5):
+    x, y, z = next(a), next(b), next(c)
+    assert x["tokens"].shape == (4, 32) and x["masked_positions"].shape == (4, 6)
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  assert not np.array_equal(x["tokens"], z["tokens"])
 
 
 @pytest.mark.skipif(not (SHARED / "sst2").exists(), reason="needs ../shared/data")
 def test_real_glue_tsv_builds_with_every_row(tmp_path):
-    src = B.build("classification", name="sst2", data_dir=tmp_path, label_names=["0", "1"],
-                  splits={"train": SHARED / "sst2" / "train.tsv", "dev": SHARED / "sst2" / "dev.tsv"})
-    for split, f in [("train", "train.tsv"), ("dev", "dev.tsv")]:
-        rows = (SHARED / "sst2" / f).read_text(encoding="utf-8").strip().split("\n")[1:]
-        assert len(src[split]) == len(rows)
+  src = B.build("classification",
+                name="sst2",
+                data_dir=tmp_path,
+                label_names=["0", "1"],
+                splits={
+                    "train": SHARED / "sst2" / "train.tsv",
+                    "dev": SHARED / "sst2" / "dev.tsv"
+                })
+  for split, f in [("train", "train.tsv"), ("dev", "dev.tsv")]:
+    rows = (SHARED / "sst2" / f).read_text(encoding="utf-8").strip().split("\n")[1:]
+    assert len(src[split]) == len(rows)

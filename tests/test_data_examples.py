@@ -12,233 +12,243 @@ WORDS = [f"w{i}" for i in range(40)]
 
 
 def _vocab_tokenizer(tmp_path, extra=()):
-    """A WordPiece tokenizer over a known vocab, so tokens can be read back as the words that made them."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    pieces = ["##a", "##b", "##c", "."] + WORDS + list(extra)
-    path = tmp_path / "vocab.txt"
-    path.write_text("\n".join(specials + pieces) + "\n")
-    return T.Tokenizer.load(path)
+  """A WordPiece tokenizer over a known vocab, so tokens can be read back as the words that made them."""
+  specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+  pieces = ["##a", "##b", "##c", "."] + WORDS + list(extra)
+  path = tmp_path / "vocab.txt"
+  path.write_text("\n".join(specials + pieces) + "\n")
+  return T.Tokenizer.load(path)
 
 
 def _corpus(num_docs=12, sentences=30, seed=0):
-    rng = np.random.default_rng(seed)
-    return [{"text": " ".join(s), "sentences": list(s), "document_id": d, "passage_index": 0}
-            for d in range(num_docs)
-            for s in [[" ".join(rng.choice(WORDS, rng.integers(3, 9))) + " ." for _ in range(sentences)]]]
+  rng = np.random.default_rng(seed)
+  return [{
+      "text": " ".join(s),
+      "sentences": list(s),
+      "document_id": d,
+      "passage_index": 0
+  }
+          for d in range(num_docs)
+          for s in [[" ".join(rng.choice(WORDS, rng.integers(3, 9))) + " ." for _ in range(sentences)]]]
 
 
 @pytest.fixture
 def tok(tmp_path):
-    return _vocab_tokenizer(tmp_path)
+  return _vocab_tokenizer(tmp_path)
 
 
 def _originals(ex):
-    orig = ex["tokens"].copy()
-    w = ex["masked_weights"] > 0
-    orig[ex["masked_positions"][w]] = ex["masked_ids"][w]
-    return orig
+  orig = ex["tokens"].copy()
+  w = ex["masked_weights"] > 0
+  orig[ex["masked_positions"][w]] = ex["masked_ids"][w]
+  return orig
 
 
 @pytest.mark.parametrize("whole_word", [False, True])
 def test_mlm_masks_15_percent_with_80_10_10(tmp_path, whole_word):
-    tok = _vocab_tokenizer(tmp_path)
-    # Words with continuations ("w3##a##b") so whole-word masking has multi-token words to group.
-    rng = np.random.default_rng(1)
-    recs = [{"text": " ".join(w + rng.choice(["", "", "a", "ab", "bc"]) for w in rng.choice(WORDS, 400)),
-             "document_id": d} for d in range(40)]
-    stream = E.TokenStream.from_records(recs, tok, doc_end_id=tok.sep_id)
-    sp = E.Specials.from_tokenizer(tok)
-    mlm = E.MaskedLM(stream, sp, seq_len=128, whole_word=whole_word)
-    cand = chosen = as_mask = same = rand = 0
-    for i in range(mlm.num_windows):
-        ex = mlm(i, E.example_rng(3, i))
-        orig = _originals(ex)
-        w = ex["masked_weights"] > 0
-        pos = ex["masked_positions"][w]
-        assert not np.isin(orig[pos], sp.special_ids).any(), "a special token was masked"
-        cand += (~np.isin(orig, sp.special_ids)).sum()
-        chosen += len(pos)
-        got = ex["tokens"][pos]
-        as_mask += (got == sp.mask).sum()
-        same += (got == orig[pos]).sum()
-        rand += ((got != sp.mask) & (got != orig[pos])).sum()
-        if whole_word:  # a masked word is masked whole: a masked token's continuation is masked too
-            masked = np.zeros(len(orig), bool)
-            masked[pos] = True
-            cont = ~sp.word_start[orig[1:]] & ~np.isin(orig[:-1], sp.special_ids)
-            assert np.all(masked[1:][cont] == masked[:-1][cont])
-    assert cand > 20000
-    assert abs(chosen / cand - 0.15) < 0.01
-    assert abs(as_mask / chosen - 0.8) < 0.02
-    assert abs(same / chosen - 0.1) < 0.02
-    assert abs(rand / chosen - 0.1) < 0.02
+  tok = _vocab_tokenizer(tmp_path)
+  # Words with continuations ("w3##a##b") so whole-word masking has multi-token words to group.
+  rng = np.random.default_rng(1)
+  recs = [{
+      "text": " ".join(w + rng.choice(["", "", "a", "ab", "bc"]) for w in rng.choice(WORDS, 400)),
+      "document_id": d
+  } for d in range(40)]
+  stream = E.TokenStream.from_records(recs, tok, doc_end_id=tok.sep_id)
+  sp = E.Specials.from_tokenizer(tok)
+  mlm = E.MaskedLM(stream, sp, seq_len=128, whole_word=whole_word)
+  cand = chosen = as_mask = same = rand = 0
+  for i in range(mlm.num_windows):
+    ex = mlm(i, E.example_rng(3, i))
+    orig = _originals(ex)
+    w = ex["masked_weights"] > 0
+    pos = ex["masked_positions"][w]
+    assert not np.isin(orig[pos], sp.special_ids).any(), "a special token was masked"
+    cand += (~np.isin(orig, sp.special_ids)).sum()
+    chosen += len(pos)
+    got = ex["tokens"][pos]
+    as_mask += (got == sp.mask).sum()
+    same += (got == orig[pos]).sum()
+    rand += ((got != sp.mask) & (got != orig[pos])).sum()
+    if whole_word:  # a masked word is masked whole: a masked token's continuation is masked too
+      masked = np.zeros(len(orig), bool)
+      masked[pos] = True
+      cont = ~sp.word_start[orig[1:]] & ~np.isin(orig[:-1], sp.special_ids)
+      assert np.all(masked[1:][cont] == masked[:-1][cont])
+  assert cand > 20000
+  assert abs(chosen / cand - 0.15) < 0.01
+  assert abs(as_mask / chosen - 0.8) < 0.02
+  assert abs(same / chosen - 0.1) < 0.02
+  assert abs(rand / chosen - 0.1) < 0.02
 
 
 def test_mlm_is_deterministic_in_seed_and_index(tok):
-    stream = E.TokenStream.from_records(_corpus(), tok, doc_end_id=tok.sep_id)
-    mlm = E.MaskedLM(stream, E.Specials.from_tokenizer(tok), seq_len=64)
-    a, b, c = mlm(5, E.example_rng(0, 5)), mlm(5, E.example_rng(0, 5)), mlm(5, E.example_rng(1, 5))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    assert not np.array_equal(a["masked_positions"], c["masked_positions"])
+  stream = E.TokenStream.from_records(_corpus(), tok, doc_end_id=tok.sep_id)
+  mlm = E.MaskedLM(stream, E.Specials.from_tokenizer(tok), seq_len=64)
+  a, b, c = mlm(5, E.example_rng(0, 5)), mlm(5, E.example_rng(0, 5)), mlm(5, E.example_rng(1, 5))
+  assert all(np.array_equal(a[k], b[k]) for k in a)
+  assert not np.array_equal(a["masked_positions"], c["masked_positions"])
 
 
 def test_nsp_is_balanced_and_random_b_comes_from_another_document(tmp_path):
-    # Every word names its document and sentence ("d3 s17"), so A and B can be traced back.
-    docs, sents = 10, 40
-    extra = [f"d{d}" for d in range(docs)] + [f"s{s}" for s in range(sents)]
-    tok = _vocab_tokenizer(tmp_path, extra)
-    recs = [{"sentences": [f"d{d} s{s} d{d} s{s} ." for s in range(sents)], "document_id": d} for d in range(docs)]
-    recs = [dict(r, text=" ".join(r["sentences"])) for r in recs]
-    nsp = E.NextSentence(recs, tok, seq_len=128)
-    labels = []
-    for i in range(2000):
-        ex = nsp(i % len(nsp), E.example_rng(7, i))
-        orig = _originals(ex)
-        n = int(ex["segment_ids"].sum())
-        words = [tok.id_to_token(t) for t in orig[:n]]
-        assert words[0] == "[CLS]" and words[-1] == "[SEP]"
-        seps = [j for j, w in enumerate(words) if w == "[SEP]"]
-        assert len(seps) == 2
-        a, b = words[1:seps[0]], words[seps[0] + 1:-1]
-        assert np.all(ex["token_type_ids"][:seps[0] + 1] == 0) and np.all(ex["token_type_ids"][seps[0] + 1:n] == 1)
-        doc_a = {w for w in a if w.startswith("d")}
-        doc_b = {w for w in b if w.startswith("d")}
-        assert len(doc_a) == 1 and len(doc_b) == 1
-        label = int(ex["nsp_labels"])
-        labels.append(label)
-        if label == 1:
-            assert doc_a != doc_b, "a 'random' B came from A's own document"
-        else:
-            assert doc_a == doc_b
-            last_a = max(int(w[1:]) for w in a if w.startswith("s"))
-            first_b = min(int(w[1:]) for w in b if w.startswith("s"))
-            assert first_b == last_a + 1, "a true B must be the very next sentence"
-    assert abs(np.mean(labels) - 0.5) < 0.03
+  # Every word names its document and sentence ("d3 s17"), so A and B can be traced back.
+  docs, sents = 10, 40
+  extra = [f"d{d}" for d in range(docs)] + [f"s{s}" for s in range(sents)]
+  tok = _vocab_tokenizer(tmp_path, extra)
+  recs = [{"sentences": [f"d{d} s{s} d{d} s{s} ." for s in range(sents)], "document_id": d} for d in range(docs)]
+  recs = [dict(r, text=" ".join(r["sentences"])) for r in recs]
+  nsp = E.NextSentence(recs, tok, seq_len=128)
+  labels = []
+  for i in range(2000):
+    ex = nsp(i % len(nsp), E.example_rng(7, i))
+    orig = _originals(ex)
+    n = int(ex["segment_ids"].sum())
+    words = [tok.id_to_token(t) for t in orig[:n]]
+    assert words[0] == "[CLS]" and words[-1] == "[SEP]"
+    seps = [j for j, w in enumerate(words) if w == "[SEP]"]
+    assert len(seps) == 2
+    a, b = words[1:seps[0]], words[seps[0] + 1:-1]
+    assert np.all(ex["token_type_ids"][:seps[0] + 1] == 0) and np.all(ex["token_type_ids"][seps[0] + 1:n] == 1)
+    doc_a = {w for w in a if w.startswith("d")}
+    doc_b = {w for w in b if w.startswith("d")}
+    assert len(doc_a) == 1 and len(doc_b) == 1
+    label = int(ex["nsp_labels"])
+    labels.append(label)
+    if label == 1:
+      assert doc_a != doc_b, "a 'random' B came from A's own document"
+    else:
+      assert doc_a == doc_b
+      last_a = max(int(w[1:]) for w in a if w.startswith("s"))
+      first_b = min(int(w[1:]) for w in b if w.startswith("s"))
+      assert first_b == last_a + 1, "a true B must be the very next sentence"
+  assert abs(np.mean(labels) - 0.5) < 0.03
 
 
 def test_nsp_needs_two_documents(tok):
-    recs = [dict(r, document_id=0) for r in _corpus(num_docs=2)]
-    with pytest.raises(ValueError, match="two documents"):
-        E.NextSentence(recs, tok, seq_len=64)
+  recs = [dict(r, document_id=0) for r in _corpus(num_docs=2)]
+  with pytest.raises(ValueError, match="two documents"):
+    E.NextSentence(recs, tok, seq_len=64)
 
 
 def _reconstruct(inputs, targets, sentinel_ids):
-    """Put each sentinel's span (from targets) back into inputs."""
-    sent = set(sentinel_ids.tolist())
-    spans, cur = {}, None
-    for t in targets[:-1]:  # drop EOS
-        if t in sent:
-            cur = t
-            spans[cur] = []
-        else:
-            spans[cur].append(t)
-    out = []
-    for t in inputs[:-1]:
-        out.extend(spans[t] if t in sent else [t])
-    return np.array(out)
+  """Put each sentinel's span (from targets) back into inputs."""
+  sent = set(sentinel_ids.tolist())
+  spans, cur = {}, None
+  for t in targets[:-1]:  # drop EOS
+    if t in sent:
+      cur = t
+      spans[cur] = []
+    else:
+      spans[cur].append(t)
+  out = []
+  for t in inputs[:-1]:
+    out.extend(spans[t] if t in sent else [t])
+  return np.array(out)
 
 
 def test_span_corruption_reconstructs_the_original_and_matches_t5_rates():
-    sentinels = np.arange(1000, 1100, dtype=np.int32)
-    noise, spans, total = 0, 0, 0
-    for i in range(300):
-        rng = E.example_rng(0, i)
-        length = int(rng.integers(20, 600))
-        tokens = rng.integers(10, 900, length).astype(np.int32)
-        inputs, targets = E.span_corruption(tokens, rng=rng, sentinel_ids=sentinels, eos_id=1)
-        assert inputs[-1] == 1 and targets[-1] == 1
-        np.testing.assert_array_equal(_reconstruct(inputs, targets, sentinels), tokens)
-        n_spans = int(np.isin(inputs, sentinels).sum())
-        noise += len(targets) - 1 - n_spans
-        spans += n_spans
-        total += length
-    assert abs(noise / total - 0.15) < 0.01
-    assert abs(noise / spans - 3.0) < 0.3
+  sentinels = np.arange(1000, 1100, dtype=np.int32)
+  noise, spans, total = 0, 0, 0
+  for i in range(300):
+    rng = E.example_rng(0, i)
+    length = int(rng.integers(20, 600))
+    tokens = rng.integers(10, 900, length).astype(np.int32)
+    inputs, targets = E.span_corruption(tokens, rng=rng, sentinel_ids=sentinels, eos_id=1)
+    assert inputs[-1] == 1 and targets[-1] == 1
+    np.testing.assert_array_equal(_reconstruct(inputs, targets, sentinels), tokens)
+    n_spans = int(np.isin(inputs, sentinels).sum())
+    noise += len(targets) - 1 - n_spans
+    spans += n_spans
+    total += length
+  assert abs(noise / total - 0.15) < 0.01
+  assert abs(noise / spans - 3.0) < 0.3
 
 
 def test_span_corruption_windows_fill_inputs_length_exactly(tmp_path):
-    tok = T.train_unigram([" ".join(r["sentences"]) for r in _corpus()] * 3, vocab_size=500)
-    stream = E.TokenStream.from_records(_corpus(), tok, doc_end_id=tok.eos_id)
-    sc = E.SpanCorruption(stream, E.Specials.from_tokenizer(tok), inputs_length=64)
-    for i in range(min(20, sc.num_windows)):
-        ex = sc(i, E.example_rng(0, i))
-        assert ex["encoder_segment_ids"].sum() == 64
-        assert ex["decoder_weights"].sum() <= sc.targets_length
-        np.testing.assert_array_equal(ex["decoder_tokens"][1:], ex["decoder_targets"][:-1])
-        assert ex["decoder_tokens"][0] == tok.pad_id
+  tok = T.train_unigram([" ".join(r["sentences"]) for r in _corpus()] * 3, vocab_size=500)
+  stream = E.TokenStream.from_records(_corpus(), tok, doc_end_id=tok.eos_id)
+  sc = E.SpanCorruption(stream, E.Specials.from_tokenizer(tok), inputs_length=64)
+  for i in range(min(20, sc.num_windows)):
+    ex = sc(i, E.example_rng(0, i))
+    assert ex["encoder_segment_ids"].sum() == 64
+    assert ex["decoder_weights"].sum() <= sc.targets_length
+    np.testing.assert_array_equal(ex["decoder_tokens"][1:], ex["decoder_targets"][:-1])
+    assert ex["decoder_tokens"][0] == tok.pad_id
 
 
 def test_packed_windows_never_attend_across_documents(tok):
-    recs = _corpus(num_docs=60, sentences=3)  # short documents: many per window
-    stream = E.TokenStream.from_records(recs, tok, doc_end_id=tok.sep_id)
-    clm = E.CausalLM(stream, seq_len=64)
-    batch = {k: np.stack([clm(i)[k] for i in range(clm.num_windows)]) for k in clm(0)}
-    seg = batch["segment_ids"]
-    assert seg.max() > 2, "the test needs rows holding several documents"
-    allowed = np.asarray(segment_mask(jnp.asarray(seg), jnp.asarray(seg)))[:, 0]  # [B, T, T]
-    for r in range(len(seg)):
-        doc = stream.doc[r * 65:r * 65 + 64]  # the documents the row's tokens really came from
-        q, k = np.nonzero(allowed[r])
-        assert np.all(doc[q] == doc[k])
-        starts = np.concatenate([[True], doc[1:] != doc[:-1]])
-        first = np.maximum.accumulate(np.where(starts, np.arange(64), 0))
-        np.testing.assert_array_equal(batch["positions"][r], np.arange(64) - first)
-        np.testing.assert_array_equal(batch["targets"][r], stream.tokens[r * 65 + 1:r * 65 + 65])
-        nxt = stream.doc[r * 65 + 1:r * 65 + 65]
-        np.testing.assert_array_equal(batch["weights"][r], (nxt == doc).astype(np.float32))
+  recs = _corpus(num_docs=60, sentences=3)  # short documents: many per window
+  stream = E.TokenStream.from_records(recs, tok, doc_end_id=tok.sep_id)
+  clm = E.CausalLM(stream, seq_len=64)
+  batch = {k: np.stack([clm(i)[k] for i in range(clm.num_windows)]) for k in clm(0)}
+  seg = batch["segment_ids"]
+  assert seg.max() > 2, "the test needs rows holding several documents"
+  allowed = np.asarray(segment_mask(jnp.asarray(seg), jnp.asarray(seg)))[:, 0]  # [B, T, T]
+  for r in range(len(seg)):
+    doc = stream.doc[r * 65:r * 65 + 64]  # the documents the row's tokens really came from
+    q, k = np.nonzero(allowed[r])
+    assert np.all(doc[q] == doc[k])
+    starts = np.concatenate([[True], doc[1:] != doc[:-1]])
+    first = np.maximum.accumulate(np.where(starts, np.arange(64), 0))
+    np.testing.assert_array_equal(batch["positions"][r], np.arange(64) - first)
+    np.testing.assert_array_equal(batch["targets"][r], stream.tokens[r * 65 + 1:r * 65 + 65])
+    nxt = stream.doc[r * 65 + 1:r * 65 + 65]
+    np.testing.assert_array_equal(batch["weights"][r], (nxt == doc).astype(np.float32))
 
 
 def test_pack_sequences_keeps_each_sequence_whole_and_separate():
-    rng = np.random.default_rng(0)
-    seqs = [rng.integers(1, 50, rng.integers(1, 30)) for _ in range(100)]
-    packed = E.pack_sequences(seqs, length=32)
-    seg = packed["segment_ids"]
-    assert len(seg) < len(seqs)
-    allowed = np.asarray(segment_mask(jnp.asarray(seg), jnp.asarray(seg)))[:, 0]
-    found = []
-    for r in range(len(seg)):
-        for s in range(1, seg[r].max() + 1):
-            idx = np.flatnonzero(seg[r] == s)
-            assert np.all(np.diff(idx) == 1)
-            np.testing.assert_array_equal(packed["positions"][r, idx], np.arange(len(idx)))
-            found.append(tuple(packed["tokens"][r, idx]))
-            outside = seg[r] != s
-            assert not allowed[r][np.ix_(idx, np.flatnonzero(outside))].any()
-    assert sorted(found) == sorted(tuple(s) for s in seqs)
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(1, 50, rng.integers(1, 30)) for _ in range(100)]
+  packed = E.pack_sequences(seqs, length=32)
+  seg = packed["segment_ids"]
+  assert len(seg) < len(seqs)
+  allowed = np.asarray(segment_mask(jnp.asarray(seg), jnp.asarray(seg)))[:, 0]
+  found = []
+  for r in range(len(seg)):
+    for s in range(1, seg[r].max() + 1):
+      idx = np.flatnonzero(seg[r] == s)
+      assert np.all(np.diff(idx) == 1)
+      np.testing.assert_array_equal(packed["positions"][r, idx], np.arange(len(idx)))
+      found.append(tuple(packed["tokens"][r, idx]))
+      outside = seg[r] != s
+      assert not allowed[r][np.ix_(idx, np.flatnonzero(outside))].any()
+  assert sorted(found) == sorted(tuple(s) for s in seqs)
 
 
 def test_tagging_labels_the_first_subword_of_each_word(tok):
-    words = ["w1", "w2abc", "w3", "w4ab"]  # w2abc -> w2 ##a ##b ##c
-    record = {"tokens": words, "tags": [3, 1, 0, 2]}
-    ex = E.Tagging(tok, seq_len=16)(record)
-    weighted = np.flatnonzero(ex["tag_weights"])
-    assert len(weighted) == len(words)
-    np.testing.assert_array_equal(ex["tag_labels"][weighted], record["tags"])
-    for p in weighted:
-        assert not tok.id_to_token(ex["tokens"][p]).startswith("##")
-    assert ex["tag_weights"][0] == 0  # [CLS]
-    assert int(ex["segment_ids"].sum()) == 2 + 1 + 4 + 1 + 3  # specials + sub-words: continuations were made
+  words = ["w1", "w2abc", "w3", "w4ab"]  # w2abc -> w2 ##a ##b ##c
+  record = {"tokens": words, "tags": [3, 1, 0, 2]}
+  ex = E.Tagging(tok, seq_len=16)(record)
+  weighted = np.flatnonzero(ex["tag_weights"])
+  assert len(weighted) == len(words)
+  np.testing.assert_array_equal(ex["tag_labels"][weighted], record["tags"])
+  for p in weighted:
+    assert not tok.id_to_token(ex["tokens"][p]).startswith("##")
+  assert ex["tag_weights"][0] == 0  # [CLS]
+  assert int(ex["segment_ids"].sum()) == 2 + 1 + 4 + 1 + 3  # specials + sub-words: continuations were made
 
 
 def test_qa_maps_the_answer_span_to_tokens(tok):
-    context = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
-    qa = E.QuestionAnswering(tok, seq_len=32)
-    for answer in ["w4 w5", "w9", "w1 w2 w3"]:
-        start = context.index(answer)
-        ex = qa({"question": "w20 w21", "context": context, "answer_text": answer, "answer_start": start})
-        s, e = int(ex["start_positions"]), int(ex["end_positions"])
-        assert tok.decode(ex["tokens"][s:e + 1]) == answer
-        assert context[ex["offsets"][s, 0]:ex["offsets"][e, 1]] == answer
-    # Cut off by truncation: points at [CLS].
-    ex = E.QuestionAnswering(tok, seq_len=10)({"question": "w20", "context": context, "answer_text": "w9",
-                                               "answer_start": context.index("w9")})
-    assert ex["start_positions"] == 0 and ex["end_positions"] == 0
+  context = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
+  qa = E.QuestionAnswering(tok, seq_len=32)
+  for answer in ["w4 w5", "w9", "w1 w2 w3"]:
+    start = context.index(answer)
+    ex = qa({"question": "w20 w21", "context": context, "answer_text": answer, "answer_start": start})
+    s, e = int(ex["start_positions"]), int(ex["end_positions"])
+    assert tok.decode(ex["tokens"][s:e + 1]) == answer
+    assert context[ex["offsets"][s, 0]:ex["offsets"][e, 1]] == answer
+  # Cut off by truncation: points at [CLS].
+  ex = E.QuestionAnswering(tok, seq_len=10)({
+      "question": "w20",
+      "context": context,
+      "answer_text": "w9",
+      "answer_start": context.index("w9")
+  })
+  assert ex["start_positions"] == 0 and ex["end_positions"] == 0
 
 
 def test_classification_pairs_have_token_types(tok):
-    ex = E.Classification(tok, seq_len=16, label_names=["no", "yes"])({"text_a": "w1 w2", "text_b": "w3",
-                                                                      "label": "yes"})
-    assert ex["label"] == 1
-    assert [tok.id_to_token(t) for t in ex["tokens"][:6]] == ["[CLS]", "w1", "w2", "[SEP]", "w3", "[SEP]"]
-    np.testing.assert_array_equal(ex["token_type_ids"][:7], [0, 0, 0, 0, 1, 1, 0])
-    np.testing.assert_array_equal(ex["segment_ids"][:7], [1, 1, 1, 1, 1, 1, 0])
+  ex = E.Classification(tok, seq_len=16, label_names=["no", "yes"])({"text_a": "w1 w2", "text_b": "w3", "label": "yes"})
+  assert ex["label"] == 1
+  assert [tok.id_to_token(t) for t in ex["tokens"][:6]] == ["[CLS]", "w1", "w2", "[SEP]", "w3", "[SEP]"]
+  np.testing.assert_array_equal(ex["token_type_ids"][:7], [0, 0, 0, 0, 1, 1, 0])
+  np.testing.assert_array_equal(ex["segment_ids"][:7], [1, 1, 1, 1, 1, 1, 0])

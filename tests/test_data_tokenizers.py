@@ -14,90 +14,90 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A tokenizer splits text in
 
 @pytest.fixture(scope="module")
 def corpus():
-    words = TEXT.split()
-    rng = np.random.default_rng(0)
-    # Enough varied text for a few hundred merges: shuffled sentences of the same words, plus the text itself.
-    return [TEXT] * 20 + [" ".join(rng.permutation(words)) for _ in range(400)]
+  words = TEXT.split()
+  rng = np.random.default_rng(0)
+  # Enough varied text for a few hundred merges: shuffled sentences of the same words, plus the text itself.
+  return [TEXT] * 20 + [" ".join(rng.permutation(words)) for _ in range(400)]
 
 
 @pytest.fixture(scope="module")
 def trained(corpus):
-    return {kind: T.train_tokenizer(kind, corpus, vocab_size=600) for kind in T.KINDS}
+  return {kind: T.train_tokenizer(kind, corpus, vocab_size=600) for kind in T.KINDS}
 
 
 def test_bpe_round_trips_any_text_exactly(trained):
-    tok = trained["bpe"]
-    for s in [TEXT, "  odd   spacing\tand tabs\n", "unicode: café, 東京, emoji 🙂"]:
-        assert tok.decode(tok.encode(s)) == s
+  tok = trained["bpe"]
+  for s in [TEXT, "  odd   spacing\tand tabs\n", "unicode: café, 東京, emoji 🙂"]:
+    assert tok.decode(tok.encode(s)) == s
 
 
 def test_unigram_round_trips_text_with_byte_fallback(trained):
-    tok = trained["unigram"]
-    for s in [TEXT.strip(), "unseen characters: café 東京 🙂"]:
-        ids = tok.encode(s)
-        assert tok.unk_id not in ids
-        assert tok.decode(ids) == s
+  tok = trained["unigram"]
+  for s in [TEXT.strip(), "unseen characters: café 東京 🙂"]:
+    ids = tok.encode(s)
+    assert tok.unk_id not in ids
+    assert tok.decode(ids) == s
 
 
 def test_wordpiece_round_trips_up_to_normalization(trained):
-    tok = trained["wordpiece"]
-    ids = tok.encode(TEXT)
-    decoded = tok.decode(ids)
-    assert tok.encode(decoded) == ids
-    assert decoded.replace(" ", "") == TEXT.lower().replace(" ", "")
+  tok = trained["wordpiece"]
+  ids = tok.encode(TEXT)
+  decoded = tok.decode(ids)
+  assert tok.encode(decoded) == ids
+  assert decoded.replace(" ", "") == TEXT.lower().replace(" ", "")
 
 
 @pytest.mark.parametrize("kind", T.KINDS)
 def test_special_tokens_are_single_ids_and_pad_is_zero(trained, kind):
-    tok = trained[kind]
-    assert tok.pad_id == 0
-    for role, token in tok.special_tokens.items():
-        assert tok.encode(token) == [tok.token_to_id(token)], role
-        assert tok.token_to_id(token) in tok.special_ids
-    assert len(set(tok.special_ids.tolist())) == len(tok.special_ids)
+  tok = trained[kind]
+  assert tok.pad_id == 0
+  for role, token in tok.special_tokens.items():
+    assert tok.encode(token) == [tok.token_to_id(token)], role
+    assert tok.token_to_id(token) in tok.special_ids
+  assert len(set(tok.special_ids.tolist())) == len(tok.special_ids)
 
 
 def test_unigram_has_t5_sentinels(trained):
-    tok = trained["unigram"]
-    ids = tok.sentinel_ids
-    assert len(ids) == 100 and len(set(ids)) == 100
-    assert tok.id_to_token(ids[7]) == "<extra_id_7>"
-    assert tok.eos_id is not None and tok.mask_id is None
+  tok = trained["unigram"]
+  ids = tok.sentinel_ids
+  assert len(ids) == 100 and len(set(ids)) == 100
+  assert tok.id_to_token(ids[7]) == "<extra_id_7>"
+  assert tok.eos_id is not None and tok.mask_id is None
 
 
 def test_word_start_table_marks_continuations(trained):
-    tok = trained["wordpiece"]
-    table = tok.word_start_table()
-    assert table.shape == (tok.vocab_size,)
-    for i in range(tok.vocab_size):
-        assert table[i] == (not tok.id_to_token(i).startswith("##"))
+  tok = trained["wordpiece"]
+  table = tok.word_start_table()
+  assert table.shape == (tok.vocab_size,)
+  for i in range(tok.vocab_size):
+    assert table[i] == (not tok.id_to_token(i).startswith("##"))
 
 
 @pytest.mark.parametrize("kind", T.KINDS)
 def test_save_and_load_give_the_same_tokenizer(trained, kind, tmp_path):
-    tok = trained[kind]
-    tok.save(tmp_path / kind)
-    again = T.Tokenizer.load(tmp_path / kind)
-    assert again.kind == kind and again.special_tokens == tok.special_tokens
-    assert again.encode(TEXT) == tok.encode(TEXT)
-    assert np.array_equal(again.special_ids, tok.special_ids)
-    # The bare tokenizer.json (as another program would ship it) loads too, with roles guessed from names.
-    bare = T.Tokenizer.load(tmp_path / kind / "tokenizer.json")
-    assert bare.encode(TEXT) == tok.encode(TEXT) and bare.pad_id == tok.pad_id
+  tok = trained[kind]
+  tok.save(tmp_path / kind)
+  again = T.Tokenizer.load(tmp_path / kind)
+  assert again.kind == kind and again.special_tokens == tok.special_tokens
+  assert again.encode(TEXT) == tok.encode(TEXT)
+  assert np.array_equal(again.special_ids, tok.special_ids)
+  # The bare tokenizer.json (as another program would ship it) loads too, with roles guessed from names.
+  bare = T.Tokenizer.load(tmp_path / kind / "tokenizer.json")
+  assert bare.encode(TEXT) == tok.encode(TEXT) and bare.pad_id == tok.pad_id
 
 
 def test_unknown_kind_is_an_error(corpus):
-    with pytest.raises(ValueError, match="not one of"):
-        T.train_tokenizer("bytes", corpus)
+  with pytest.raises(ValueError, match="not one of"):
+    T.train_tokenizer("bytes", corpus)
 
 
 @pytest.mark.skipif(not (SHARED / "bert_uncased_vocab" / "vocab.txt").exists(), reason="needs ../shared/data")
 def test_bert_vocab_txt_loads_with_bert_ids():
-    path = SHARED / "bert_uncased_vocab" / "vocab.txt"
-    lines = path.read_text(encoding="utf-8").splitlines()
-    tok = T.Tokenizer.load(path)
-    assert tok.vocab_size == len(lines)
-    for role, name in [("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"), ("unk", "[UNK]")]:
-        assert getattr(tok, f"{role}_id") == lines.index(name)
-    assert tok.encode("Hello World") == [lines.index("hello"), lines.index("world")]  # uncased: lower-cased
-    assert tok.decode(tok.encode("Hello World")) == "hello world"
+  path = SHARED / "bert_uncased_vocab" / "vocab.txt"
+  lines = path.read_text(encoding="utf-8").splitlines()
+  tok = T.Tokenizer.load(path)
+  assert tok.vocab_size == len(lines)
+  for role, name in [("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("mask", "[MASK]"), ("unk", "[UNK]")]:
+    assert getattr(tok, f"{role}_id") == lines.index(name)
+  assert tok.encode("Hello World") == [lines.index("hello"), lines.index("world")]  # uncased: lower-cased
+  assert tok.decode(tok.encode("Hello World")) == "hello world"

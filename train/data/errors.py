@@ -7,11 +7,11 @@ import os
 
 
 class DataError(ValueError):
-    """Bad input data. `str(err)` is one line: `<file>:<line>: <problem>`."""
+  """Bad input data. `str(err)` is one line: `<file>:<line>: <problem>`."""
 
-    def __init__(self, path: str | os.PathLike, line: int | None, problem: str):
-        self.path = os.fspath(path)
-        self.line = line
-        self.problem = " ".join(str(problem).split())  # one line, whatever the caller passed
-        where = f"{self.path}:{line}" if line is not None else self.path
-        super().__init__(f"{where}: {self.problem}")
+  def __init__(self, path: str | os.PathLike, line: int | None, problem: str):
+    self.path = os.fspath(path)
+    self.line = line
+    self.problem = " ".join(str(problem).split())  # one line, whatever the caller passed
+    where = f"{self.path}:{line}" if line is not None else self.path
+    super().__init__(f"{where}: {self.problem}")

@@ -21,80 +21,80 @@ PathLike = str | os.PathLike
 
 
 class Problems:
-    """Raises the first problem (on_error="raise") or counts them (on_error="skip") and logs the count once."""
+  """Raises the first problem (on_error="raise") or counts them (on_error="skip") and logs the count once."""
 
-    def __init__(self, on_error: str, what: str, *, quiet: bool = False):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-        self.skip = on_error == "skip"
-        self.what = what
-        self.quiet = quiet
-        self.count = 0
-        self.first: DataError | None = None
+  def __init__(self, on_error: str, what: str, *, quiet: bool = False):
+    if on_error not in ("raise", "skip"):
+      raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    self.skip = on_error == "skip"
+    self.what = what
+    self.quiet = quiet
+    self.count = 0
+    self.first: DataError | None = None
 
-    def __call__(self, path: PathLike, line: int | None, problem: str) -> None:
-        err = DataError(path, line, problem)
-        if not self.skip:
-            raise err
-        self.count += 1
-        self.first = self.first or err
+  def __call__(self, path: PathLike, line: int | None, problem: str) -> None:
+    err = DataError(path, line, problem)
+    if not self.skip:
+      raise err
+    self.count += 1
+    self.first = self.first or err
 
-    def report(self) -> None:
-        if self.count and not self.quiet:
-            logging.warning("%s: skipped %d bad record(s); the first: %s", self.what, self.count, self.first)
+  def report(self) -> None:
+    if self.count and not self.quiet:
+      logging.warning("%s: skipped %d bad record(s); the first: %s", self.what, self.count, self.first)
 
 
 def decode_utf8(data: bytes, path: PathLike) -> str:
-    """Strict UTF-8 decoding whose error names the line and column of the first bad byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(path, line, f"invalid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); re-encode the "
-                                    "file as UTF-8") from None
+  """Strict UTF-8 decoding whose error names the line and column of the first bad byte."""
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    raise DataError(path, line, f"invalid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); re-encode the "
+                    "file as UTF-8") from None
 
 
 def decoded_lines(path: PathLike, problems: Problems) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its newline) of a UTF-8 file. An empty file is a problem; so is a line
+  """(1-based line number, line without its newline) of a UTF-8 file. An empty file is a problem; so is a line
     that is not UTF-8 (skippable line by line)."""
-    data = Path(path).read_bytes()
-    if not data.strip():
-        problems(path, 1, "file is empty")
-        return
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a BOM is not text
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        if not problems.skip:
-            decode_utf8(data, path)  # raises with line and column
-        for i, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                yield i, raw.decode("utf-8").rstrip("\r")
-            except UnicodeDecodeError:
-                problems(path, i, "invalid UTF-8")
-        return
-    for i, line in enumerate(text.split("\n"), 1):
-        yield i, line.rstrip("\r")
+  data = Path(path).read_bytes()
+  if not data.strip():
+    problems(path, 1, "file is empty")
+    return
+  if data.startswith(b"\xef\xbb\xbf"):
+    data = data[3:]  # a BOM is not text
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    if not problems.skip:
+      decode_utf8(data, path)  # raises with line and column
+    for i, raw in enumerate(data.split(b"\n"), 1):
+      try:
+        yield i, raw.decode("utf-8").rstrip("\r")
+      except UnicodeDecodeError:
+        problems(path, i, "invalid UTF-8")
+    return
+  for i, line in enumerate(text.split("\n"), 1):
+    yield i, line.rstrip("\r")
 
 
 def expand_paths(paths: PathLike | Sequence[PathLike], pattern: str = "*") -> list[Path]:
-    """Files, or the files matching `pattern` in folders (sorted, so builds are deterministic)."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob(pattern) if f.is_file())
-            if not found:
-                raise DataError(p, None, f"folder has no files matching {pattern!r}")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise DataError(p, None, "no such file or folder")
-    return out
+  """Files, or the files matching `pattern` in folders (sorted, so builds are deterministic)."""
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out = []
+  for p in map(Path, paths):
+    if p.is_dir():
+      found = sorted(f for f in p.rglob(pattern) if f.is_file())
+      if not found:
+        raise DataError(p, None, f"folder has no files matching {pattern!r}")
+      out.extend(found)
+    elif p.is_file():
+      out.append(p)
+    else:
+      raise DataError(p, None, "no such file or folder")
+  return out
 
 
 # ---- plain text ------------------------------------------------------------------------------------------------------
@@ -102,265 +102,289 @@ def expand_paths(paths: PathLike | Sequence[PathLike], pattern: str = "*") -> li
 # letter, digit or opening quote. Good enough to pair sentences for NSP; not a linguistic tool.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“‘(\[A-Z0-9])|(?<=[.!?][\"'”’)\]])\s+(?=[\"'“‘(\[A-Z0-9])")
 
-
 _ABBREVIATION = re.compile(r"(?:\b(?:Mr|Mrs|Ms|Dr|St|Mme|Mlle|Prof|Capt|Col|Gen|Sr|Jr|vs|etc|e\.g|i\.e)|\b[A-Z])\.$")
 
 
 def split_sentences(paragraph: str) -> list[str]:
-    out = []
-    for piece in (x.strip() for x in _SENTENCE_END.split(paragraph)):
-        if not piece:
-            continue
-        if out and _ABBREVIATION.search(out[-1]):  # "Mr. Darcy" is one sentence
-            out[-1] = f"{out[-1]} {piece}"
-        else:
-            out.append(piece)
-    return out
+  out = []
+  for piece in (x.strip() for x in _SENTENCE_END.split(paragraph)):
+    if not piece:
+      continue
+    if out and _ABBREVIATION.search(out[-1]):  # "Mr. Darcy" is one sentence
+      out[-1] = f"{out[-1]} {piece}"
+    else:
+      out.append(piece)
+  return out
 
 
 def _paragraphs(lines: list[str]) -> list[str]:
-    paras, cur = [], []
-    for line in lines:
-        if line.strip():
-            cur.append(line.strip())
-        elif cur:
-            paras.append(" ".join(cur))
-            cur = []
-    if cur:
-        paras.append(" ".join(cur))
-    return paras
+  paras, cur = [], []
+  for line in lines:
+    if line.strip():
+      cur.append(line.strip())
+    elif cur:
+      paras.append(" ".join(cur))
+      cur = []
+  if cur:
+    paras.append(" ".join(cur))
+  return paras
 
 
 def passages(paragraphs: Sequence[str], *, max_chars: int) -> Iterator[list[str]]:
-    """Groups consecutive paragraphs' sentences into passages of at most ~max_chars characters (a longer sentence
+  """Groups consecutive paragraphs' sentences into passages of at most ~max_chars characters (a longer sentence
     stands alone). Passages keep sentence order so NSP can take a true next segment from within one."""
-    cur, size = [], 0
-    for para in paragraphs:
-        for sent in split_sentences(para):
-            if cur and size + len(sent) + 1 > max_chars:
-                yield cur
-                cur, size = [], 0
-            cur.append(sent)
-            size += len(sent) + 1
-    if cur:
+  cur, size = [], 0
+  for para in paragraphs:
+    for sent in split_sentences(para):
+      if cur and size + len(sent) + 1 > max_chars:
         yield cur
+        cur, size = [], 0
+      cur.append(sent)
+      size += len(sent) + 1
+  if cur:
+    yield cur
 
 
-def text_records(paths: PathLike | Sequence[PathLike], *, document_split: str = "file", max_chars: int = 4000,
-                 pattern: str = "*.txt", on_error: str = "raise", quiet: bool = False) -> Iterator[dict]:
-    """Text files -> passage records {"text", "sentences", "document_id", "passage_index"}.
+def text_records(paths: PathLike | Sequence[PathLike],
+                 *,
+                 document_split: str = "file",
+                 max_chars: int = 4000,
+                 pattern: str = "*.txt",
+                 on_error: str = "raise",
+                 quiet: bool = False) -> Iterator[dict]:
+  """Text files -> passage records {"text", "sentences", "document_id", "passage_index"}.
 
     document_split: "file" (each file is a document: books), "blank_line" (each blank-line separated block),
     "line" (each non-empty line). NSP draws its "random" segment from a different document_id.
     """
-    if document_split not in ("file", "blank_line", "line"):
-        raise ValueError(f"document_split must be 'file', 'blank_line' or 'line', not {document_split!r}")
-    problems = Problems(on_error, "text corpus", quiet=quiet)
-    doc_id = 0
-    for path in expand_paths(paths, pattern):
-        lines = [line for _, line in decoded_lines(path, problems)]
-        if document_split == "file":
-            docs = [_paragraphs(lines)]
-        elif document_split == "blank_line":
-            docs = [[p] for p in _paragraphs(lines)]
-        else:
-            docs = [[line.strip()] for line in lines if line.strip()]
-        for paras in docs:
-            emitted = False
-            for k, sents in enumerate(passages(paras, max_chars=max_chars)):
-                yield {"text": " ".join(sents), "sentences": sents, "document_id": doc_id, "passage_index": k}
-                emitted = True
-            doc_id += emitted
-    problems.report()
+  if document_split not in ("file", "blank_line", "line"):
+    raise ValueError(f"document_split must be 'file', 'blank_line' or 'line', not {document_split!r}")
+  problems = Problems(on_error, "text corpus", quiet=quiet)
+  doc_id = 0
+  for path in expand_paths(paths, pattern):
+    lines = [line for _, line in decoded_lines(path, problems)]
+    if document_split == "file":
+      docs = [_paragraphs(lines)]
+    elif document_split == "blank_line":
+      docs = [[p] for p in _paragraphs(lines)]
+    else:
+      docs = [[line.strip()] for line in lines if line.strip()]
+    for paras in docs:
+      emitted = False
+      for k, sents in enumerate(passages(paras, max_chars=max_chars)):
+        yield {"text": " ".join(sents), "sentences": sents, "document_id": doc_id, "passage_index": k}
+        emitted = True
+      doc_id += emitted
+  problems.report()
 
 
 # ---- tables (TSV / CSV / JSONL) --------------------------------------------------------------------------------------
 def table_rows(path: PathLike, problems: Problems, *, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """(line, {column: value}) of a .tsv (tab-separated, no quoting, header row), .csv (header row) or .jsonl file,
+  """(line, {column: value}) of a .tsv (tab-separated, no quoting, header row), .csv (header row) or .jsonl file,
     checking that each named column exists and each row has the header's number of fields."""
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in ("tsv", "csv", "jsonl", "json"):
-        raise DataError(path, None, "unknown table format; use a .tsv, .csv or .jsonl file")
-    lines = list(decoded_lines(path, problems))
-    if fmt in ("jsonl", "json"):
-        for i, line in lines:
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems(path, i, f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-            if missing:
-                problems(path, i, f"record has no field(s) {missing}")
-                continue
-            yield i, {c: row[c] for c in columns}
-        return
-    content = [(i, line) for i, line in lines if line.strip()]
-    if not content:
-        return
-    # GLUE TSVs contain unbalanced quotes, so TSV is read without quoting; CSV uses normal quoting rules.
-    reader_kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
-    (hline, header_line), body = content[0], content[1:]
-    header = next(csv.reader([header_line], **reader_kw))
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise DataError(path, hline, f"header has no column(s) {missing}; it has {header}")
-    idx = [header.index(c) for c in columns]
-    sep = "tab-separated" if fmt == "tsv" else "comma-separated"
-    for i, line in body:
-        fields = next(csv.reader([line], **reader_kw))
-        if len(fields) != len(header):
-            problems(path, i, f"expected {len(header)} {sep} fields (as in the header), found {len(fields)}")
-            continue
-        yield i, {c: fields[j] for c, j in zip(columns, idx)}
+  path = Path(path)
+  fmt = path.suffix.lower().lstrip(".")
+  if fmt not in ("tsv", "csv", "jsonl", "json"):
+    raise DataError(path, None, "unknown table format; use a .tsv, .csv or .jsonl file")
+  lines = list(decoded_lines(path, problems))
+  if fmt in ("jsonl", "json"):
+    for i, line in lines:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        problems(path, i, f"invalid JSON ({e.msg} at column {e.colno})")
+        continue
+      missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+      if missing:
+        problems(path, i, f"record has no field(s) {missing}")
+        continue
+      yield i, {c: row[c] for c in columns}
+    return
+  content = [(i, line) for i, line in lines if line.strip()]
+  if not content:
+    return
+  # GLUE TSVs contain unbalanced quotes, so TSV is read without quoting; CSV uses normal quoting rules.
+  reader_kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+  (hline, header_line), body = content[0], content[1:]
+  header = next(csv.reader([header_line], **reader_kw))
+  missing = [c for c in columns if c not in header]
+  if missing:
+    raise DataError(path, hline, f"header has no column(s) {missing}; it has {header}")
+  idx = [header.index(c) for c in columns]
+  sep = "tab-separated" if fmt == "tsv" else "comma-separated"
+  for i, line in body:
+    fields = next(csv.reader([line], **reader_kw))
+    if len(fields) != len(header):
+      problems(path, i, f"expected {len(header)} {sep} fields (as in the header), found {len(fields)}")
+      continue
+    yield i, {c: fields[j] for c, j in zip(columns, idx)}
 
 
 def infer_labels(paths: PathLike | Sequence[PathLike], *, label_column: str, on_error: str = "raise") -> list[str]:
-    """The sorted set of label strings found in the files (used when no label set is given)."""
-    labels = set()
-    problems = Problems(on_error, "label inference", quiet=True)
-    for path in expand_paths(paths):
-        for _, row in table_rows(path, problems, columns=[label_column]):
-            labels.add(str(row[label_column]).strip())
-    return sorted(labels)
+  """The sorted set of label strings found in the files (used when no label set is given)."""
+  labels = set()
+  problems = Problems(on_error, "label inference", quiet=True)
+  for path in expand_paths(paths):
+    for _, row in table_rows(path, problems, columns=[label_column]):
+      labels.add(str(row[label_column]).strip())
+  return sorted(labels)
 
 
-def classification_records(paths: PathLike | Sequence[PathLike], *, text_columns: Sequence[str] = ("sentence",),
-                           label_column: str = "label", label_names: Sequence[str], on_error: str = "raise",
+def classification_records(paths: PathLike | Sequence[PathLike],
+                           *,
+                           text_columns: Sequence[str] = ("sentence",),
+                           label_column: str = "label",
+                           label_names: Sequence[str],
+                           on_error: str = "raise",
                            quiet: bool = False) -> Iterator[dict]:
-    """Rows -> {"text_a", "text_b" ("" for single sentences), "label" (a string in label_names), "idx"}."""
-    if not 1 <= len(text_columns) <= 2:
-        raise ValueError(f"text_columns must name one or two columns, not {text_columns}")
-    problems = Problems(on_error, "classification data", quiet=quiet)
-    names = set(label_names)
-    idx = 0
-    for path in expand_paths(paths):
-        for line, row in table_rows(path, problems, columns=[*text_columns, label_column]):
-            label = str(row[label_column]).strip()
-            if label not in names:
-                problems(path, line, f"label {label!r} is not in the label set {list(label_names)}")
-                continue
-            texts = [str(row[c]) for c in text_columns]
-            yield {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else "", "label": label, "idx": idx}
-            idx += 1
-    problems.report()
+  """Rows -> {"text_a", "text_b" ("" for single sentences), "label" (a string in label_names), "idx"}."""
+  if not 1 <= len(text_columns) <= 2:
+    raise ValueError(f"text_columns must name one or two columns, not {text_columns}")
+  problems = Problems(on_error, "classification data", quiet=quiet)
+  names = set(label_names)
+  idx = 0
+  for path in expand_paths(paths):
+    for line, row in table_rows(path, problems, columns=[*text_columns, label_column]):
+      label = str(row[label_column]).strip()
+      if label not in names:
+        problems(path, line, f"label {label!r} is not in the label set {list(label_names)}")
+        continue
+      texts = [str(row[c]) for c in text_columns]
+      yield {"text_a": texts[0], "text_b": texts[1] if len(texts) > 1 else "", "label": label, "idx": idx}
+      idx += 1
+  problems.report()
 
 
-def seq2seq_records(paths: PathLike | Sequence[PathLike], *, source_column: str = "source",
-                    target_column: str = "target", on_error: str = "raise", quiet: bool = False) -> Iterator[dict]:
-    """Rows -> {"source", "target", "idx"}; an empty source or target is a bad record."""
-    problems = Problems(on_error, "seq2seq data", quiet=quiet)
-    idx = 0
-    for path in expand_paths(paths):
-        for line, row in table_rows(path, problems, columns=[source_column, target_column]):
-            src, tgt = str(row[source_column]), str(row[target_column])
-            if not src.strip() or not tgt.strip():
-                problems(path, line, f"empty {source_column if not src.strip() else target_column!r}")
-                continue
-            yield {"source": src, "target": tgt, "idx": idx}
-            idx += 1
-    problems.report()
+def seq2seq_records(paths: PathLike | Sequence[PathLike],
+                    *,
+                    source_column: str = "source",
+                    target_column: str = "target",
+                    on_error: str = "raise",
+                    quiet: bool = False) -> Iterator[dict]:
+  """Rows -> {"source", "target", "idx"}; an empty source or target is a bad record."""
+  problems = Problems(on_error, "seq2seq data", quiet=quiet)
+  idx = 0
+  for path in expand_paths(paths):
+    for line, row in table_rows(path, problems, columns=[source_column, target_column]):
+      src, tgt = str(row[source_column]), str(row[target_column])
+      if not src.strip() or not tgt.strip():
+        problems(path, line, f"empty {source_column if not src.strip() else target_column!r}")
+        continue
+      yield {"source": src, "target": tgt, "idx": idx}
+      idx += 1
+  problems.report()
 
 
 # ---- CoNLL -----------------------------------------------------------------------------------------------------------
-def conll_records(paths: PathLike | Sequence[PathLike], *, token_column: int = 0, tag_column: int = -1,
-                  num_columns: int | None = 2, tag_names: Sequence[str] | None = None, on_error: str = "raise",
+def conll_records(paths: PathLike | Sequence[PathLike],
+                  *,
+                  token_column: int = 0,
+                  tag_column: int = -1,
+                  num_columns: int | None = 2,
+                  tag_names: Sequence[str] | None = None,
+                  on_error: str = "raise",
                   quiet: bool = False) -> Iterator[dict]:
-    """CoNLL files (one token per line, whitespace- or tab-separated columns, blank line between sentences,
+  """CoNLL files (one token per line, whitespace- or tab-separated columns, blank line between sentences,
     -DOCSTART- lines ignored) -> {"tokens", "tags", "idx"}. num_columns=None takes the first line's count."""
-    problems = Problems(on_error, "CoNLL data", quiet=quiet)
-    names = None if tag_names is None else set(tag_names)
-    idx = 0
-    for path in expand_paths(paths):
-        expected = num_columns
+  problems = Problems(on_error, "CoNLL data", quiet=quiet)
+  names = None if tag_names is None else set(tag_names)
+  idx = 0
+  for path in expand_paths(paths):
+    expected = num_columns
+    tokens, tags, bad = [], [], False
+    for line, text in [*decoded_lines(path, problems), (-1, "")]:
+      if not text.strip():
+        if tokens and not bad:
+          yield {"tokens": tokens, "tags": tags, "idx": idx}
+          idx += 1
         tokens, tags, bad = [], [], False
-        for line, text in [*decoded_lines(path, problems), (-1, "")]:
-            if not text.strip():
-                if tokens and not bad:
-                    yield {"tokens": tokens, "tags": tags, "idx": idx}
-                    idx += 1
-                tokens, tags, bad = [], [], False
-                continue
-            if text.startswith("-DOCSTART-"):
-                continue
-            cols = text.split("\t") if "\t" in text else text.split()
-            expected = expected or len(cols)
-            if len(cols) != expected:
-                problems(path, line, f"expected {expected} columns (token and tag), found {len(cols)}")
-                bad = True  # the whole sentence is dropped when skipping
-                continue
-            tag = cols[tag_column].strip()
-            if names is not None and tag not in names:
-                problems(path, line, f"tag {tag!r} is not in the tag set {sorted(names)}")
-                bad = True
-                continue
-            tokens.append(cols[token_column].strip())
-            tags.append(tag)
-    problems.report()
+        continue
+      if text.startswith("-DOCSTART-"):
+        continue
+      cols = text.split("\t") if "\t" in text else text.split()
+      expected = expected or len(cols)
+      if len(cols) != expected:
+        problems(path, line, f"expected {expected} columns (token and tag), found {len(cols)}")
+        bad = True  # the whole sentence is dropped when skipping
+        continue
+      tag = cols[tag_column].strip()
+      if names is not None and tag not in names:
+        problems(path, line, f"tag {tag!r} is not in the tag set {sorted(names)}")
+        bad = True
+        continue
+      tokens.append(cols[token_column].strip())
+      tags.append(tag)
+  problems.report()
 
 
 def infer_tags(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise", **kwargs) -> list[str]:
-    """The sorted tag set of CoNLL files ("O" first when present, as tag 0)."""
-    tags = set()
-    for rec in conll_records(paths, on_error=on_error, quiet=True, **kwargs):
-        tags.update(rec["tags"])
-    return sorted(tags, key=lambda t: (t != "O", t))
+  """The sorted tag set of CoNLL files ("O" first when present, as tag 0)."""
+  tags = set()
+  for rec in conll_records(paths, on_error=on_error, quiet=True, **kwargs):
+    tags.update(rec["tags"])
+  return sorted(tags, key=lambda t: (t != "O", t))
 
 
 # ---- SQuAD -----------------------------------------------------------------------------------------------------------
-def squad_records(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise",
+def squad_records(paths: PathLike | Sequence[PathLike],
+                  *,
+                  on_error: str = "raise",
                   quiet: bool = False) -> Iterator[dict]:
-    """SQuAD v1.1/v2 JSON -> one record per question: {"id", "title", "context", "question", "answer_text",
+  """SQuAD v1.1/v2 JSON -> one record per question: {"id", "title", "context", "question", "answer_text",
     "answer_start" (-1 when unanswerable), "answers_text", "answers_start"}. Each answer must occur in its context at
     answer_start."""
-    problems = Problems(on_error, "QA data", quiet=quiet)
-    for path in expand_paths(paths, "*.json"):
-        data = Path(path).read_bytes()
-        if not data.strip():
-            problems(path, 1, "file is empty")
-            continue
-        raw = decode_utf8(data, path)
-        try:
-            doc = json.loads(raw)
-        except json.JSONDecodeError as e:
-            problems(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-            problems(path, 1, 'not SQuAD format: no top-level "data" list')
-            continue
+  problems = Problems(on_error, "QA data", quiet=quiet)
+  for path in expand_paths(paths, "*.json"):
+    data = Path(path).read_bytes()
+    if not data.strip():
+      problems(path, 1, "file is empty")
+      continue
+    raw = decode_utf8(data, path)
+    try:
+      doc = json.loads(raw)
+    except json.JSONDecodeError as e:
+      problems(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})")
+      continue
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+      problems(path, 1, 'not SQuAD format: no top-level "data" list')
+      continue
 
-        def line_of(qid, _raw=raw):
-            # json.load keeps no positions; the question id is unique, so its first occurrence gives the line.
-            pos = _raw.find(json.dumps(str(qid)))
-            return _raw.count("\n", 0, pos) + 1 if pos >= 0 else None
+    def line_of(qid, _raw=raw):
+      # json.load keeps no positions; the question id is unique, so its first occurrence gives the line.
+      pos = _raw.find(json.dumps(str(qid)))
+      return _raw.count("\n", 0, pos) + 1 if pos >= 0 else None
 
-        for article in doc["data"]:
-            title = str(article.get("title", ""))
-            for para in article.get("paragraphs", []):
-                context = para.get("context", "")
-                for qa in para.get("qas", []):
-                    qid = str(qa.get("id", ""))
-                    answers = qa.get("answers", [])
-                    if not answers and not qa.get("is_impossible", False):
-                        problems(path, line_of(qid), f"question {qid!r} has no answers")
-                        continue
-                    bad = None
-                    for a in answers:
-                        start, text = a.get("answer_start", -1), a.get("text", "")
-                        if not isinstance(start, int) or context[start:start + len(text)] != text:
-                            found = context.find(text) if text else -1
-                            hint = f" (it occurs at {found})" if found >= 0 else " (it does not occur there at all)"
-                            bad = f"question {qid!r}: answer {text!r} is not in its context at {start}{hint}"
-                            break
-                    if bad:
-                        problems(path, line_of(qid), bad)
-                        continue
-                    yield {"id": qid, "title": title, "context": context, "question": qa.get("question", ""),
-                           "answer_text": answers[0]["text"] if answers else "",
-                           "answer_start": answers[0]["answer_start"] if answers else -1,
-                           "answers_text": [a["text"] for a in answers],
-                           "answers_start": [a["answer_start"] for a in answers]}
-    problems.report()
+    for article in doc["data"]:
+      title = str(article.get("title", ""))
+      for para in article.get("paragraphs", []):
+        context = para.get("context", "")
+        for qa in para.get("qas", []):
+          qid = str(qa.get("id", ""))
+          answers = qa.get("answers", [])
+          if not answers and not qa.get("is_impossible", False):
+            problems(path, line_of(qid), f"question {qid!r} has no answers")
+            continue
+          bad = None
+          for a in answers:
+            start, text = a.get("answer_start", -1), a.get("text", "")
+            if not isinstance(start, int) or context[start:start + len(text)] != text:
+              found = context.find(text) if text else -1
+              hint = f" (it occurs at {found})" if found >= 0 else " (it does not occur there at all)"
+              bad = f"question {qid!r}: answer {text!r} is not in its context at {start}{hint}"
+              break
+          if bad:
+            problems(path, line_of(qid), bad)
+            continue
+          yield {
+              "id": qid,
+              "title": title,
+              "context": context,
+              "question": qa.get("question", ""),
+              "answer_text": answers[0]["text"] if answers else "",
+              "answer_start": answers[0]["answer_start"] if answers else -1,
+              "answers_text": [a["text"] for a in answers],
+              "answers_start": [a["answer_start"] for a in answers]
+          }
+  problems.report()
