@@ -8,7 +8,7 @@ Letters: B batch, T length, D model width, E embedding width, N heads, K kv head
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -16,8 +16,7 @@ import jax.numpy as jnp
 
 from model import attention as attn
 
-if TYPE_CHECKING:
-  from model.transformer import ModelConfig
+# Modules take `cfg: ModelConfig` (model/transformer.py), named only in annotations so the import runs one way.
 
 _ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
