@@ -187,13 +187,15 @@ def _bert_like_config(hf, family, where):
   return dict(
       arch='encoder', vocab_size=int(_field(hf, 'vocab_size', where=where)), d_model=d,
       num_heads=int(_field(hf, 'num_attention_heads', where=where)),
-      num_layers=int(_field(hf, 'num_hidden_layers', where=where)), d_ff=int(_field(hf, 'intermediate_size', where=where)),
-      embed_dim=None if e == d else e, max_len=max_len, position='learned',
+      num_layers=int(_field(hf, 'num_hidden_layers', where=where)),
+      d_ff=int(_field(hf, 'intermediate_size', where=where)), embed_dim=None if e == d else e, max_len=max_len,
+      position='learned',
       type_vocab_size=int(_field(hf, 'type_vocab_size', 2)), activation=_activation(hf, 'hidden_act', where),
       norm='layernorm', norm_eps=float(_field(hf, 'layer_norm_eps', 1e-12)), pre_norm=False, embed_norm=True,
       use_bias=True, dropout_rate=float(_field(hf, 'hidden_dropout_prob', 0.1)),
       attention_dropout_rate=float(_field(hf, 'attention_probs_dropout_prob', 0.1)), tie_embeddings=True, pad_id=pad,
-      bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'), init_std=float(_field(hf, 'initializer_range', 0.02)))
+      bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'),
+      init_std=float(_field(hf, 'initializer_range', 0.02)))
 
 
 def _gpt2_config(hf, where):
@@ -234,9 +236,11 @@ def _t5_config(hf, where, tied: bool):
       d_ff=int(_field(hf, 'd_ff', where=where)), max_len=int(_field(hf, 'n_positions', 512)), position='relative',
       relative_buckets=int(_field(hf, 'relative_attention_num_buckets', 32)),
       relative_max_distance=int(_field(hf, 'relative_attention_max_distance', 128)),
-      activation=_ACTIVATIONS[act], gated_mlp=gated, norm='rmsnorm', norm_eps=float(_field(hf, 'layer_norm_epsilon', 1e-6)),
+      activation=_ACTIVATIONS[act], gated_mlp=gated, norm='rmsnorm',
+      norm_eps=float(_field(hf, 'layer_norm_epsilon', 1e-6)),
       pre_norm=True, final_norm=True, use_bias=False, attention_scale=1.0,
-      dropout_rate=float(_field(hf, 'dropout_rate', 0.1)), attention_dropout_rate=float(_field(hf, 'dropout_rate', 0.1)),
+      dropout_rate=float(_field(hf, 'dropout_rate', 0.1)),
+      attention_dropout_rate=float(_field(hf, 'dropout_rate', 0.1)),
       mlp_dropout_rate=float(_field(hf, 'dropout_rate', 0.1)), tie_embeddings=tied, scale_tied_logits=scale and tied,
       pad_id=int(_field(hf, 'pad_token_id', 0)), eos_id=_field(hf, 'eos_token_id', 1),
       decoder_start_id=int(_field(hf, 'decoder_start_token_id', 0)),
@@ -254,7 +258,8 @@ def _rope_theta(hf, where):
 
 
 def _llama_config(hf, where, tied: Optional[bool] = None):
-  _require(hf, 'attention_bias', lambda v: not v, 'biases on the q/k/v/o projections are not in our LLaMA model.', where)
+  _require(hf, 'attention_bias', lambda v: not v, 'biases on the q/k/v/o projections are not in our LLaMA model.',
+           where)
   _require(hf, 'mlp_bias', lambda v: not v, 'MLP biases are not in our LLaMA model.', where)
   _require(hf, 'pretraining_tp', lambda v: v == 1, 'only pretraining_tp=1 is supported.', where)
   d, n = int(_field(hf, 'hidden_size', where=where)), int(_field(hf, 'num_attention_heads', where=where))
@@ -270,8 +275,9 @@ def _llama_config(hf, where, tied: Optional[bool] = None):
   return dict(
       arch='decoder', vocab_size=int(_field(hf, 'vocab_size', where=where)), d_model=d, num_heads=n,
       num_kv_heads=int(_field(hf, 'num_key_value_heads', n)), head_dim=None if hd * n == d else hd,
-      num_layers=int(_field(hf, 'num_hidden_layers', where=where)), d_ff=int(_field(hf, 'intermediate_size', where=where)),
-      max_len=max_len, position='rope', rope_theta=_rope_theta(hf, where), activation=_activation(hf, 'hidden_act', where),
+      num_layers=int(_field(hf, 'num_hidden_layers', where=where)),
+      d_ff=int(_field(hf, 'intermediate_size', where=where)), max_len=max_len, position='rope',
+      rope_theta=_rope_theta(hf, where), activation=_activation(hf, 'hidden_act', where),
       gated_mlp=True, norm='rmsnorm', norm_eps=float(_field(hf, 'rms_norm_eps', 1e-6)), pre_norm=True, use_bias=False,
       attention_dropout_rate=float(_field(hf, 'attention_dropout', 0.0)), dropout_rate=0.0,
       tie_embeddings=bool(_field(hf, 'tie_word_embeddings', False)) if tied is None else tied,
@@ -297,7 +303,8 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
     r += _dense_rules('transformer/embed_proj', f'{p}embeddings_project')
   for i in range(cfg.num_layers):
     ours, hf = f'transformer/stack/layers_{i}', f'{p}encoder.layer.{i}'
-    r += _attention_rules(f'{ours}/self_attn', {'query': f'{hf}.attention.self.query', 'key': f'{hf}.attention.self.key',
+    r += _attention_rules(f'{ours}/self_attn', {'query': f'{hf}.attention.self.query',
+                                                'key': f'{hf}.attention.self.key',
                                                 'value': f'{hf}.attention.self.value',
                                                 'out': f'{hf}.attention.output.dense'}, bias=True)
     r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.attention.output.LayerNorm')
@@ -322,7 +329,8 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
 
 def _gpt2_rules(cfg, heads, prefix):
   p = prefix
-  r = [Rule('embed/token/embedding', f'{p}wte.weight', _same()), Rule('embed/position/embedding', f'{p}wpe.weight', _same())]
+  r = [Rule('embed/token/embedding', f'{p}wte.weight', _same()),
+       Rule('embed/position/embedding', f'{p}wpe.weight', _same())]
   for i in range(cfg.num_layers):
     ours, hf = f'transformer/stack/layers_{i}', f'{p}h.{i}'
     r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.ln_1')
@@ -340,19 +348,28 @@ def _gpt2_rules(cfg, heads, prefix):
 
 def _t5_rules(cfg, heads):
   r = [Rule('embed/token/embedding', 'shared.weight', _same())]
-  ff = lambda ours, hf: (_dense_rules(f'{ours}/mlp/wi_0', f'{hf}.DenseReluDense.wi_0', bias=False)
-                         + _dense_rules(f'{ours}/mlp/wi_1', f'{hf}.DenseReluDense.wi_1', bias=False)
-                         if cfg.gated_mlp else _dense_rules(f'{ours}/mlp/wi', f'{hf}.DenseReluDense.wi', bias=False)) + \
-      _dense_rules(f'{ours}/mlp/wo', f'{hf}.DenseReluDense.wo', bias=False) + _norm_rules(f'{ours}/mlp_norm', f'{hf}.layer_norm', bias=False)
-  att = lambda ours, hf: _attention_rules(ours, {'query': f'{hf}.q', 'key': f'{hf}.k', 'value': f'{hf}.v', 'out': f'{hf}.o'},
-                                          bias=False)
+
+  def ff(ours, hf):
+    if cfg.gated_mlp:
+      out = (_dense_rules(f'{ours}/mlp/wi_0', f'{hf}.DenseReluDense.wi_0', bias=False)
+             + _dense_rules(f'{ours}/mlp/wi_1', f'{hf}.DenseReluDense.wi_1', bias=False))
+    else:
+      out = _dense_rules(f'{ours}/mlp/wi', f'{hf}.DenseReluDense.wi', bias=False)
+    return (out + _dense_rules(f'{ours}/mlp/wo', f'{hf}.DenseReluDense.wo', bias=False)
+            + _norm_rules(f'{ours}/mlp_norm', f'{hf}.layer_norm', bias=False))
+
+  def att(ours, hf):
+    return _attention_rules(ours, {'query': f'{hf}.q', 'key': f'{hf}.k', 'value': f'{hf}.v', 'out': f'{hf}.o'},
+                            bias=False)
+
   for side, n in (('encoder', cfg.num_layers), ('decoder', cfg.decoder_layers)):
     base = f'transformer/{side}/stack'
     r.append(Rule(f'{base}/relative_bias/rel_embedding',
                   f'{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', _same()))
     for i in range(n):
       ours, hf = f'{base}/layers_{i}', f'{side}.block.{i}.layer'
-      r += att(f'{ours}/self_attn', f'{hf}.0.SelfAttention') + _norm_rules(f'{ours}/self_attn_norm', f'{hf}.0.layer_norm', bias=False)
+      r += att(f'{ours}/self_attn', f'{hf}.0.SelfAttention')
+      r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.0.layer_norm', bias=False)
       if side == 'decoder':
         r += att(f'{ours}/cross_attn', f'{hf}.1.EncDecAttention')
         r += _norm_rules(f'{ours}/cross_attn_norm', f'{hf}.1.layer_norm', bias=False)
@@ -757,10 +774,9 @@ def to_hf_state(conv: Converted) -> dict[str, np.ndarray]:
       for suffix in ('weight', 'bias'):
         parts = [state.pop(f'{prefix}h.{i}.attn.{p}.{suffix}') for p in 'qkv']
         state[f'{prefix}h.{i}.attn.c_attn.{suffix}'] = np.concatenate(parts, axis=-1)
-  if conv.family == 't5' and not cfg.tie_embeddings:
-    pass  # lm_head.weight written by its rule
-  elif conv.family == 't5' and not cfg.scale_tied_logits:
-    # HF ties T5's lm_head to `shared` always; an unscaled tied head is written out as an explicit copy.
+  if conv.family == 't5' and cfg.tie_embeddings and not cfg.scale_tied_logits:
+    # transformers reads tie_word_embeddings=False as 'do not scale' (v1.1) and then expects lm_head.weight; a tied
+    # unscaled head is therefore written as an explicit copy. (An untied head is written by its rule.)
     state['lm_head.weight'] = state['shared.weight'].copy()
   return state
 
@@ -814,11 +830,6 @@ _GGUF_TOP = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weig
              'output.weight': 'lm_head.weight'}
 
 
-def _gguf_value(field):
-  v = field.contents()
-  return v
-
-
 def _unpermute(w, n_heads):
   """llama.cpp stores q/k rows interleaved per head (rotary pairs adjacent); HF's layout is half-split."""
   return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -861,6 +872,9 @@ def gguf_metadata(reader) -> dict:
   return out
 
 
+_DIGIT_SPLIT_PRE = ('smollm', 'starcoder', 'refact', 'command-r', 'codeshell', 'exaone', 'minerva')
+
+
 def gguf_tokenizer(meta: dict, where='GGUF'):
   """A `tokenizers.Tokenizer` from GGUF metadata (tokenizer.ggml.*): byte-level BPE ('gpt2', as SmolLM2/Llama 3)."""
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -872,8 +886,14 @@ def gguf_tokenizer(meta: dict, where='GGUF'):
   merges = [tuple(m.split(' ', 1)) for m in meta.get('tokenizer.ggml.merges', [])]
   vocab = {t: i for i, t in enumerate(tokens)}
   tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get('tokenizer.ggml.add_space_prefix',
-                                                                               False)), use_regex=True)
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(meta.get('tokenizer.ggml.add_space_prefix', False)),
+                                        use_regex=True)
+  if meta.get('tokenizer.ggml.pre') in _DIGIT_SPLIT_PRE:
+    # llama.cpp's pre-tokenizer for these isolates every digit (\p{N}) before the GPT-2 regex, as their original
+    # tokenizer.json does with Digits(individual_digits=True).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+  else:
+    tok.pre_tokenizer = byte_level
   tok.decoder = decoders.ByteLevel()
   types = list(meta.get('tokenizer.ggml.token_type', []))
   # 3 = CONTROL (special tokens such as <|im_start|>), 4 = USER_DEFINED (matched whole, not special).
@@ -906,7 +926,8 @@ def import_gguf(path, *, scan_layers: bool = True, param_dtype: str = 'float32')
         'rope_parameters': {'rope_theta': float(g('rope.freq_base', 10_000.0)), 'rope_type': 'default'},
         'rms_norm_eps': float(g('attention.layer_norm_rms_epsilon', 1e-5)), 'hidden_act': 'silu',
         'vocab_size': int(g('vocab_size', len(tokens) if tokens is not None else dataclasses.MISSING)),
-        'bos_token_id': meta.get('tokenizer.ggml.bos_token_id'), 'eos_token_id': meta.get('tokenizer.ggml.eos_token_id'),
+        'bos_token_id': meta.get('tokenizer.ggml.bos_token_id'),
+        'eos_token_id': meta.get('tokenizer.ggml.eos_token_id'),
         'pad_token_id': meta.get('tokenizer.ggml.padding_token_id')}
   if meta.get(f'{arch}.rope.dimension_count') not in (None, d // n):
     hf['head_dim'] = int(meta[f'{arch}.rope.dimension_count'])
@@ -982,9 +1003,8 @@ def load(path) -> Converted:
   flat = read_safetensors(d / PARAMS_FILE)
   extras = {k[len('extras/'):]: v for k, v in flat.items() if k.startswith('extras/')}
   params = _nest({k: v for k, v in flat.items() if not k.startswith('extras/')})
-  tok = None
   return Converted(cfg=cfg, params=params, heads=tuple(meta['heads']), family=meta['family'],
-                   hf_config=meta.get('hf_config', {}), extras=extras, tokenizer=tok, tokenizer_dir=str(d))
+                   hf_config=meta.get('hf_config', {}), extras=extras, tokenizer_dir=str(d))
 
 
 def import_any(path, **kw) -> Converted:

@@ -131,7 +131,8 @@ def test_smollm2_gguf_config_and_tokenizer(smollm2):
   text, ids = _prompt_ids(hf_tok)
   tok = conv.tokenizer
   assert tok.encode(text, add_special_tokens=False).ids == ids.tolist()
-  for s in ['Hello, world!', '  leading spaces and\ttabs\n', 'naïve café 東京 🤖', 'x = f(y) + 3.14159', "don't"]:
+  for s in ['Hello, world!', 'I have 3 apples and 42 pears in 2024.', '  leading spaces and\ttabs\n',
+            'naïve café 東京 🤖', 'x = f(y) + 3.14159', "don't"]:
     assert tok.encode(s, add_special_tokens=False).ids == hf_tok(s, add_special_tokens=False)['input_ids'], s
     assert tok.decode(tok.encode(s).ids) == s
 
