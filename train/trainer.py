@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -31,6 +32,7 @@ from train import checkpoint as ckpt_lib
 from train import objectives as obj
 from train import optim
 from train import partitioning as part
+from train import pretrained
 from train.data import pipeline
 from train.data.loader import global_batch
 
@@ -92,9 +94,14 @@ def summarize(history: list[Mapping[str, Any]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- model and state
 
 
-def model_config(config, tokenizer=None) -> transformer.ModelConfig:
-  """config.model (preset + overrides) with the vocabulary and special ids of the tokenizer."""
+def model_config(config, tokenizer=None, init: Optional[pretrained.Pretrained] = None) -> transformer.ModelConfig:
+  """config.model (preset + overrides) with the vocabulary and special ids of the tokenizer.
+
+  Starting from a checkpoint (config.model.init_from), its architecture wins and only the overrides apply.
+  """
   overrides = dict(config.model.overrides)
+  if init is not None:
+    return init.cfg.replace(**overrides)
   if tokenizer is not None:
     overrides.setdefault('vocab_size', tokenizer.vocab_size)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -292,8 +299,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
   part.resolve_mesh_shape(tuple(config.mesh.shape), len(devices or jax.devices()))
 
   os.makedirs(workdir, exist_ok=True)
+  init = None
+  if config.model.get('init_from'):
+    init = pretrained.load(config.model.init_from, save_dir=os.path.join(workdir, 'init'))
+    if init.tokenizer_dir and not config.data.tokenizer_path:
+      config = ml_collections.ConfigDict(config.to_dict())
+      config.data.tokenizer_path = init.tokenizer_dir  # the checkpoint's own vocabulary
+    log(f'starting from {init.source} checkpoint {config.model.init_from}')
   data = pipeline.build(config.data, objectives, workdir=workdir, seed=int(config.seed))
-  model_cfg = model_config(config, data.tokenizer)
+  model_cfg = model_config(config, data.tokenizer, init)
   if model_cfg.position == 'learned' and data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder':
     raise ValueError(f'config.data.seq_len={config.data.seq_len} exceeds the model\'s max_len={model_cfg.max_len}; '
                      'lower seq_len or raise config.model.overrides.max_len.')
@@ -315,6 +329,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
     log(f'resumed from step {start} in {ckpts.directory}')
   else:
     state = setup.init_fn(int(config.seed))
+    if init is not None:
+      merged = pretrained.merge_params(jax.device_get(state['params']), init.params, where=config.model.init_from)
+      state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
     start = 0
   writer = MetricsWriter(workdir, resume_step=start)
   total = int(tc.steps)
@@ -394,7 +411,6 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
 def benchmark_tokens_per_second(*, kind: str, seq_len: int, preset: Optional[str] = None, batch_size: int = 8,
                                 steps: int = 5, vocab_size: int = 8000) -> float:
   """Tokens/s one jitted train step consumes on this machine for a preset on random data (benchmarks use it)."""
-  import ml_collections
   preset = preset or {'mlm': 'bert-small', 'clm': 'gpt2-tiny', 'span': 't5-tiny', 'nsp': 'bert-small'}[kind]
   objectives = {'mlm': {'mlm': 1.0}, 'nsp': {'mlm': 1.0, 'nsp': 1.0}, 'clm': {'clm': 1.0}, 'span': {'span': 1.0}}[kind]
   cfg = transformer.preset(preset, vocab_size=vocab_size, max_len=max(seq_len, 512))
