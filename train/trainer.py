@@ -364,40 +364,43 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
   history, first_loss, last_train, last_eval = [], None, None, None
   t_window, steps_window, t_start = time.time(), 0, time.time()
   status = 'done'
-  with _Preemption() as preempt:
-    step = start
-    while step < total:
-      batch = global_batch(next(data.train), setup.batch_sharding)
-      state, metrics = train_fn(state, batch)
-      step += 1
-      history.append(metrics)
-      steps_window += 1
-      if step % int(tc.log_every) == 0 or step == total:
-        check_finite(state)
-        values = summarize(history)
-        elapsed = time.time() - t_window
-        values['steps_per_sec'] = steps_window / max(elapsed, 1e-9)
-        values['tokens_per_sec'] = values['steps_per_sec'] * int(config.data.batch_size) * data.tokens_per_example
-        writer.write(step, 'train', values)
-        first_loss = values['loss'] if first_loss is None else first_loss
-        last_train = values
-        eta = (total - step) / max(values['steps_per_sec'], 1e-9)
-        log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
-            f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
-        history, t_window, steps_window = [], time.time(), 0
-      if tc.eval_every and step % int(tc.eval_every) == 0:
-        last_eval = run_eval(state, step) or last_eval
-      if step % int(tc.checkpoint_every) == 0 or step == total:
-        best = tc.get('best_metric')
-        save(state, step, metrics=({best: last_eval[best.split('/', 1)[-1]]} if best and last_eval else None))
-      if preempt.requested:
-        if step % int(tc.checkpoint_every):
-          save(state, step)
-        status = 'preempted'
-        log(f'SIGTERM: saved step {step}, exiting')
-        break
-  ckpts.close()
-  writer.close()
+  try:
+    with _Preemption() as preempt:
+      step = start
+      while step < total:
+        batch = global_batch(next(data.train), setup.batch_sharding)
+        state, metrics = train_fn(state, batch)
+        step += 1
+        history.append(metrics)
+        steps_window += 1
+        if step % int(tc.log_every) == 0 or step == total:
+          check_finite(state)
+          values = summarize(history)
+          elapsed = time.time() - t_window
+          values['steps_per_sec'] = steps_window / max(elapsed, 1e-9)
+          values['tokens_per_sec'] = values['steps_per_sec'] * int(config.data.batch_size) * data.tokens_per_example
+          writer.write(step, 'train', values)
+          first_loss = values['loss'] if first_loss is None else first_loss
+          last_train = values
+          eta = (total - step) / max(values['steps_per_sec'], 1e-9)
+          log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
+              f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
+          history, t_window, steps_window = [], time.time(), 0
+        if tc.eval_every and step % int(tc.eval_every) == 0:
+          last_eval = run_eval(state, step) or last_eval
+        if step % int(tc.checkpoint_every) == 0 or step == total:
+          best = tc.get('best_metric')
+          save(state, step, metrics=({best: last_eval[best.split('/', 1)[-1]]} if best and last_eval else None))
+        if preempt.requested:
+          if step % int(tc.checkpoint_every):
+            save(state, step)
+          status = 'preempted'
+          log(f'SIGTERM: saved step {step}, exiting')
+          break
+  finally:
+    # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
+    ckpts.close()
+    writer.close()
   if status == 'done' and tc.eval_steps and data.eval is not None and last_eval is None:
     last_eval = run_eval(state, step)
   return {'status': status, 'steps': step, 'first_loss': first_loss,
