@@ -50,7 +50,7 @@ def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.Gradient
   (loss, metrics), grads = grad_fn(state['params'], batch, rng)
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
