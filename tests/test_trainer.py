@@ -136,3 +136,22 @@ def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path):
 def jax_leaves(tree):
   import jax
   return jax.tree.leaves(tree)
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
+  # Preemption (Colab / Cloud TPU) arrives as SIGTERM: sent here from the progress log after step 3 of 10.
+  import signal
+  c = small_config('gpt', steps=10, log_every=1, checkpoint_every=10)
+  c.train.eval_steps = 0
+
+  def log(message):
+    if message.startswith('step 3/'):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.getsignal(signal.SIGTERM)
+  summary = trainer.train_and_evaluate(c, str(tmp_path), log=log)
+  assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the loop's only
+  assert summary['status'] == 'preempted' and summary['steps'] == 3
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert ckpts.all_steps() == [3]
+  ckpts.close()
