@@ -397,12 +397,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
           status = 'preempted'
           log(f'SIGTERM: saved step {step}, exiting')
           break
+    if status == 'done' and tc.eval_steps and data.eval is not None and last_eval is None:
+      last_eval = run_eval(state, step)  # before the writer closes: a closed TensorBoard writer opens a second file
   finally:
     # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
     ckpts.close()
     writer.close()
-  if status == 'done' and tc.eval_steps and data.eval is not None and last_eval is None:
-    last_eval = run_eval(state, step)
   return {'status': status, 'steps': step, 'first_loss': first_loss,
           'final_loss': None if last_train is None else last_train['loss'],
           'steps_per_sec': None if last_train is None else last_train['steps_per_sec'],
