@@ -1,6 +1,7 @@
 """Command line: `python -m train.main --config=configs/<family>.py:<args> --workdir=DIR [--config.key=value ...]`.
 
-Multi-host: pass --coordinator=HOST:PORT --num_processes=N --process_id=I on every host (Cloud TPU needs none of them).
+Multi-host: on a Cloud TPU pod slice pass --multihost (JAX finds its peers itself); elsewhere pass
+--coordinator=HOST:PORT --num_processes=N --process_id=I on every host.
 A run started on a workdir that already has checkpoints resumes from the latest one.
 """
 import sys
@@ -16,6 +17,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.json
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'Multi-host: address HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-host run whose peers JAX discovers (Cloud TPU).')
 _INIT_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every host to join.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -24,7 +26,7 @@ def main(argv):
   del argv
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
   from train import partitioning, trainer
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
+  if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                         _INIT_TIMEOUT.value)
   log = print if jax.process_index() == 0 else (lambda *_: None)
