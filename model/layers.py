@@ -38,13 +38,39 @@ def zeros_init(names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def dense(cfg: 'ModelConfig', features, names: tuple[str, ...], *, axis=-1, use_bias: Optional[bool] = None,
-          name: Optional[str] = None) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs."""
+class Dense(nn.Module):
+  """x [..., *in] . kernel [*in, *out] (+ bias [*out]) contracting the trailing `axis` of x.
+
+  Unlike flax's DenseGeneral, the kernel is created at its full multi-axis shape ([D,N,H] for queries), so its logical
+  names fit it also when a mesh is in context while tracing (activation sharding constraints need that).
+  """
+  cfg: 'ModelConfig'
+  features: tuple[int, ...]
+  names: tuple[Optional[str], ...]
+  axis: tuple[int, ...] = (-1,)
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    kernel = self.param('kernel', kernel_init(cfg, self.names), tuple(x.shape[a] for a in axis) + self.features,
+                        cfg.jnp_param_dtype)
+    y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', zeros_init(self.names[-len(self.features):]), self.features, cfg.jnp_param_dtype)
+      y = y + bias.astype(cfg.jnp_dtype)
+    return y
+
+
+def dense(cfg: 'ModelConfig', features, names: tuple[Optional[str], ...], *, axis=-1, use_bias: Optional[bool] = None,
+          name: Optional[str] = None) -> Dense:
+  """A Dense whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs."""
   use_bias = cfg.use_bias if use_bias is None else use_bias
-  n_out = len(features) if isinstance(features, tuple) else 1
-  return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-                         kernel_init=kernel_init(cfg, names), bias_init=zeros_init(names[-n_out:]), name=name)
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  return Dense(cfg, features, tuple(names), axis, use_bias, name=name)
 
 
 class Norm(nn.Module):
@@ -204,5 +230,6 @@ class Block(nn.Module):
       cross_attn = MultiHeadAttention(cfg, deterministic=self.deterministic, name='cross_attn')
       x = residual(x, lambda y: cross_attn(y, cross_x, mask_info=cross_mask_info), 'cross_attn_norm')
     x = residual(x, Mlp(cfg, deterministic=self.deterministic, name='mlp'), 'mlp_norm')
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+    # Between blocks activations are split over the batch only (Megatron/FSDP layout): 'act_embed' has no rule.
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x, None

@@ -192,9 +192,11 @@ def jit_steps(setup: Setup):
   rep = part.replicated(setup.mesh)
 
   def with_rules(fn):
+    # The abstract mesh in context while tracing is what turns the model's with_logical_constraint calls into
+    # sharding constraints on activations.
     @functools.wraps(fn)
     def wrapped(*args):
-      with nn.logical_axis_rules(setup.rules):
+      with nn.logical_axis_rules(setup.rules), jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
         return fn(*args)
     return wrapped
 
