@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from model.transformer import ModelConfig
+from model.transformer import ModelConfig, stack_layers, unstack_layers
 
 FAMILIES = ('bert', 'roberta', 'electra', 'gpt2', 't5', 'llama', 'mistral')
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.txt', 'vocab.json',
@@ -497,41 +497,6 @@ def _flatten(tree, prefix='') -> dict:
   return out
 
 
-_LAYER = re.compile(r'^layers_(\d+)$')
-
-
-def stack_layers_np(tree):
-  """Unrolled layers ({'layers_0', ...}) -> scanned ({'layers': [L, ...]}), in numpy (no device copies)."""
-  if not isinstance(tree, dict):
-    return tree
-  out, layers = {}, {}
-  for k, v in tree.items():
-    m = _LAYER.match(k)
-    if m:
-      layers[int(m.group(1))] = v
-    else:
-      out[k] = stack_layers_np(v)
-  if layers:
-    flat = [_flatten(layers[i]) for i in sorted(layers)]
-    out['layers'] = _nest({p: np.stack([f[p] for f in flat]) for p in flat[0]})
-  return out
-
-
-def unstack_layers_np(tree):
-  if not isinstance(tree, dict):
-    return tree
-  out = {}
-  for k, v in tree.items():
-    if k == 'layers':
-      flat = _flatten(v)
-      n = next(iter(flat.values())).shape[0]
-      for i in range(n):
-        out[f'layers_{i}'] = _nest({p: np.asarray(a[i]) for p, a in flat.items()})
-    else:
-      out[k] = unstack_layers_np(v)
-  return out
-
-
 def _apply_rules(rules, state, cfg, heads, where) -> tuple[dict, list]:
   expected = _expected_shapes(cfg, heads)
   dims = {'n': cfg.num_heads, 'k': cfg.kv_heads, 'h': cfg.head_width}
@@ -660,7 +625,7 @@ def _import_state(family, hf, state, *, where, scan_layers, param_dtype, tokeniz
   params = _nest(flat)
   cfg = cfg.replace(scan_layers=scan_layers)
   if scan_layers:
-    params = stack_layers_np(params)
+    params = stack_layers(params)
   return Converted(cfg=cfg, params=params, heads=heads, family=family, hf_config=hf, extras=extras, unused=unused,
                    tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
 
@@ -752,7 +717,7 @@ def to_hf_state(conv: Converted) -> dict[str, np.ndarray]:
   cfg = conv.cfg.replace(scan_layers=False)
   import jax
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), conv.params)
-  params = unstack_layers_np(params) if conv.cfg.scan_layers else params
+  params = unstack_layers(params) if conv.cfg.scan_layers else params
   flat = _flatten(params)
   prefix = {'bert': 'bert.', 'roberta': 'roberta.', 'electra': 'electra.', 'gpt2': 'transformer.'}.get(conv.family, '')
   if not conv.heads and conv.family in ('bert', 'roberta', 'electra', 'gpt2'):

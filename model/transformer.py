@@ -14,6 +14,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model import attention as attn
 from model.layers import Block, Embeddings, Norm, dense
@@ -423,5 +424,7 @@ def stack_layers(params):
     else:
       out[key] = stack_layers(value)
   if layers:
-    out['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])
+    # numpy in, numpy out (checkpoint conversion stays on the host); anything else stacks on device.
+    stack = lambda *xs: (np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs))
+    out['layers'] = jax.tree.map(stack, *[layers[i] for i in sorted(layers)])
   return out
