@@ -101,3 +101,15 @@ def test_bert_vocab_txt_loads_with_bert_ids():
     assert getattr(tok, f"{role}_id") == lines.index(name)
   assert tok.encode("Hello World") == [lines.index("hello"), lines.index("world")]  # uncased: lower-cased
   assert tok.decode(tok.encode("Hello World")) == "hello world"
+
+
+def test_wordpiece_training_is_deterministic_across_processes():
+  """Each process hashes differently; the same text must still give the same ids (resumed and fresh runs agree)."""
+  import subprocess
+  import sys
+  code = ("from train.data import tokenizers as t, embedded; import json; "
+          "tok = t.train_wordpiece(embedded.texts()[:300], vocab_size=600); "
+          "print(json.dumps(sorted(tok.backend.get_vocab().items())))")
+  runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+          for _ in range(2)]
+  assert runs[0] == runs[1]

@@ -224,6 +224,12 @@ def train_wordpiece(texts: Iterable[str],
                                       continuing_subword_prefix="##",
                                       show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
+  # The trainer numbers its initial alphabet in hash-map order, which changes from process to process; renumber
+  # (specials first, then by string) so the same text always gives the same ids.
+  vocab = tok.get_vocab()
+  ordered = specials + sorted(t for t in vocab if t not in set(specials))
+  tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]",
+                               max_input_chars_per_word=100)
   _bert_post_processor(tok, "[CLS]", "[SEP]")
   return Tokenizer(tok, kind="wordpiece", special_tokens=_SPECIALS["wordpiece"])
 
