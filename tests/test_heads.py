@@ -10,6 +10,7 @@ import pytest
 
 from model.heads import Electra, LanguageModel, init_params
 from model.transformer import preset
+from model_params import random_params
 
 V = 101
 
@@ -19,21 +20,6 @@ def tiny(name, **kw):
                 **kw)
 
 
-def random_params(module, batch, std, seed=0):
-  """Random params with the module's tree (from jax.eval_shape, drawn in numpy: no init program to compile)."""
-  shapes = jax.eval_shape(lambda: init_params(module, jax.random.key(0), batch))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-    elif name.endswith("['bias']"):
-      value = 0.02 * rng.normal(size=leaf.shape)
-    else:
-      value = std * rng.normal(size=leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def perturbed(params, path, seed=1, size=0.05):

@@ -9,6 +9,7 @@ import pytest
 
 from model.heads import LanguageModel, count_params, init_params
 from model.transformer import ModelConfig, preset, stack_layers, unstack_layers
+from model_params import random_params
 
 FAMILIES = ('bert-tiny', 'gpt2-tiny', 'llama-tiny', 't5-tiny')
 DECODERS = ('gpt2-tiny', 'llama-tiny', 't5-tiny')
@@ -39,22 +40,6 @@ def make_batch(cfg, tokens, segs, dec_tokens=None, dec_segs=None):
   return {'tokens': jnp.asarray(tokens, jnp.int32), 'segment_ids': jnp.asarray(segs, jnp.int32)}
 
 
-def random_params(module, batch, std, seed=0):
-  """Random params with the module's tree, drawn in numpy from jax.eval_shape: no init program is compiled (that
-  costs seconds per model on CPU). Norm scales near 1 and non-zero biases, so no path is trivially the identity."""
-  shapes = jax.eval_shape(lambda: init_params(module, jax.random.key(0), batch))
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['scale']"):
-      value = 1.0 + 0.1 * rng.normal(size=leaf.shape)
-    elif name.endswith("['bias']"):
-      value = 0.02 * rng.normal(size=leaf.shape)
-    else:
-      value = std * rng.normal(size=leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @functools.lru_cache(maxsize=None)

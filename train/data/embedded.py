@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.data.readers import passages
+from train.data.readers import pack_pieces, passages
 
 # Tests, demos and tools of the stdlib repeat other modules' text or are not documentation.
 _SKIP = {
@@ -90,15 +90,7 @@ def corpus(kind: str = "docs", *, max_chars: int = 2000, validation_percent: int
 
 
 def _code_chunks(source: str, max_chars: int):
-  cur, size = [], 0
-  for line in source.splitlines():
-    if cur and size + len(line) + 1 > max_chars:
-      yield cur
-      cur, size = [], 0
-    cur.append(line)
-    size += len(line) + 1
-  if cur:
-    yield cur
+  return pack_pieces(source.splitlines(), max_chars=max_chars)
 
 
 def texts(kind: str = "docs") -> list[str]:

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from absl import logging
 
@@ -130,19 +130,23 @@ def _paragraphs(lines: list[str]) -> list[str]:
   return paras
 
 
+def pack_pieces(pieces: Iterable[str], *, max_chars: int) -> Iterator[list[str]]:
+  """Consecutive pieces grouped into lists of at most ~max_chars characters (a longer piece stands alone)."""
+  cur, size = [], 0
+  for piece in pieces:
+    if cur and size + len(piece) + 1 > max_chars:
+      yield cur
+      cur, size = [], 0
+    cur.append(piece)
+    size += len(piece) + 1
+  if cur:
+    yield cur
+
+
 def passages(paragraphs: Sequence[str], *, max_chars: int) -> Iterator[list[str]]:
   """Groups consecutive paragraphs' sentences into passages of at most ~max_chars characters (a longer sentence
     stands alone). Passages keep sentence order so NSP can take a true next segment from within one."""
-  cur, size = [], 0
-  for para in paragraphs:
-    for sent in split_sentences(para):
-      if cur and size + len(sent) + 1 > max_chars:
-        yield cur
-        cur, size = [], 0
-      cur.append(sent)
-      size += len(sent) + 1
-  if cur:
-    yield cur
+  return pack_pieces((sent for para in paragraphs for sent in split_sentences(para)), max_chars=max_chars)
 
 
 def text_records(paths: PathLike | Sequence[PathLike],
