@@ -12,7 +12,6 @@ Letters: B batch, T query length, S key length, N query heads, K key/value heads
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 

@@ -386,7 +386,7 @@ def test_gguf_llama(tmp_path):
 
 def test_cli_import_export_roundtrip(tmp_path):
   torch.manual_seed(12)
-  hf = _save(transformers.BertForMaskedLM(transformers.BertConfig(**_bert_cfg())), tmp_path / 'hf')
+  _save(transformers.BertForMaskedLM(transformers.BertConfig(**_bert_cfg())), tmp_path / 'hf')
   (tmp_path / 'hf' / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] +
                                                        [f'w{i}' for i in range(V - 5)]) + '\n')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.heads import Electra, LanguageModel, init_params
+from model.heads import Electra, LanguageModel
 from model.transformer import preset
 from model_params import random_params
 

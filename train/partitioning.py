@@ -9,7 +9,7 @@ device count, the batch against the data-parallel degree, every sharded dimensio
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax

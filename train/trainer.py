@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
-import math
 import os
 import signal
 import time
@@ -151,9 +149,8 @@ def make_setup(config, example_batch: Mapping[str, np.ndarray], model_cfg: trans
                devices=None) -> Setup:
   """Model, loss, optimizer, mesh and shardings; `init_fn(rng_seed)` creates the state already sharded."""
   objectives = dict(config.objectives)
-  obj.validate_objectives(model_cfg, objectives)
   model = build_model(config, model_cfg)
-  loss_fn = obj.build_loss_fn(model_cfg, objectives, **dict(config.get('loss', {})))
+  loss_fn = obj.build_loss_fn(model_cfg, objectives, **dict(config.get('loss', {})))  # validates the objectives
   optimizer = optim.make_optimizer(config.optim)
   lr_fn = optim.learning_rate_fn(config.optim)
   mesh = part.make_mesh(tuple(config.mesh.shape), devices)
@@ -295,22 +292,25 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
   objectives = dict(config.objectives)
   # Everything that can be wrong with the config is checked here, before a file is written or a step compiled.
   pipeline.check_config(config.data, objectives)
-  transformer.preset(config.model.preset, **dict(config.model.overrides))
-  obj.validate_objectives(transformer.preset(config.model.preset, **dict(config.model.overrides)), objectives)
   optim.learning_rate_fn(config.optim)
   part.resolve_mesh_shape(tuple(config.mesh.shape), len(devices or jax.devices()))
-
-  os.makedirs(workdir, exist_ok=True)
   init = None
   if config.model.get('init_from'):
+    # The checkpoint's architecture replaces the preset (a GGUF writes its tokenizer under <workdir>/init).
     init = pretrained.load(config.model.init_from, save_dir=os.path.join(workdir, 'init'))
+  arch_cfg = init.cfg if init else transformer.preset(config.model.preset, **dict(config.model.overrides))
+  obj.validate_objectives(arch_cfg, objectives)
+
+  os.makedirs(workdir, exist_ok=True)
+  if init is not None:
     if init.tokenizer_dir and not config.data.tokenizer_path:
       config = ml_collections.ConfigDict(config.to_dict())
       config.data.tokenizer_path = init.tokenizer_dir  # the checkpoint's own vocabulary
     log(f'starting from {init.source} checkpoint {config.model.init_from}')
   data = pipeline.build(config.data, objectives, workdir=workdir, seed=int(config.seed))
   model_cfg = model_config(config, data.tokenizer, init)
-  if model_cfg.position == 'learned' and data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder':
+  too_long = data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder'
+  if model_cfg.position == 'learned' and too_long:
     raise ValueError(f'config.data.seq_len={config.data.seq_len} exceeds the model\'s max_len={model_cfg.max_len}; '
                      'lower seq_len or raise config.model.overrides.max_len.')
   example = data.train[0]
