@@ -1,9 +1,10 @@
 """Incremental decoding with a KV cache: greedy, sampling (temperature / top-k / top-p) and beam search.
 
 Works for any LanguageModel with an 'lm' head whose architecture is 'decoder' or 'encoder_decoder'. The prompt is run
-once to fill the cache (prefill); then one token per step inside `lax.while_loop`, stopping when every sequence has
-emitted EOS or `max_new_tokens` is reached. Prompts arrive right-padded with a mask and are left-aligned here, so every
-row's last prompt token sits in the same cache slot and positions restart at 0 for each row's first real token.
+once to fill the cache (prefill); then one token per step inside `lax.while_loop` (its carry a named dataclass,
+SampleState or BeamState), stopping when every sequence has emitted EOS or `max_new_tokens` is reached. Prompts arrive
+right-padded with a mask and are left-aligned here, so every row's last prompt token sits in the same cache slot and
+positions restart at 0 for each row's first real token.
 
 Letters: B batch, W beams, P prompt length, L new tokens, S cache length, V vocab.
 """
@@ -13,9 +14,11 @@ import dataclasses
 import functools
 from typing import Optional
 
+from flax import struct
 import jax
 import jax.numpy as jnp
 
+from model import pytree
 from model.heads import LanguageModel
 
 _NEG_INF = -1.0e9
@@ -92,7 +95,7 @@ def gather_beams(cache, index):
   def take(path, leaf):
     if leaf.ndim == 0:
       return leaf
-    scanned = any(getattr(k, 'key', None) == 'layers' for k in path)
+    scanned = any(pytree.key_name(k) == 'layers' for k in path)
     return jnp.take(leaf, index, axis=1 if scanned else 0)
   return jax.tree_util.tree_map_with_path(take, cache)
 
@@ -122,7 +125,7 @@ def _eos_id(model, dcfg: DecodeConfig):
 
 
 def _prefill(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, max_new, rows_per_prompt=1):
-  """Encodes (T5), fills the cache with the prompt: -> (last logits [B',V], cache, next positions [B'], enc, enc_seg)."""
+  """Encodes (T5), fills the cache with the prompt -> (last logits [B',V], cache, next positions [B'], enc, enc_seg)."""
   cfg = model.cfg
   encoded = None
   if cfg.arch == 'encoder_decoder':
@@ -155,6 +158,19 @@ def _prefill(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment
 # ------------------------------------------------------------------------------------------ greedy and sampling
 
 
+@struct.dataclass
+class SampleState:
+  """The carry of the greedy / sampling loop: one token per row per step."""
+  step: jax.Array       # [] int32: tokens emitted so far
+  logits: jax.Array     # [B,V] float32: logits of the next token
+  cache: dict           # the decoder's 'cache' collection
+  position: jax.Array   # [B] int32: position of the next token
+  tokens: jax.Array     # [B,L] int32: emitted so far, pad_id after EOS
+  finished: jax.Array   # [B] bool: has emitted EOS
+  scores: jax.Array     # [B] float32: summed log-probabilities
+  rng: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'dcfg'))
 def _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, rng, dcfg: DecodeConfig):
   eos = _eos_id(model, dcfg)
@@ -170,30 +186,55 @@ def _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_seg
     filtered = filter_logits(logits, temperature=dcfg.temperature, top_k=dcfg.top_k, top_p=dcfg.top_p)
     return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
 
-  def cond(state):
-    i, _, _, _, _, finished, _, _ = state
-    return (i < max_new) & ~jnp.all(finished)
+  def cond(state: SampleState):
+    return (state.step < max_new) & ~jnp.all(state.finished)
 
-  def body(state):
-    i, logits, cache, position, out, finished, scores, rng = state
-    rng, sub = jax.random.split(rng)
-    token = choose(logits, sub)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=1)[:, 0]
-    token = jnp.where(finished, pad, token)
-    scores = scores + jnp.where(finished, 0.0, logp)
-    out = out.at[:, i].set(token)
-    finished = finished | (token == eos)
-    step_logits, cache = decode_step(model, params, cache, token[:, None], positions=position[:, None],
+  def body(state: SampleState):
+    rng, sub = jax.random.split(state.rng)
+    token = choose(state.logits, sub)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=1)[:, 0]
+    token = jnp.where(state.finished, pad, token)
+    step_logits, cache = decode_step(model, params, state.cache, token[:, None], positions=state.position[:, None],
                                      encoded=encoded, encoder_segment_ids=enc_seg)
-    return i + 1, step_logits[:, 0], cache, position + 1, out, finished, scores, rng
+    return SampleState(step=state.step + 1, logits=step_logits[:, 0], cache=cache, position=state.position + 1,
+                       tokens=state.tokens.at[:, state.step].set(token), finished=state.finished | (token == eos),
+                       scores=state.scores + jnp.where(state.finished, 0.0, logp), rng=rng)
 
-  init = (jnp.int32(0), logits, cache, position, jnp.full((b, max_new), pad, jnp.int32), jnp.zeros((b,), bool),
-          jnp.zeros((b,), jnp.float32), rng)
-  _, _, _, _, out, finished, scores, _ = jax.lax.while_loop(cond, body, init)
-  return out, scores
+  init = SampleState(step=jnp.int32(0), logits=logits, cache=cache, position=position,
+                     tokens=jnp.full((b, max_new), pad, jnp.int32), finished=jnp.zeros((b,), bool),
+                     scores=jnp.zeros((b,), jnp.float32), rng=rng)
+  final = jax.lax.while_loop(cond, body, init)
+  return final.tokens, final.scores
 
 
 # -------------------------------------------------------------------------------------------------- beam search
+
+
+@struct.dataclass
+class BeamState:
+  """The carry of the beam search loop: W alive beams per row and the W best finished ones."""
+  step: jax.Array             # [] int32: tokens emitted so far
+  logits: jax.Array           # [B*W,V] float32: logits of each alive beam's next token
+  cache: dict                 # the decoder's 'cache' collection, one row per alive beam
+  alive: jax.Array            # [B,W,L] int32: alive beams' tokens
+  alive_logp: jax.Array       # [B,W] float32: their summed log-probabilities, best first
+  finished: jax.Array         # [B,W,L] int32: kept finished beams' tokens
+  finished_scores: jax.Array  # [B,W] float32: their length-penalized scores, best first
+  finished_flags: jax.Array   # [B,W] bool: whether the slot holds a finished beam yet
+
+
+def _merge_finished(state: BeamState, seqs, scores, ends):
+  """The best W of the kept finished beams and this step's EOS-ending candidates seqs [B,2W,L] (scores, ends [B,2W]).
+
+  -> (tokens [B,W,L], scores [B,W], flags [B,W]), best first.
+  """
+  w = state.finished_flags.shape[1]
+  all_fin = jnp.concatenate([state.finished, seqs], axis=1)
+  all_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
+  all_flags = jnp.concatenate([state.finished_flags, ends], axis=1)
+  keep_scores, keep = jax.lax.top_k(jnp.where(all_flags, all_scores, _NEG_INF), w)
+  return (jnp.take_along_axis(all_fin, keep[:, :, None], axis=1), keep_scores,
+          jnp.take_along_axis(all_flags, keep, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'dcfg'))
@@ -207,56 +248,52 @@ def _beam_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segme
   v = logits.shape[-1]
   penalty = lambda length: ((5.0 + length) / 6.0) ** alpha
 
-  def cond(state):
-    i, _, _, _, alive_logp, _, fin_scores, fin_flags = state
+  def cond(state: BeamState):
     # Stop once no alive beam can beat the worst kept finished beam (log-probs only fall as sequences grow).
-    best_alive = alive_logp[:, 0] / penalty(max_new)
-    worst_fin = jnp.where(fin_flags, fin_scores, _NEG_INF).min(axis=1)
-    done = jnp.all(fin_flags, axis=1) & (best_alive < worst_fin)
-    return (i < max_new) & ~jnp.all(done)
+    best_alive = state.alive_logp[:, 0] / penalty(max_new)
+    worst_fin = jnp.where(state.finished_flags, state.finished_scores, _NEG_INF).min(axis=1)
+    done = jnp.all(state.finished_flags, axis=1) & (best_alive < worst_fin)
+    return (state.step < max_new) & ~jnp.all(done)
 
-  def body(state):
-    i, logits, cache, alive, alive_logp, fin, fin_scores, fin_flags = state
-    logp = jax.nn.log_softmax(logits, axis=-1).reshape(b, w, v)
-    cand = (alive_logp[:, :, None] + logp).reshape(b, w * v)
+  def body(state: BeamState):
+    i = state.step
+    logp = jax.nn.log_softmax(state.logits, axis=-1).reshape(b, w, v)
+    cand = (state.alive_logp[:, :, None] + logp).reshape(b, w * v)
     top_logp, top_idx = jax.lax.top_k(cand, 2 * w)                        # [B,2W]
     beam, token = top_idx // v, (top_idx % v).astype(jnp.int32)
-    seqs = jnp.take_along_axis(alive, beam[:, :, None], axis=1).at[:, :, i].set(token)   # [B,2W,L]
+    seqs = jnp.take_along_axis(state.alive, beam[:, :, None], axis=1).at[:, :, i].set(token)   # [B,2W,L]
     is_eos = token == eos
     # Finished: EOS-ending candidates ranked within the top W (as Hugging Face does, so that beam size 1 is greedy)
     # merge into the kept finished beams; the best W stay.
     ends = is_eos & (jnp.arange(2 * w) < w)[None, :]
     new_fin_scores = jnp.where(ends, top_logp / penalty(i + 1.0), _NEG_INF)
-    all_fin = jnp.concatenate([fin, seqs], axis=1)
-    all_scores = jnp.concatenate([fin_scores, new_fin_scores], axis=1)
-    all_flags = jnp.concatenate([fin_flags, ends], axis=1)
-    keep_scores, keep = jax.lax.top_k(jnp.where(all_flags, all_scores, _NEG_INF), w)
-    fin = jnp.take_along_axis(all_fin, keep[:, :, None], axis=1)
-    fin_flags = jnp.take_along_axis(all_flags, keep, axis=1)
-    fin_scores = keep_scores
+    fin, fin_scores, fin_flags = _merge_finished(state, seqs, new_fin_scores, ends)
     # Alive: the best W candidates that did not end.
     alive_cand = jnp.where(is_eos, _NEG_INF, top_logp)
     alive_logp, pick = jax.lax.top_k(alive_cand, w)
     alive = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
     src_beam = jnp.take_along_axis(beam, pick, axis=1)                    # [B,W]
     rows = (jnp.arange(b)[:, None] * w + src_beam).reshape(-1)
-    cache = gather_beams(cache, rows)
+    cache = gather_beams(state.cache, rows)
     last = alive[:, :, i].reshape(-1)
     step_logits, cache = decode_step(model, params, cache, last[:, None],
                                      positions=jnp.full((b * w, 1), 0, jnp.int32) + position[:, None] + i,
                                      encoded=encoded, encoder_segment_ids=enc_seg)
-    return i + 1, step_logits[:, 0], cache, alive, alive_logp, fin, fin_scores, fin_flags
+    return BeamState(step=i + 1, logits=step_logits[:, 0], cache=cache, alive=alive, alive_logp=alive_logp,
+                     finished=fin, finished_scores=fin_scores, finished_flags=fin_flags)
 
   # All W rows start identical: only beam 0 may expand at the first step.
   alive_logp = jnp.tile(jnp.array([0.0] + [_NEG_INF] * (w - 1), jnp.float32), (b, 1))
   alive = jnp.full((b, w, max_new), pad, jnp.int32)
-  init = (jnp.int32(0), logits, cache, alive, alive_logp, jnp.full((b, w, max_new), pad, jnp.int32),
-          jnp.full((b, w), _NEG_INF, jnp.float32), jnp.zeros((b, w), bool))
-  steps, _, _, alive, alive_logp, fin, fin_scores, fin_flags = jax.lax.while_loop(cond, body, init)
+  init = BeamState(step=jnp.int32(0), logits=logits, cache=cache, alive=alive, alive_logp=alive_logp,
+                   finished=jnp.full((b, w, max_new), pad, jnp.int32),
+                   finished_scores=jnp.full((b, w), _NEG_INF, jnp.float32), finished_flags=jnp.zeros((b, w), bool))
+  final = jax.lax.while_loop(cond, body, init)
   # Rows with no finished beam return their best alive beam.
-  any_fin = fin_flags[:, 0]
-  best = jnp.where(any_fin[:, None], fin[:, 0], alive[:, 0])
-  score = jnp.where(any_fin, fin_scores[:, 0], alive_logp[:, 0] / penalty(steps.astype(jnp.float32)))
+  any_fin = final.finished_flags[:, 0]
+  best = jnp.where(any_fin[:, None], final.finished[:, 0], final.alive[:, 0])
+  score = jnp.where(any_fin, final.finished_scores[:, 0],
+                    final.alive_logp[:, 0] / penalty(final.step.astype(jnp.float32)))
   return best, score
 
 

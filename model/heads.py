@@ -14,8 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.config import ModelConfig
 from model.layers import Embeddings, Norm, activation, dense, zeros_init
-from model.transformer import Decoder, Encoder, EncoderDecoder, ModelConfig
+from model.transformer import Decoder, Encoder, EncoderDecoder
 
 HEADS = ('mlm', 'nsp', 'lm', 'rtd', 'classifier', 'tagger', 'qa')
 
@@ -26,7 +27,7 @@ def gather_positions(hidden, positions):
 
 
 class MLMHead(nn.Module):
-  """BERT's transform (dense, activation, norm) then logits against the tied embedding table plus a bias: -> [..., V]."""
+  """BERT's transform (dense, activation, norm) then logits against the tied embedding table plus a bias -> [..., V]."""
   cfg: ModelConfig
   embed: Embeddings
 
@@ -239,6 +240,13 @@ class Electra(nn.Module):
 def init_params(module: nn.Module, rng, batch, **kwargs):
   """Unboxed params of `module` for an example batch (logical axis metadata dropped; see logical_axes)."""
   return nn.meta.unbox(module.init({'params': rng, 'dropout': rng}, batch, **kwargs)['params'])
+
+
+def abstract_params(cfg, heads: Sequence[str]):
+  """Shapes and dtypes of LanguageModel(cfg, heads)'s params (jax.ShapeDtypeStruct leaves), allocating nothing."""
+  rows = {'encoder_tokens': jnp.zeros((1, 2), jnp.int32), 'decoder_tokens': jnp.zeros((1, 2), jnp.int32)} if (
+      cfg.arch == 'encoder_decoder') else {'tokens': jnp.zeros((1, 2), jnp.int32)}
+  return jax.eval_shape(lambda: init_params(LanguageModel(cfg, heads=tuple(heads)), jax.random.key(0), rows))
 
 
 def logical_axes(module: nn.Module, batch, **kwargs):

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from model import attention as attn
-
-# Modules take `cfg: ModelConfig` (model/transformer.py), named only in annotations so the import runs one way.
+from model.config import ModelConfig
 
 _ACTIVATIONS = {
     'gelu': lambda x: jax.nn.gelu(x, approximate=False),
@@ -30,7 +29,7 @@ def activation(name: str):
   return _ACTIVATIONS[name]
 
 
-def kernel_init(cfg: 'ModelConfig', names: tuple[str, ...], scale: float = 1.0):
+def kernel_init(cfg: ModelConfig, names: tuple[str, ...], scale: float = 1.0):
   return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), names)
 
 
@@ -44,7 +43,7 @@ class Dense(nn.Module):
   Unlike flax's DenseGeneral, the kernel is created at its full multi-axis shape ([D,N,H] for queries), so its logical
   names fit it also when a mesh is in context while tracing (activation sharding constraints need that).
   """
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
   features: tuple[int, ...]
   names: tuple[Optional[str], ...]
   axis: tuple[int, ...] = (-1,)
@@ -64,7 +63,7 @@ class Dense(nn.Module):
     return y
 
 
-def dense(cfg: 'ModelConfig', features, names: tuple[Optional[str], ...], *, axis=-1, use_bias: Optional[bool] = None,
+def dense(cfg: ModelConfig, features, names: tuple[Optional[str], ...], *, axis=-1, use_bias: Optional[bool] = None,
           name: Optional[str] = None) -> Dense:
   """A Dense whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs."""
   use_bias = cfg.use_bias if use_bias is None else use_bias
@@ -75,7 +74,7 @@ def dense(cfg: 'ModelConfig', features, names: tuple[Optional[str], ...], *, axi
 
 class Norm(nn.Module):
   """LayerNorm (with bias) or RMSNorm (scale only, as LLaMA/T5), computed in float32."""
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
   features_axis: str = 'embed'
 
   @nn.compact
@@ -99,7 +98,7 @@ class Embeddings(nn.Module):
 
   `attend` reuses the token table as the output projection of tied heads (MLM, tied LM).
   """
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
 
   def setup(self):
     cfg = self.cfg
@@ -150,7 +149,7 @@ class MultiHeadAttention(nn.Module):
   Self-attention when `kv_input` is None, cross-attention otherwise. With decode=True the keys and values of every call
   are written into a 'cache' collection at `cache_index` (self-attention only), so one token at a time sees all before.
   """
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
   decode: bool = False
   deterministic: bool = True
 
@@ -185,7 +184,7 @@ class MultiHeadAttention(nn.Module):
 
 class Mlp(nn.Module):
   """Position-wise feed-forward: act(x W_i) W_o, or the gated form act(x W_i0) * (x W_i1) W_o (SwiGLU, GeGLU)."""
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
   deterministic: bool = True
 
   @nn.compact
@@ -207,7 +206,7 @@ class Block(nn.Module):
   pre-LN: x + f(norm(x)) (GPT-2, LLaMA, T5); post-LN: norm(x + f(x)) (BERT). The signature is nn.scan's:
   (carry, *broadcast) -> (carry, None).
   """
-  cfg: 'ModelConfig'
+  cfg: ModelConfig
   causal: bool = False
   cross: bool = False
   decode: bool = False

@@ -1,15 +1,12 @@
-"""ModelConfig, the named presets, and the three backbones: Encoder, Decoder and EncoderDecoder.
+"""The three backbones, Encoder, Decoder and EncoderDecoder, built from one ModelConfig (model/config.py).
 
-One frozen dataclass describes the whole architecture, so a preset, an override from the command line and a converted
-Hugging Face checkpoint all produce the same kind of object. Layers are stacked by `Stack`, which scans one Block over
-depth (compile time flat in depth) or unrolls it, with optional rematerialization. Relative-position biases and rotary
-tables are computed once per stack and broadcast into every layer.
+Layers are stacked by `Stack`, which scans one Block over depth (compile time flat in depth) or unrolls it, with
+optional rematerialization. Relative-position biases and rotary tables are computed once per stack and broadcast into
+every layer. `stack_layers` / `unstack_layers` convert params between the scanned and the unrolled layout.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -17,199 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import attention as attn
+from model import pytree
+# ModelConfig, PRESETS and preset are re-exported: callers have long written `transformer.preset('bert-tiny')`.
+from model.config import PRESETS, REMAT_POLICIES, ModelConfig, preset  # noqa: F401
 from model.layers import Block, Embeddings, Norm, dense
-
-ARCHS = ('encoder', 'decoder', 'encoder_decoder')
-POSITIONS = ('learned', 'sinusoidal', 'rope', 'relative', 'none')
-REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The architecture. Defaults are a tiny BERT; presets below fill in published shapes."""
-  arch: str = 'encoder'
-  vocab_size: int = 30522
-  d_model: int = 128
-  num_heads: int = 2
-  num_layers: int = 2
-  d_ff: int = 512
-  num_kv_heads: Optional[int] = None      # None: = num_heads; fewer: grouped-query; 1: multi-query
-  head_dim: Optional[int] = None          # None: d_model // num_heads
-  num_decoder_layers: Optional[int] = None  # encoder_decoder only; None: = num_layers
-  embed_dim: Optional[int] = None         # factorized embeddings (ELECTRA/ALBERT): E != D adds a projection
-  max_len: int = 512
-  position: str = 'learned'
-  rope_theta: float = 10_000.0
-  relative_buckets: int = 32
-  relative_max_distance: int = 128
-  type_vocab_size: int = 0
-  activation: str = 'gelu'
-  gated_mlp: bool = False                 # SwiGLU (silu) / GeGLU (gelu_tanh)
-  norm: str = 'layernorm'
-  norm_eps: float = 1e-12
-  pre_norm: bool = False
-  embed_norm: bool = False
-  final_norm: Optional[bool] = None       # None: = pre_norm
-  use_bias: bool = True
-  attention_scale: Optional[float] = None  # None: 1/sqrt(head_dim); T5 folds it into the init and uses 1.0
-  dropout_rate: float = 0.1
-  attention_dropout_rate: float = 0.1
-  mlp_dropout_rate: float = 0.0
-  tie_embeddings: bool = True
-  scale_tied_logits: bool = False         # T5 v1.0 multiplies the decoder output by d_model**-0.5 before tied logits
-  pad_id: int = 0
-  bos_id: Optional[int] = None
-  eos_id: Optional[int] = None
-  decoder_start_id: int = 0
-  init_std: float = 0.02
-  dtype: str = 'float32'
-  param_dtype: str = 'float32'
-  scan_layers: bool = True
-  remat_policy: str = 'none'
-  attention_impl: str = 'auto'
-  attention_chunk: int = 128
-
-  def __post_init__(self):
-    self.validate()
-
-  def validate(self):
-    """Raises ValueError naming the field and the fix; called on construction, so before anything compiles."""
-    def bad(field, why):
-      raise ValueError(f'ModelConfig.{field}={getattr(self, field)!r}: {why}')
-    if self.arch not in ARCHS:
-      bad('arch', f'must be one of {ARCHS}.')
-    if self.position not in POSITIONS:
-      bad('position', f'must be one of {POSITIONS}.')
-    if self.norm not in ('layernorm', 'rmsnorm'):
-      bad('norm', "must be 'layernorm' or 'rmsnorm'.")
-    if self.activation not in ('gelu', 'gelu_tanh', 'relu', 'silu'):
-      bad('activation', "must be one of 'gelu', 'gelu_tanh', 'relu', 'silu'.")
-    if self.remat_policy not in REMAT_POLICIES:
-      bad('remat_policy', f'must be one of {tuple(REMAT_POLICIES)}.')
-    if self.attention_impl not in ('auto', 'plain', 'chunked', 'cudnn'):
-      bad('attention_impl', "must be 'auto', 'plain', 'chunked' or 'cudnn'.")
-    for f in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'd_ff', 'max_len'):
-      if getattr(self, f) <= 0:
-        bad(f, 'must be positive.')
-    if self.head_dim is None and self.d_model % self.num_heads:
-      bad('d_model', f'is not divisible by num_heads={self.num_heads}; change one of them or set head_dim.')
-    if self.num_heads % self.kv_heads:
-      bad('num_kv_heads', f'must divide num_heads={self.num_heads} (grouped-query attention).')
-    if self.position == 'rope' and self.head_width % 2:
-      bad('head_dim', 'must be even for rotary position embeddings.')
-    if self.dtype not in ('float32', 'bfloat16', 'float16') or self.param_dtype not in ('float32', 'bfloat16'):
-      bad('dtype', "dtype must be float32/bfloat16/float16 and param_dtype float32/bfloat16.")
-
-  # Derived values, so modules never repeat the defaulting rules.
-  @property
-  def kv_heads(self) -> int:
-    return self.num_kv_heads or self.num_heads
-
-  @property
-  def head_width(self) -> int:
-    return self.head_dim or self.d_model // self.num_heads
-
-  @property
-  def embed_width(self) -> int:
-    return self.embed_dim or self.d_model
-
-  @property
-  def decoder_layers(self) -> int:
-    return self.num_decoder_layers or self.num_layers
-
-  @property
-  def has_final_norm(self) -> bool:
-    return self.pre_norm if self.final_norm is None else self.final_norm
-
-  @property
-  def jnp_dtype(self):
-    return jnp.dtype(self.dtype)
-
-  @property
-  def jnp_param_dtype(self):
-    return jnp.dtype(self.param_dtype)
-
-  def replace(self, **kw) -> 'ModelConfig':
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-
-def _bert(layers, d, **kw):
-  base = dict(arch='encoder', vocab_size=30522, d_model=d, num_heads=max(d // 64, 2), num_layers=layers, d_ff=4 * d,
-              max_len=512, position='learned', type_vocab_size=2, activation='gelu', norm='layernorm',
-              norm_eps=1e-12, pre_norm=False, embed_norm=True, pad_id=0)
-  base.update(kw)
-  return base
-
-
-def _gpt2(layers, d, heads, **kw):
-  return dict(arch='decoder', vocab_size=50257, d_model=d, num_heads=heads, num_layers=layers, d_ff=4 * d,
-              max_len=1024, position='learned', activation='gelu_tanh', norm='layernorm', norm_eps=1e-5,
-              pre_norm=True, bos_id=50256, eos_id=50256, pad_id=50256, **kw)
-
-
-def _llama(layers, d, heads, kv, ff, **kw):
-  base = dict(arch='decoder', vocab_size=32000, d_model=d, num_heads=heads, num_kv_heads=kv, num_layers=layers,
-              d_ff=ff, max_len=2048, position='rope', activation='silu', gated_mlp=True, norm='rmsnorm',
-              norm_eps=1e-5, pre_norm=True, use_bias=False, tie_embeddings=False, dropout_rate=0.0,
-              attention_dropout_rate=0.0, bos_id=1, eos_id=2, pad_id=0)
-  base.update(kw)
-  return base
-
-
-def _t5(layers, d, heads, ff, v11=False, **kw):
-  base = dict(arch='encoder_decoder', vocab_size=32128, d_model=d, num_heads=heads, head_dim=64, num_layers=layers,
-              d_ff=ff, max_len=512, position='relative', activation='gelu_tanh' if v11 else 'relu', gated_mlp=v11,
-              norm='rmsnorm', norm_eps=1e-6, pre_norm=True, use_bias=False, attention_scale=1.0,
-              attention_dropout_rate=0.1, mlp_dropout_rate=0.1, tie_embeddings=not v11, scale_tied_logits=not v11,
-              pad_id=0, eos_id=1, decoder_start_id=0, init_std=1.0 / d ** 0.5)
-  base.update(kw)
-  return base
-
-
-def _electra(d, heads, ff, **kw):
-  return _bert(12, d, embed_dim=128, num_heads=heads, d_ff=ff, **kw)
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # BERT and Google's BERT miniatures (Turc et al. 2019): heads = width / 64.
-    'bert-tiny': _bert(2, 128),
-    'bert-mini': _bert(4, 256),
-    'bert-small': _bert(4, 512),
-    'bert-base': _bert(12, 768),
-    'roberta-base': dict(_bert(12, 768), vocab_size=50265, max_len=514, type_vocab_size=1, norm_eps=1e-5, pad_id=1),
-    'gpt2-tiny': _gpt2(2, 128, 2),
-    'gpt2-small': _gpt2(12, 768, 12),
-    'llama-tiny': _llama(2, 128, 4, 2, 344),
-    # SmolLM2-135M's exact shape (HuggingFaceTB/SmolLM2-135M config.json).
-    'smollm2-135m': _llama(30, 576, 9, 3, 1536, vocab_size=49152, max_len=8192, rope_theta=100_000.0,
-                           tie_embeddings=True, bos_id=1, eos_id=2, pad_id=2),
-    't5-tiny': _t5(2, 128, 2, 512),
-    't5-small': _t5(6, 512, 8, 2048),
-    't5-v1_1-small': _t5(8, 512, 6, 1024, v11=True),
-    # ELECTRA-small: discriminator and its 1/4-width generator share 128-wide embeddings.
-    'electra-small-discriminator': _electra(256, 4, 1024),
-    'electra-small-generator': _electra(64, 1, 256),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-  """A named preset, with fields overridden: preset('bert-tiny', vocab_size=1000)."""
-  if name not in PRESETS:
-    raise ValueError(f'unknown model preset {name!r}; known: {", ".join(sorted(PRESETS))}.')
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = set(overrides) - fields
-  if unknown:
-    raise ValueError(f'unknown ModelConfig field(s) {sorted(unknown)}; known: {sorted(fields)}.')
-  return ModelConfig(**{**PRESETS[name], **overrides})
-
 
 # --------------------------------------------------------------------------------------------------------- stacks
 
@@ -232,7 +40,7 @@ class RelativePositionBias(nn.Module):
 
 
 class Stack(nn.Module):
-  """num_layers Blocks (scanned or unrolled, optionally rematerialized), position tables, final norm: [B,T,D] -> same."""
+  """num_layers Blocks (scanned or unrolled, maybe rematerialized), position tables, final norm: [B,T,D] -> same."""
   cfg: ModelConfig
   num_layers: int
   causal: bool = False
@@ -360,8 +168,7 @@ class Decoder(nn.Module):
     stack = Stack(cfg, cfg.decoder_layers if self.cross else cfg.num_layers, causal=True, cross=self.cross,
                   name='stack')
     return stack(x, mask_info=mask_info, positions=positions, kv_positions=kv_positions, cross_x=encoded,
-                      cross_mask_info=cross_mask_info, cache_index=cache_index, deterministic=deterministic,
-                      decode=decode)
+                 cross_mask_info=cross_mask_info, cache_index=cache_index, deterministic=deterministic, decode=decode)
 
 
 class EncoderDecoder(nn.Module):
@@ -394,8 +201,6 @@ class EncoderDecoder(nn.Module):
 
 # ------------------------------------------------------------------------------------ scanned <-> unrolled params
 
-_LAYER_KEY = re.compile(r'^layers_(\d+)$')
-
 
 def unstack_layers(params):
   """Scanned params ({'layers': leaves [L, ...]}) -> unrolled ({'layers_0': ..., 'layers_1': ...}), recursively."""
@@ -418,9 +223,9 @@ def stack_layers(params):
     return params
   out, layers = {}, {}
   for key, value in params.items():
-    m = _LAYER_KEY.match(key)
-    if m:
-      layers[int(m.group(1))] = value
+    i = pytree.layer_index(key)
+    if i is not None:
+      layers[i] = value
     else:
       out[key] = stack_layers(value)
   if layers:

@@ -1,4 +1,4 @@
-"""model/convert.py against transformers: random-init HF models of every family, built offline from small configs and
+"""model/convert/ against transformers: random-init HF models of every family, built offline from small configs and
 saved with save_pretrained, are imported and must give the same logits (and MLM / NSP / RTD outputs) on padded inputs to
 <= 1e-4 in float32; exported back, transformers loads them with no missing or unexpected tensors and the same logits.
 Bad files (truncated safetensors, an unsupported model_type, a shape mismatch) raise one ConversionError naming the
@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from model import convert  # noqa: E402
+from model import pytree  # noqa: E402
 from model.heads import Electra, LanguageModel  # noqa: E402
 
 TOL = 1e-4
@@ -300,7 +301,7 @@ def _write_gguf(path, model, tokens):
   w.add_eos_token_id(2)
   names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
            'lm_head.weight': 'output.weight'}
-  layer = {v: k for k, v in convert._GGUF_LAYER.items()}
+  layer = {v: k for k, v in convert.GGUF_LAYER_TENSORS.items()}
   quant = [gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0]
   for i, (name, t) in enumerate(model.state_dict().items()):
     a = t.numpy().astype(np.float32)
@@ -346,9 +347,9 @@ def test_gguf_llama(tmp_path):
     if name.startswith('model.layers.'):
       idx, rest = name[len('model.layers.'):].split('.', 1)
       rest = rest[:-len('.weight')]
-      a = deq[f'blk.{idx}.{ {v: k for k, v in convert._GGUF_LAYER.items()}[rest]}.weight']
+      a = deq[f'blk.{idx}.{ {v: k for k, v in convert.GGUF_LAYER_TENSORS.items()}[rest]}.weight']
       n = {'self_attn.q_proj': cfg.num_attention_heads, 'self_attn.k_proj': cfg.num_key_value_heads}.get(rest)
-      a = convert._unpermute(a, n) if n else a
+      a = convert.from_gguf_layout(a, n) if n else a
     else:
       a = deq[{'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
                'lm_head.weight': 'output.weight'}[name]]
@@ -370,8 +371,8 @@ def test_gguf_llama(tmp_path):
   convert.save(conv, tmp_path / 'ours')
   again = convert.load(tmp_path / 'ours')
   assert again.cfg == conv.cfg and again.heads == conv.heads
-  for path, a in convert._flatten(conv.params).items():
-    np.testing.assert_array_equal(convert._flatten(again.params)[path], a, err_msg=path)
+  for path, a in pytree.flatten(conv.params).items():
+    np.testing.assert_array_equal(pytree.flatten(again.params)[path], a, err_msg=path)
   tokenizers = pytest.importorskip('train.data.tokenizers')
   wrapped = tokenizers.Tokenizer.load(tmp_path / 'ours')
   assert wrapped.vocab_size == 96 and wrapped.encode('<|eos|>') == [2]
@@ -524,8 +525,8 @@ def test_export_lmlab_model(tmp_path, family, preset, heads, cls):
   # And back in: the same params.
   back = convert.import_hf(out, scan_layers=cfg.scan_layers)
   assert back.heads == heads
-  for path, a in convert._flatten(jax.tree.map(np.asarray, params)).items():
-    np.testing.assert_allclose(convert._flatten(back.params)[path], a, rtol=0, atol=0, err_msg=path)
+  for path, a in pytree.flatten(jax.tree.map(np.asarray, params)).items():
+    np.testing.assert_allclose(pytree.flatten(back.params)[path], a, rtol=0, atol=0, err_msg=path)
 
 
 def test_pytorch_bin_and_bfloat16(tmp_path):
