@@ -11,6 +11,7 @@ from model.heads import Electra, LanguageModel
 from model.heads import init_params as _init_params
 from model.transformer import preset
 from train import objectives as obj
+from train import tasks
 
 V = 101
 
@@ -172,7 +173,7 @@ def _electra_setup():
 
 def test_electra_labels_follow_the_generator_sample():
   model, params, batch = _electra_setup()
-  loss_fn = jax.jit(obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0}),
+  loss_fn = jax.jit(tasks.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0}),
                     static_argnames=('model', 'deterministic'))
   real = float(batch['segment_ids'].sum())
   # A generator bias that puts all mass on one id: the original id at every masked slot -> nothing replaced.
@@ -197,7 +198,7 @@ def test_electra_labels_follow_the_generator_sample():
 
 def test_electra_generator_gets_no_gradient_through_the_sample():
   model, params, batch = _electra_setup()
-  loss_fn = obj.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0})
+  loss_fn = tasks.build_loss_fn(model.discriminator_cfg, {'rtd': 1.0})
   grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, jax.random.key(3), model=model, deterministic=True)[0]))(params)
 
   def gen_only(p):
@@ -217,7 +218,7 @@ def test_electra_generator_gets_no_gradient_through_the_sample():
 @functools.cache
 def _bert_setup():
   cfg = preset('bert-tiny', vocab_size=V, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0, num_layers=1)
-  model = LanguageModel(cfg, heads=obj.heads_for({'mlm': 1.0, 'nsp': 1.0}))
+  model = LanguageModel(cfg, heads=tasks.heads_for({'mlm': 1.0, 'nsp': 1.0}))
   rng = np.random.default_rng(1)
   batch = dict(tokens=jnp.asarray(rng.integers(5, V, (2, 8)), jnp.int32), segment_ids=jnp.ones((2, 8), jnp.int32),
                token_type_ids=jnp.asarray([[0] * 4 + [1] * 4] * 2, jnp.int32),
@@ -229,10 +230,10 @@ def _bert_setup():
 
 
 def test_heads_for():
-  assert obj.heads_for({'nsp': 1.0, 'mlm': 1.0}) == ('mlm', 'nsp')
-  assert obj.heads_for({'clm': 1.0}) == ('lm',)
-  assert obj.heads_for({'span': 1.0}) == ('lm',)
-  assert obj.heads_for(['qa', 'classification']) == ('classifier', 'qa')
+  assert tasks.heads_for({'nsp': 1.0, 'mlm': 1.0}) == ('mlm', 'nsp')
+  assert tasks.heads_for({'clm': 1.0}) == ('lm',)
+  assert tasks.heads_for({'span': 1.0}) == ('lm',)
+  assert tasks.heads_for(['qa', 'classification']) == ('classifier', 'qa')
 
 
 def test_combined_gradient_is_weighted_sum_of_parts():
@@ -240,7 +241,7 @@ def test_combined_gradient_is_weighted_sum_of_parts():
   rng = jax.random.key(0)
 
   def grad_of(objectives, p):
-    fn = obj.build_loss_fn(cfg, objectives)
+    fn = tasks.build_loss_fn(cfg, objectives)
     return jax.grad(lambda p: fn(p, batch, rng, model=model, deterministic=True), has_aux=True)(p)
 
   @jax.jit  # one compilation for the three, to keep the test fast
@@ -258,11 +259,11 @@ def test_combined_gradient_is_weighted_sum_of_parts():
 
 def test_clm_runs_end_to_end():
   gpt = preset('gpt2-tiny', vocab_size=V, max_len=16, pad_id=0, bos_id=1, eos_id=1, num_layers=1)
-  model = LanguageModel(gpt, heads=obj.heads_for({'clm': 1.0}))
+  model = LanguageModel(gpt, heads=tasks.heads_for({'clm': 1.0}))
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
   batch = dict(tokens=tokens, targets=tokens + 1, weights=jnp.ones((2, 8)), segment_ids=jnp.ones((2, 8), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
-  loss, m = jax.jit(obj.build_loss_fn(gpt, {'clm': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
+  loss, m = jax.jit(tasks.build_loss_fn(gpt, {'clm': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
                                                                                     model=model)
   assert np.isfinite(float(loss)) and abs(float(m['clm/perplexity']) - np.exp(float(loss))) < 1e-3 * float(
       m['clm/perplexity'])
@@ -271,12 +272,12 @@ def test_clm_runs_end_to_end():
 def test_span_runs_end_to_end():
   tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 5
   t5 = preset('t5-tiny', vocab_size=V, max_len=16, num_layers=1)
-  model = LanguageModel(t5, heads=obj.heads_for({'span': 1.0}))
+  model = LanguageModel(t5, heads=tasks.heads_for({'span': 1.0}))
   batch = dict(encoder_tokens=tokens, encoder_segment_ids=jnp.ones((2, 8), jnp.int32), decoder_tokens=tokens[:, :4],
                decoder_targets=tokens[:, 1:5], decoder_weights=jnp.ones((2, 4)),
                decoder_segment_ids=jnp.ones((2, 4), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
-  loss, m = jax.jit(obj.build_loss_fn(t5, {'span': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
+  loss, m = jax.jit(tasks.build_loss_fn(t5, {'span': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
                                                                                     model=model)
   assert np.isfinite(float(loss)) and set(m) >= {'span/loss', 'span/accuracy', 'span/weight_sum', 'loss'}
 
@@ -295,7 +296,7 @@ def test_span_runs_end_to_end():
 ])
 def test_refusals_name_objective_arch_and_fix(arch, objectives, names):
   with pytest.raises(ValueError) as e:
-    obj.build_loss_fn(arch, objectives)
+    tasks.build_loss_fn(arch, objectives)
   for name in names:
     assert name in str(e.value), (name, str(e.value))
 
@@ -303,11 +304,11 @@ def test_refusals_name_objective_arch_and_fix(arch, objectives, names):
 def test_refusals_at_call_name_model_and_batch_problems():
   cfg, model, params, batch = _bert_setup()
   with pytest.raises(ValueError, match=r"'rtd'.*Electra"):
-    obj.build_loss_fn(cfg, {'rtd': 1.0})(params, batch, jax.random.key(0), model=model)
+    tasks.build_loss_fn(cfg, {'rtd': 1.0})(params, batch, jax.random.key(0), model=model)
   with pytest.raises(ValueError, match=r"\['tagger'\].*heads_for"):
-    obj.build_loss_fn(cfg, {'tagging': 1.0})(params, batch, jax.random.key(0), model=model)
-  loss, _ = obj.build_loss_fn(cfg, {'mlm': 1.0})(params, batch, None, model=model, deterministic=True)
+    tasks.build_loss_fn(cfg, {'tagging': 1.0})(params, batch, jax.random.key(0), model=model)
+  loss, _ = tasks.build_loss_fn(cfg, {'mlm': 1.0})(params, batch, None, model=model, deterministic=True)
   assert np.isfinite(float(loss))
   with pytest.raises(ValueError, match=r"'nsp'.*nsp_labels"):
-    obj.build_loss_fn(cfg, {'nsp': 1.0})(params, {k: v for k, v in batch.items() if k != 'nsp_labels'},
+    tasks.build_loss_fn(cfg, {'nsp': 1.0})(params, {k: v for k, v in batch.items() if k != 'nsp_labels'},
                                          jax.random.key(0), model=model)

@@ -7,11 +7,12 @@ import shutil
 import sys
 import time
 
-import jax
 import numpy as np
 
 from configs import gpt
 from model import decode
+from model import heads
+from train import pretrained
 from train import trainer
 from train.data import tokenizers
 
@@ -36,12 +37,12 @@ def main():
   s = trainer.train_and_evaluate(config, WORKDIR, log=lambda m: print(m, flush=True))
   wall = time.time() - t0
 
-  tok = tokenizers.Tokenizer.load(os.path.join(WORKDIR, 'tokenizer'))
-  model_cfg = trainer.model_config(config, tok)
-  model = trainer.build_model(config, model_cfg)
+  run = pretrained.load(WORKDIR)  # the run as any later user loads it: config.json, checkpoint, tokenizer
+  tok = tokenizers.Tokenizer.load(run.tokenizer_dir)
+  model_cfg = run.cfg
   prompt = 'Return the number of'
   ids = np.asarray([tok.encode(prompt)], np.int32)
-  out, _ = decode.generate(model, jax.device_get(s['state']['params']), ids,
+  out, _ = decode.generate(heads.LanguageModel(model_cfg, heads=run.heads), run.params, ids,
                            config=decode.DecodeConfig(max_new_tokens=24))
   text = tok.decode([int(t) for t in out[0] if t != model_cfg.pad_id])
   print('\n==== lmlab demo summary ====')

@@ -1,24 +1,18 @@
-"""Training objectives: keyword-only pure loss functions over model outputs, and their weighted combination.
+"""Training objectives: keyword-only pure loss functions over model outputs.
 
 Each loss takes arrays by keyword (shapes in its docstring), computes log-probabilities in float32 whatever the model's
 dtype, and returns `(loss, metrics)`: the loss is a weighted mean over the real targets, and the metrics always carry
 `weight_sum` (how many targets the means were taken over) so that a logger can average them correctly across steps and
-devices. `build_loss_fn(cfg, {'mlm': 1.0, 'nsp': 1.0})` checks that the architecture can serve every named objective
-(before anything is traced or compiled), and returns one `loss_fn(params, batch, rng, *, model, deterministic)` that
-runs a single forward pass with exactly the heads `heads_for(objectives)` names and sums the weighted losses; ELECTRA's
-replaced-token detection samples its corruptions from the generator inside that function. Batch keys follow the
-contract in train/data/__init__.py.
+devices. ELECTRA's `electra_loss` runs its own two forward passes, sampling the corruptions from the generator between
+them. Which batch keys and model outputs feed which loss, and their weighted combination, is train/tasks.py's job:
+one record per objective and task.
 """
 from __future__ import annotations
-
-import numbers
-from typing import Callable, Iterable, Mapping, Union
 
 import jax
 import jax.numpy as jnp
 
-from model.heads import HEADS, Electra, LanguageModel
-from model.transformer import ModelConfig
+from model.heads import Electra
 
 Metrics = dict[str, jax.Array]
 
@@ -202,175 +196,3 @@ def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0
   metrics.update({f'generator/{k}': v for k, v in gen_m.items()})
   metrics.update({f'discriminator/{k}': v for k, v in disc_m.items()})
   return loss, metrics
-
-
-# ---------------------------------------------------------------------------------------------- the combinator
-
-# objective -> (the LanguageModel heads it reads, the architectures that can serve it, the fix when one cannot).
-OBJECTIVES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
-    'mlm': (('mlm',), ('encoder',), "use an encoder (arch='encoder'); decoder-only models train with 'clm'"),
-    'nsp': (('nsp',), ('encoder',), "use an encoder (arch='encoder') or drop 'nsp'"),
-    'clm': (('lm',), ('decoder',), "use a decoder (arch='decoder'); encoders train with 'mlm', encoder-decoders "
-            "with 'span' or 'seq2seq'"),
-    'rtd': (('rtd',), ('encoder',), "ELECTRA's replaced-token detection needs an encoder discriminator and the "
-            "Electra(generator_cfg, discriminator_cfg) model"),
-    'span': (('lm',), ('encoder_decoder',), "span corruption needs an encoder-decoder (arch='encoder_decoder'); "
-             "use 'mlm' for encoders, 'clm' for decoders"),
-    'seq2seq': (('lm',), ('encoder_decoder',), "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a "
-                "decoder with source and target concatenated"),
-    'classification': (('classifier',), ('encoder', 'decoder'), "encoder-decoders classify with 'seq2seq' and "
-                       "the label as target text"),
-    'regression': (('classifier',), ('encoder', 'decoder'), "encoder-decoders regress with 'seq2seq' on the "
-                   "value as text"),
-    'tagging': (('tagger',), ('encoder', 'decoder'), "use an encoder for token classification"),
-    'qa': (('qa',), ('encoder', 'decoder'), "use an encoder for extractive QA, or 'seq2seq' for generative QA"),
-}
-
-# The batch keys each objective reads, checked when tracing so a wrong data pipeline fails with names, not a KeyError.
-_BATCH_KEYS = {
-    'mlm': ('masked_positions', 'masked_ids', 'masked_weights'),
-    'nsp': ('nsp_labels',),
-    'clm': ('targets', 'weights'),
-    'rtd': ('tokens', 'masked_positions', 'masked_ids', 'masked_weights'),
-    'span': ('encoder_tokens', 'decoder_tokens', 'decoder_targets', 'decoder_weights'),
-    'seq2seq': ('encoder_tokens', 'decoder_tokens', 'decoder_targets', 'decoder_weights'),
-    'classification': ('label',),
-    'regression': ('label',),
-    'tagging': ('tag_labels', 'tag_weights'),
-    'qa': ('start_positions', 'end_positions'),
-}
-
-
-def _arch(cfg_or_arch) -> str:
-  if isinstance(cfg_or_arch, ModelConfig):
-    return cfg_or_arch.arch
-  if isinstance(cfg_or_arch, str):
-    return cfg_or_arch
-  raise TypeError(f'expected a ModelConfig or an arch name, got {type(cfg_or_arch).__name__}.')
-
-
-def validate_objectives(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float]) -> None:
-  """Raises ValueError, naming the objective, the architecture and the fix, for anything the model cannot serve."""
-  arch = _arch(cfg_or_arch)
-  if not objectives:
-    raise ValueError(f'no objectives given; name at least one of {sorted(OBJECTIVES)} with a weight, '
-                     "e.g. {'mlm': 1.0}.")
-  unknown = sorted(set(objectives) - set(OBJECTIVES))
-  if unknown:
-    raise ValueError(f'unknown objective(s) {unknown}; known objectives: {sorted(OBJECTIVES)}.')
-  for name, weight in objectives.items():
-    if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not 0 <= weight < float('inf'):
-      raise ValueError(f'objective {name!r} has weight {weight!r}; weights must be finite numbers >= 0.')
-    heads, archs, fix = OBJECTIVES[name]
-    if arch not in archs:
-      raise ValueError(f"objective {name!r} cannot be trained on arch={arch!r} (it needs {' or '.join(archs)}): "
-                       f'{fix}.')
-  if 'rtd' in objectives and len(objectives) > 1:
-    others = sorted(set(objectives) - {'rtd'})
-    raise ValueError(f"objective 'rtd' (ELECTRA) already includes its generator's MLM loss and runs on the Electra "
-                     f'model, which has no heads for {others}; train rtd alone.')
-  if {'classification', 'regression'} <= set(objectives):
-    raise ValueError("objectives 'classification' and 'regression' both read the one classifier head; pick one.")
-
-
-def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
-  """The LanguageModel heads the objectives (names, or a {name: weight} dict) read, in HEADS order: ('mlm', 'nsp')."""
-  unknown = sorted(set(objectives) - set(OBJECTIVES))
-  if unknown:
-    raise ValueError(f'unknown objective(s) {unknown}; known objectives: {sorted(OBJECTIVES)}.')
-  needed = {h for name in objectives for h in OBJECTIVES[name][0]}
-  return tuple(h for h in HEADS if h in needed)
-
-
-def _check_model(model, objectives, heads):
-  if 'rtd' in objectives:
-    if not isinstance(model, Electra):
-      raise ValueError(f"objective 'rtd' needs the Electra(generator_cfg, discriminator_cfg) model, got "
-                       f'{type(model).__name__}.')
-    return
-  if not isinstance(model, LanguageModel):
-    raise ValueError(f'objectives {sorted(objectives)} need a LanguageModel, got {type(model).__name__}.')
-  missing = sorted(set(heads) - set(model.heads))
-  if missing:
-    raise ValueError(f'objectives {sorted(objectives)} read head(s) {missing} the model was built without; build '
-                     f'LanguageModel(cfg, heads=heads_for(objectives)) = heads={heads}.')
-  if 'regression' in objectives and model.num_labels != 1:
-    raise ValueError(f"objective 'regression' needs LanguageModel(num_labels=1); got num_labels={model.num_labels}.")
-
-
-def _check_batch(batch, objectives):
-  for name in objectives:
-    missing = [k for k in _BATCH_KEYS[name] if k not in batch]
-    if missing:
-      raise ValueError(f'objective {name!r} needs batch key(s) {missing}; the batch has {sorted(batch)} '
-                       '(see the batch contract in train/data/__init__.py).')
-
-
-def _objective_loss(name, out, batch, *, label_smoothing, z_loss):
-  if name == 'mlm':
-    return mlm_loss(logits=out['mlm_logits'], labels=batch['masked_ids'], weights=batch['masked_weights'])
-  if name == 'nsp':
-    return nsp_loss(logits=out['nsp_logits'], labels=batch['nsp_labels'])
-  if name == 'clm':
-    return clm_loss(logits=out['lm_logits'], targets=batch['targets'], weights=batch['weights'],
-                    label_smoothing=label_smoothing, z_loss=z_loss)
-  if name in ('span', 'seq2seq'):
-    return seq2seq_loss(logits=out['lm_logits'], targets=batch['decoder_targets'], weights=batch['decoder_weights'],
-                        label_smoothing=label_smoothing, z_loss=z_loss)
-  if name == 'classification':
-    return classification_loss(logits=out['cls_logits'], labels=batch['label'], weights=batch.get('label_weights'))
-  if name == 'regression':
-    return regression_loss(predictions=out['cls_logits'][..., 0], targets=batch['label'],
-                           weights=batch.get('label_weights'))
-  if name == 'tagging':
-    return tagging_loss(logits=out['tag_logits'], labels=batch['tag_labels'], weights=batch['tag_weights'])
-  if name == 'qa':
-    return span_qa_loss(start_logits=out['start_logits'], end_logits=out['end_logits'],
-                        start_positions=batch['start_positions'], end_positions=batch['end_positions'],
-                        weights=batch.get('label_weights'))
-  raise AssertionError(name)  # validate_objectives rules this out
-
-
-LossFn = Callable[..., tuple[jax.Array, Metrics]]
-
-
-def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float], *,
-                  rtd_lambda: float = 50.0, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                  generator_temperature: float = 1.0) -> LossFn:
-  """One loss over the params pytree for a weighted set of objectives, e.g. {'mlm': 1.0, 'nsp': 1.0}.
-
-  Validates now (ValueError naming objective, arch and fix) and returns
-  `loss_fn(params, batch, rng, *, model, deterministic=False) -> (loss, metrics)`, for
-  `jax.value_and_grad(loss_fn, has_aux=True)`. `model` is `LanguageModel(cfg, heads=heads_for(objectives), ...)`,
-  or `Electra(generator_cfg, discriminator_cfg)` for 'rtd'; `rng` feeds dropout and ELECTRA's sampling (it may be
-  None with deterministic=True, except for 'rtd', which samples even in evaluation).
-  loss = sum_name weight * loss_name; metrics are '<name>/<metric>' per objective plus 'loss'. label_smoothing and
-  z_loss apply to the generative token losses ('clm', 'span', 'seq2seq'); rtd_lambda weighs ELECTRA's discriminator.
-  """
-  validate_objectives(cfg_or_arch, objectives)
-  objectives = dict(objectives)
-  heads = heads_for(objectives)
-
-  def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
-    _check_model(model, objectives, heads)
-    _check_batch(batch, objectives)
-    if 'rtd' in objectives:
-      if rng is None:
-        raise ValueError("objective 'rtd' samples the generator's replacements and needs an rng, also in evaluation.")
-      loss, m = electra_loss(params, batch, rng, model=model, rtd_lambda=rtd_lambda, deterministic=deterministic,
-                             temperature=generator_temperature)
-      total = objectives['rtd'] * loss
-      return total, {'loss': total, **{f'rtd/{k}': v for k, v in m.items()}}
-    # rng may be None for deterministic evaluation of non-sampling objectives.
-    out = model.apply({'params': params}, batch, deterministic=deterministic,
-                      rngs={} if rng is None else {'dropout': rng})
-    total = jnp.zeros((), jnp.float32)
-    metrics = {}
-    for name, weight in objectives.items():
-      loss, m = _objective_loss(name, out, batch, label_smoothing=label_smoothing, z_loss=z_loss)
-      total = total + weight * loss
-      metrics.update({f'{name}/{k}': v for k, v in m.items()})
-    metrics['loss'] = total
-    return total, metrics
-
-  return loss_fn

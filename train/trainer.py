@@ -25,12 +25,12 @@ import numpy as np
 import optax
 
 from model import heads as heads_lib
-from model import transformer
+from model.config import ModelConfig, preset, set_fields
 from train import checkpoint as ckpt_lib
-from train import objectives as obj
 from train import optim
 from train import partitioning as part
 from train import pretrained
+from train import tasks
 from train.data import pipeline
 from train.data.loader import global_batch
 
@@ -92,37 +92,19 @@ def summarize(history: list[Mapping[str, Any]]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- model and state
 
 
-def model_config(config, tokenizer=None, init: Optional[pretrained.Pretrained] = None) -> transformer.ModelConfig:
-  """config.model (preset + overrides) with the vocabulary and special ids of the tokenizer.
-
-  Starting from a checkpoint (config.model.init_from), its architecture wins and only the overrides apply.
-  """
-  overrides = dict(config.model.overrides)
-  if init is not None:
-    return init.cfg.replace(**overrides)
-  if tokenizer is not None:
-    overrides.setdefault('vocab_size', tokenizer.vocab_size)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    overrides.setdefault('pad_id', pad)
-    overrides.setdefault('decoder_start_id', pad)
-    if tokenizer.eos_id is not None:
-      overrides.setdefault('eos_id', tokenizer.eos_id)
-    if tokenizer.bos_id is not None:
-      overrides.setdefault('bos_id', tokenizer.bos_id)
-  return transformer.preset(config.model.preset, **overrides)
+def arch_config(config, init: Optional[pretrained.Pretrained] = None) -> ModelConfig:
+  """config.model: the preset with its overrides, or the init_from checkpoint's architecture with the overrides."""
+  overrides = set_fields(config.model.overrides)
+  return init.cfg.replace(**overrides) if init is not None else preset(config.model.preset, **overrides)
 
 
-def build_model(config, model_cfg: transformer.ModelConfig):
-  """LanguageModel with the heads the objectives need, or Electra for 'rtd'."""
-  objectives = dict(config.objectives)
-  if 'rtd' in objectives:
-    gen_overrides = {k: getattr(model_cfg, k) for k in ('vocab_size', 'pad_id', 'max_len', 'embed_dim',
-                                                        'type_vocab_size', 'dtype', 'param_dtype', 'scan_layers',
-                                                        'remat_policy')}
-    gen_overrides.update(dict(config.model.generator_overrides))
-    gen_cfg = transformer.preset(config.model.generator_preset, **gen_overrides)
-    return heads_lib.Electra(gen_cfg, model_cfg)
-  return heads_lib.LanguageModel(model_cfg, heads=obj.heads_for(objectives))
+def with_tokenizer(cfg: ModelConfig, tokenizer, overrides) -> ModelConfig:
+  """cfg with the tokenizer's vocabulary size and special ids, where config.model.overrides does not set them."""
+  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+  fields = {'vocab_size': tokenizer.vocab_size, 'pad_id': pad, 'decoder_start_id': pad, 'eos_id': tokenizer.eos_id,
+            'bos_id': tokenizer.bos_id}
+  set_ = set_fields(overrides)
+  return cfg.replace(**{k: v for k, v in fields.items() if v is not None and k not in set_})
 
 
 def _rules(config):
@@ -130,32 +112,43 @@ def _rules(config):
 
 
 @dataclasses.dataclass
-class Setup:
-  """Everything a run needs, built and checked before anything compiles."""
+class Parts:
+  """The run's objects, each built and checked once, before anything is traced."""
   model: Any
-  model_cfg: transformer.ModelConfig
+  model_cfg: ModelConfig
   loss_fn: Callable
   optimizer: optax.GradientTransformation
   lr_fn: Callable
   mesh: jax.sharding.Mesh
   rules: Any
-  state_shardings: Any
-  abstract_state: Any
-  batch_sharding: Any
-  init_fn: Callable
 
 
-def make_setup(config, example_batch: Mapping[str, np.ndarray], model_cfg: transformer.ModelConfig,
-               devices=None) -> Setup:
-  """Model, loss, optimizer, mesh and shardings; `init_fn(rng_seed)` creates the state already sharded."""
-  objectives = dict(config.objectives)
-  model = build_model(config, model_cfg)
-  loss_fn = obj.build_loss_fn(model_cfg, objectives, **dict(config.get('loss', {})))  # validates the objectives
-  optimizer = optim.make_optimizer(config.optim)
-  lr_fn = optim.learning_rate_fn(config.optim)
+def _config_parts(config, devices=None) -> dict[str, Any]:
+  """What config alone determines: the mesh (checked against the devices and the batch), optimizer, schedule, rules."""
   mesh = part.make_mesh(tuple(config.mesh.shape), devices)
   part.check_batch_size(int(config.data.batch_size), mesh)
-  rules = _rules(config)
+  return dict(optimizer=optim.make_optimizer(config.optim), lr_fn=optim.learning_rate_fn(config.optim), mesh=mesh,
+              rules=_rules(config))
+
+
+def build_parts(config, model_cfg: ModelConfig, devices=None) -> Parts:
+  """Model (from the objectives' records), loss, optimizer, learning-rate schedule, mesh and rules for config."""
+  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), **dict(config.get('loss', {})))
+  return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_config_parts(config, devices))
+
+
+@dataclasses.dataclass
+class Setup(Parts):
+  """Parts plus the sharded state's layout; `init_fn(rng_seed)` creates the state already sharded."""
+  state_shardings: Any = None
+  abstract_state: Any = None
+  batch_sharding: Any = None
+  init_fn: Callable = None
+
+
+def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
+  """Shardings of params and optimizer state from the model's logical axes, and the sharded init function."""
+  model, optimizer, mesh = parts.model, parts.optimizer, parts.mesh
   batch = {k: jnp.asarray(v) for k, v in example_batch.items()}
 
   def init_boxed(rng):
@@ -163,7 +156,7 @@ def make_setup(config, example_batch: Mapping[str, np.ndarray], model_cfg: trans
 
   boxed_shapes = jax.eval_shape(init_boxed, jax.random.key(0))
   params_shapes = nn.meta.unbox(boxed_shapes)
-  params_sh = part.param_shardings(nn.get_partition_spec(boxed_shapes), params_shapes, mesh, rules)
+  params_sh = part.param_shardings(nn.get_partition_spec(boxed_shapes), params_shapes, mesh, parts.rules)
   opt_shapes = jax.eval_shape(optimizer.init, params_shapes)
   opt_sh = part.like_params_shardings(opt_shapes, params_shapes, params_sh, mesh)
   rep = part.replicated(mesh)
@@ -177,9 +170,9 @@ def make_setup(config, example_batch: Mapping[str, np.ndarray], model_cfg: trans
 
   abstract = jax.eval_shape(init, 0)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
-  init_fn = jax.jit(init, static_argnums=0, out_shardings=state_sh)
-  return Setup(model, model_cfg, loss_fn, optimizer, lr_fn, mesh, rules, state_sh, abstract,
-               part.batch_sharding(mesh), init_fn)
+  return Setup(**vars(parts), state_shardings=state_sh, abstract_state=abstract,
+               batch_sharding=part.batch_sharding(mesh),
+               init_fn=jax.jit(init, static_argnums=0, out_shardings=state_sh))
 
 
 def jit_steps(setup: Setup):
@@ -287,165 +280,186 @@ def _config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort()) if hasattr(config, 'to_json_best_effort') else dict(config)
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict[str, Any]:
-  """Pre-trains per `config` in `workdir`, resuming from its latest checkpoint. -> summary dict."""
-  objectives = dict(config.objectives)
-  # Everything that can be wrong with the config is checked here, before a file is written or a step compiled.
-  pipeline.check_config(config.data, objectives)
-  optim.learning_rate_fn(config.optim)
-  part.resolve_mesh_shape(tuple(config.mesh.shape), len(devices or jax.devices()))
-  init = None
-  if config.model.get('init_from'):
-    # The checkpoint's architecture replaces the preset (a GGUF writes its tokenizer under <workdir>/init).
-    init = pretrained.load(config.model.init_from, save_dir=os.path.join(workdir, 'init'))
-  arch_cfg = init.cfg if init else transformer.preset(config.model.preset, **dict(config.model.overrides))
-  obj.validate_objectives(arch_cfg, objectives)
+@dataclasses.dataclass
+class Run:
+  """Stage 1's product: every object a run needs, built and checked once."""
+  config: Any
+  workdir: str
+  init: Optional[pretrained.Pretrained]
+  data: pipeline.PretrainingData
+  setup: Setup
+  train_fn: Callable
+  eval_fn: Callable
+  log: Callable
 
+
+def _start_from(config, workdir: str, log):
+  """config.model.init_from -> (Pretrained or None, config pointing at the checkpoint's own tokenizer)."""
+  if not config.model.get('init_from'):
+    return None, config
+  # The checkpoint's architecture replaces the preset (a GGUF writes its tokenizer under <workdir>/init).
+  init = pretrained.load(config.model.init_from, save_dir=os.path.join(workdir, 'init'))
+  if init.tokenizer_dir and not config.data.tokenizer_path:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.tokenizer_path = init.tokenizer_dir  # the checkpoint's own vocabulary
+  log(f'starting from {init.source} checkpoint {config.model.init_from}')
+  return init, config
+
+
+def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
+  """Stage 1: config -> Run. Everything that can be wrong with the config is checked before a file is written or a
+  step compiled (a GGUF init_from writes its tokenizer under <workdir>/init once the config has passed)."""
+  objectives = dict(config.objectives)
+  pipeline.check_config(config.data, objectives)
+  early = _config_parts(config, devices)
+  init, config = _start_from(config, workdir, log)
+  arch_cfg = arch_config(config, init)
+  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
-  if init is not None:
-    if init.tokenizer_dir and not config.data.tokenizer_path:
-      config = ml_collections.ConfigDict(config.to_dict())
-      config.data.tokenizer_path = init.tokenizer_dir  # the checkpoint's own vocabulary
-    log(f'starting from {init.source} checkpoint {config.model.init_from}')
   data = pipeline.build(config.data, objectives, workdir=workdir, seed=int(config.seed))
-  model_cfg = model_config(config, data.tokenizer, init)
+  model_cfg = arch_cfg if init is not None else with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
   too_long = data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder'
   if model_cfg.position == 'learned' and too_long:
     raise ValueError(f'config.data.seq_len={config.data.seq_len} exceeds the model\'s max_len={model_cfg.max_len}; '
                      'lower seq_len or raise config.model.overrides.max_len.')
-  example = data.train[0]
-  setup = make_setup(config, example, model_cfg, devices)
+  parts = Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **early)
+  setup = make_setup(parts, data.train[0])
   train_fn, eval_fn = jit_steps(setup)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump({'config': _config_dict(config), 'model': model_cfg.to_dict()}, f, indent=2)
+  return Run(config, workdir, init, data, setup, train_fn, eval_fn, log)
 
-  tc = config.train
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), max_to_keep=int(tc.keep_checkpoints),
-                               best_metric=tc.get('best_metric') or None, best_mode=tc.get('best_mode', 'min'),
-                               async_save=bool(tc.get('async_checkpoints', True)))
+
+def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
+  """Stage 2: the latest checkpoint of the workdir (state and loader position), or a fresh state (with the init_from
+  checkpoint's parameters merged in). -> (state, start step)."""
+  setup = run.setup
   start = ckpts.latest_step()
   if start is not None:
     state, loader_state, _ = ckpts.restore(setup.abstract_state, start)
-    data.train.set_state(loader_state)
-    log(f'resumed from step {start} in {ckpts.directory}')
-  else:
-    state = setup.init_fn(int(config.seed))
-    if init is not None:
-      merged = pretrained.merge_params(jax.device_get(state['params']), init.params, where=config.model.init_from)
-      state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
-    start = 0
-  writer = MetricsWriter(workdir, resume_step=start)
-  total = int(tc.steps)
-  n_params = heads_lib.count_params(setup.abstract_state['params'])
-  log(f'model {config.model.preset} ({n_params / 1e6:.2f}M params), objectives {objectives}, mesh '
-      f'{dict(setup.mesh.shape)}, {total} steps of {config.data.batch_size} x {data.tokens_per_example} tokens')
+    run.data.train.set_state(loader_state)
+    run.log(f'resumed from step {start} in {ckpts.directory}')
+    return state, start
+  state = setup.init_fn(int(run.config.seed))
+  if run.init is not None:
+    merged = pretrained.merge_params(jax.device_get(state['params']), run.init.params,
+                                     where=run.config.model.init_from)
+    state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
+  return state, 0
 
-  def check_finite(state):
+
+def _checkpoints(run: Run) -> ckpt_lib.Checkpoints:
+  tc = run.config.train
+  return ckpt_lib.Checkpoints(os.path.join(run.workdir, 'checkpoints'), max_to_keep=int(tc.keep_checkpoints),
+                              best_metric=tc.get('best_metric') or None, best_mode=tc.get('best_mode', 'min'),
+                              async_save=bool(tc.get('async_checkpoints', True)))
+
+
+class _Loop:
+  """Stage 3's bookkeeping: the metrics window, eval, checkpoints and the finite check, for one run."""
+
+  def __init__(self, run: Run, ckpts: ckpt_lib.Checkpoints, writer: MetricsWriter):
+    self.run, self.ckpts, self.writer = run, ckpts, writer
+    self.tc = run.config.train
+    self.history, self.first_loss, self.last_train, self.last_eval = [], None, None, None
+    self.t_window, self.steps_window = time.time(), 0
+
+  def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
     if bad >= 0:
       raise FloatingPointError(f'loss or gradients became NaN/Inf at step {bad + 1}; stopped without saving. The '
-                               f'last checkpoint ({ckpts.latest_step()}) holds finite parameters; lower '
+                               f'last checkpoint ({self.ckpts.latest_step()}) holds finite parameters; lower '
                                'config.optim.learning_rate or enable clip_norm.')
 
-  def save(state, step, metrics=None):
-    check_finite(state)
-    ckpts.save(step, state, loader_state=data.train.get_state(), config=_config_dict(config), metrics=metrics)
+  def save(self, state, step, metrics=None):
+    self.check_finite(state)
+    self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(), config=_config_dict(self.run.config),
+                    metrics=metrics)
 
-  def run_eval(state, step):
-    if data.eval is None:
+  def evaluate(self, state, step):
+    run = self.run
+    if run.data.eval is None:
       return None
-    rng = jax.random.key(int(config.seed) + 7)
-    history = [eval_fn(state['params'], global_batch(data.eval[i], setup.batch_sharding), rng)
-               for i in range(int(tc.eval_steps))]
+    rng = jax.random.key(int(run.config.seed) + 7)
+    history = [run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
+               for i in range(int(self.tc.eval_steps))]
     values = summarize(history)
-    writer.write(step, 'eval', values)
-    log(f'step {step}: eval loss {values["loss"]:.4f}')
+    self.writer.write(step, 'eval', values)
+    run.log(f'step {step}: eval loss {values["loss"]:.4f}')
+    self.last_eval = values
     return values
 
-  history, first_loss, last_train, last_eval = [], None, None, None
-  t_window, steps_window, t_start = time.time(), 0, time.time()
-  status = 'done'
+  def log_window(self, state, step, total):
+    self.check_finite(state)
+    values = summarize(self.history)
+    values['steps_per_sec'] = self.steps_window / max(time.time() - self.t_window, 1e-9)
+    values['tokens_per_sec'] = (values['steps_per_sec'] * int(self.run.config.data.batch_size)
+                                * self.run.data.tokens_per_example)
+    self.writer.write(step, 'train', values)
+    self.first_loss = values['loss'] if self.first_loss is None else self.first_loss
+    self.last_train = values
+    eta = (total - step) / max(values['steps_per_sec'], 1e-9)
+    self.run.log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
+                 f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
+    self.history, self.t_window, self.steps_window = [], time.time(), 0
+
+  def after_step(self, state, metrics, step, total):
+    self.history.append(metrics)
+    self.steps_window += 1
+    tc = self.tc
+    if step % int(tc.log_every) == 0 or step == total:
+      self.log_window(state, step, total)
+    if tc.eval_every and step % int(tc.eval_every) == 0:
+      self.evaluate(state, step)
+    if step % int(tc.checkpoint_every) == 0 or step == total:
+      best = tc.get('best_metric')
+      self.save(state, step, metrics=({best: self.last_eval[best.split('/', 1)[-1]]}
+                                      if best and self.last_eval else None))
+
+
+def train_loop(run: Run, state, start: int, loop: _Loop):
+  """Stage 3: steps from `start` to config.train.steps; SIGTERM saves and returns. -> (state, step, status)."""
+  total, step, status = int(run.config.train.steps), start, 'done'
+  with _Preemption() as preempt:
+    while step < total:
+      state, metrics = run.train_fn(state, global_batch(next(run.data.train), run.setup.batch_sharding))
+      step += 1
+      loop.after_step(state, metrics, step, total)
+      if preempt.requested:
+        if step % int(run.config.train.checkpoint_every):
+          loop.save(state, step)
+        run.log(f'SIGTERM: saved step {step}, exiting')
+        return state, step, 'preempted'
+  if run.config.train.eval_steps and run.data.eval is not None and loop.last_eval is None:
+    loop.evaluate(state, step)  # before the writer closes: a closed TensorBoard writer opens a second file
+  return state, step, status
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict[str, Any]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint: prepare -> restore or init -> loop.
+
+  -> summary dict (status, steps, first/final loss, throughput, last eval, workdir, params, state)."""
+  run = prepare(config, workdir, devices=devices, log=log)
+  ckpts = _checkpoints(run)
   try:
-    with _Preemption() as preempt:
-      step = start
-      while step < total:
-        batch = global_batch(next(data.train), setup.batch_sharding)
-        state, metrics = train_fn(state, batch)
-        step += 1
-        history.append(metrics)
-        steps_window += 1
-        if step % int(tc.log_every) == 0 or step == total:
-          check_finite(state)
-          values = summarize(history)
-          elapsed = time.time() - t_window
-          values['steps_per_sec'] = steps_window / max(elapsed, 1e-9)
-          values['tokens_per_sec'] = values['steps_per_sec'] * int(config.data.batch_size) * data.tokens_per_example
-          writer.write(step, 'train', values)
-          first_loss = values['loss'] if first_loss is None else first_loss
-          last_train = values
-          eta = (total - step) / max(values['steps_per_sec'], 1e-9)
-          log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
-              f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
-          history, t_window, steps_window = [], time.time(), 0
-        if tc.eval_every and step % int(tc.eval_every) == 0:
-          last_eval = run_eval(state, step) or last_eval
-        if step % int(tc.checkpoint_every) == 0 or step == total:
-          best = tc.get('best_metric')
-          save(state, step, metrics=({best: last_eval[best.split('/', 1)[-1]]} if best and last_eval else None))
-        if preempt.requested:
-          if step % int(tc.checkpoint_every):
-            save(state, step)
-          status = 'preempted'
-          log(f'SIGTERM: saved step {step}, exiting')
-          break
-    if status == 'done' and tc.eval_steps and data.eval is not None and last_eval is None:
-      last_eval = run_eval(state, step)  # before the writer closes: a closed TensorBoard writer opens a second file
+    state, start = restore_or_init(run, ckpts)
+    writer = MetricsWriter(workdir, resume_step=start)
+    n_params = heads_lib.count_params(run.setup.abstract_state['params'])
+    c = run.config
+    log(f'model {c.model.init_from or c.model.preset} ({n_params / 1e6:.2f}M params), objectives '
+        f'{dict(c.objectives)}, mesh {dict(run.setup.mesh.shape)}, {int(c.train.steps)} steps of '
+        f'{c.data.batch_size} x {run.data.tokens_per_example} tokens')
+    loop, t_start = _Loop(run, ckpts, writer), time.time()
+    try:
+      state, step, status = train_loop(run, state, start, loop)
+    finally:
+      writer.close()
   finally:
     # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
     ckpts.close()
-    writer.close()
-  return {'status': status, 'steps': step, 'first_loss': first_loss,
-          'final_loss': None if last_train is None else last_train['loss'],
-          'steps_per_sec': None if last_train is None else last_train['steps_per_sec'],
-          'tokens_per_sec': None if last_train is None else last_train['tokens_per_sec'],
-          'eval': last_eval, 'wall_s': time.time() - t_start, 'workdir': os.path.abspath(workdir),
+  last = loop.last_train or {}
+  return {'status': status, 'steps': step, 'first_loss': loop.first_loss, 'final_loss': last.get('loss'),
+          'steps_per_sec': last.get('steps_per_sec'), 'tokens_per_sec': last.get('tokens_per_sec'),
+          'eval': loop.last_eval, 'wall_s': time.time() - t_start, 'workdir': os.path.abspath(workdir),
           'params': n_params, 'state': state}
-
-
-def benchmark_tokens_per_second(*, kind: str, seq_len: int, preset: Optional[str] = None, batch_size: int = 8,
-                                steps: int = 5, vocab_size: int = 8000) -> float:
-  """Tokens/s one jitted train step consumes on this machine for a preset on random data (benchmarks use it)."""
-  preset = preset or {'mlm': 'bert-small', 'clm': 'gpt2-tiny', 'span': 't5-tiny', 'nsp': 'bert-small'}[kind]
-  objectives = {'mlm': {'mlm': 1.0}, 'nsp': {'mlm': 1.0, 'nsp': 1.0}, 'clm': {'clm': 1.0}, 'span': {'span': 1.0}}[kind]
-  cfg = transformer.preset(preset, vocab_size=vocab_size, max_len=max(seq_len, 512))
-  rng = np.random.default_rng(0)
-  b, t = batch_size, seq_len
-  ids = lambda shape: rng.integers(5, vocab_size, shape).astype(np.int32)
-  ones = lambda shape: np.ones(shape, np.int32)
-  if kind == 'clm':
-    batch = dict(tokens=ids((b, t)), targets=ids((b, t)), weights=np.ones((b, t), np.float32), segment_ids=ones((b, t)))
-  elif kind == 'span':
-    batch = dict(encoder_tokens=ids((b, t)), encoder_segment_ids=ones((b, t)), decoder_tokens=ids((b, t // 4)),
-                 decoder_targets=ids((b, t // 4)), decoder_weights=np.ones((b, t // 4), np.float32),
-                 decoder_segment_ids=ones((b, t // 4)))
-  else:
-    p = int(round(0.15 * t)) + 1
-    batch = dict(tokens=ids((b, t)), segment_ids=ones((b, t)), token_type_ids=np.zeros((b, t), np.int32),
-                 masked_positions=rng.integers(0, t, (b, p)).astype(np.int32), masked_ids=ids((b, p)),
-                 masked_weights=np.ones((b, p), np.float32), nsp_labels=np.zeros((b,), np.int32))
-  config = ml_collections.ConfigDict(dict(
-      objectives=objectives, model=dict(preset=preset, overrides={}, generator_preset='', generator_overrides={}),
-      optim=optim.default_config(), mesh=dict(shape=(-1, 1, 1), rules=None), data=dict(batch_size=b)))
-  setup = make_setup(config, batch, cfg)
-  train_fn, _ = jit_steps(setup)
-  state = setup.init_fn(0)
-  gb = global_batch(batch, setup.batch_sharding)
-  state, m = train_fn(state, gb)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = train_fn(state, gb)
-  jax.block_until_ready(m)
-  tokens = b * (t + (t // 4 if kind == 'span' else 0))
-  return steps * tokens / (time.perf_counter() - t0)

@@ -3,8 +3,9 @@
 Text comes from the embedded stdlib corpus (no files), local text files (through the TFDS text builder, built once
 into `<workdir>/tfds`), or a TFDS catalog dataset by name. The tokenizer is loaded from `data.tokenizer_path` or
 trained on the training text and saved to `<workdir>/tokenizer`, so a checkpoint is usable without the run. The
-example kind follows the objectives: mlm/rtd -> MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span ->
-SpanCorruption. Every path and field is checked here, before anything compiles.
+example builder and the default tokenizer kind come from the objectives' records in train/tasks.py (mlm/rtd ->
+MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span -> SpanCorruption, or a registered one). Every path and field
+is checked here, before anything compiles.
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
+from train import tasks
 from train.data import embedded
-from train.data import examples as ex
 from train.data import tokenizers as toks
 from train.data.loader import Loader
 
 SOURCES = ('embedded', 'files', 'tfds')
-TOKENIZER_KINDS = {'mlm': 'wordpiece', 'nsp': 'wordpiece', 'rtd': 'wordpiece', 'clm': 'bpe', 'span': 'unigram'}
 
 
 @dataclasses.dataclass
@@ -26,18 +26,18 @@ class PretrainingData:
   tokenizer: toks.Tokenizer
   train: Loader
   eval: Optional[Loader]
-  kind: str                    # 'mlm' | 'nsp' | 'clm' | 'span'
+  kind: str                    # the record whose example builder made the batches: 'mlm' | 'nsp' | 'clm' | ...
   tokens_per_example: int
 
 
-def example_kind(objectives: Mapping[str, float]) -> str:
-  names = set(objectives)
-  if 'nsp' in names:
-    return 'nsp'
-  for kind in ('mlm', 'rtd', 'clm', 'span'):
-    if kind in names:
-      return 'mlm' if kind == 'rtd' else kind
-  raise ValueError(f'config.objectives={sorted(names)}: pre-training needs one of mlm, nsp, rtd, clm, span.')
+def example_task(objectives: Mapping[str, float]) -> tasks.Task:
+  """The record that builds the examples from text; downstream tasks read labeled files instead."""
+  task = tasks.example_task(objectives)
+  if task.kind != 'pretrain':
+    raise ValueError(f'config.objectives={sorted(objectives)}: {task.name!r} is a downstream task, trained on '
+                     'labeled files, not on pre-training text; pre-train with one of '
+                     f'{sorted(n for n, t in tasks.REGISTRY.items() if t.kind == "pretrain")}.')
+  return task
 
 
 def check_config(data, objectives: Mapping[str, float]):
@@ -60,7 +60,7 @@ def check_config(data, objectives: Mapping[str, float]):
   for field in ('seq_len', 'batch_size'):
     if int(data[field]) <= 0:
       raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
-  example_kind(objectives)
+  example_task(objectives)
 
 
 def _records(data, workdir: str) -> dict[str, Any]:
@@ -99,50 +99,30 @@ class _Slice:
     return self.source[self.start + i]
 
 
-def _tokenizer(data, kind: str, train_records, workdir: str) -> toks.Tokenizer:
+def _tokenizer(data, task: tasks.Task, train_records, workdir: str) -> toks.Tokenizer:
   saved = os.path.join(workdir, 'tokenizer')
   if data.tokenizer_path:
     return toks.Tokenizer.load(data.tokenizer_path)
   if os.path.exists(saved):
     return toks.Tokenizer.load(saved)  # a resumed run keeps the tokenizer its checkpoints were trained with
   texts = [train_records[i]['text'] for i in range(min(len(train_records), data.tokenizer_train_records))]
-  tok = toks.train_tokenizer(data.tokenizer_kind or TOKENIZER_KINDS[kind], texts, vocab_size=data.vocab_size)
+  tok = toks.train_tokenizer(data.tokenizer_kind or task.tokenizer_kind, texts, vocab_size=data.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   tok.save(saved)
   return tok
 
 
-def _transform(kind: str, stream, tokenizer, data, records=None):
-  specials = ex.Specials.from_tokenizer(tokenizer)
-  if kind == 'clm':
-    t = ex.CausalLM(stream, seq_len=data.seq_len)
-    return t, range(t.num_windows)
-  if kind == 'mlm':
-    t = ex.MaskedLM(stream, specials, seq_len=data.seq_len, max_predictions=data.max_predictions or None,
-                    mask_rate=data.mask_rate, whole_word=data.whole_word)
-    return t, range(t.num_windows)
-  if kind == 'span':
-    t = ex.SpanCorruption(stream, specials, inputs_length=data.seq_len, targets_length=data.targets_len or None)
-    return t, range(t.num_windows)
-  t = ex.NextSentence(records, tokenizer, seq_len=data.seq_len, max_predictions=data.max_predictions or None,
-                      mask_rate=data.mask_rate, whole_word=data.whole_word)
-  return t, range(len(records))
-
-
 def build(data, objectives: Mapping[str, float], *, workdir: str, seed: int) -> PretrainingData:
-  """Tokenizer + train loader (+ eval loader when a validation split exists)."""
-  check_config(data, objectives)
-  kind = example_kind(objectives)
+  """Tokenizer + train loader (+ eval loader when a validation split exists); check_config(data) has passed."""
+  task = example_task(objectives)
   records = _records(data, workdir)
-  tokenizer = _tokenizer(data, kind, records['train'], workdir)
-  doc_end = tokenizer.eos_id if kind in ('clm', 'span') else tokenizer.sep_id
+  tokenizer = _tokenizer(data, task, records['train'], workdir)
 
   def loader(split, split_seed, shuffle):
     recs = records.get(split)
     if recs is None or len(recs) == 0:
       return None
-    stream = ex.TokenStream.from_records(recs, tokenizer, doc_end_id=doc_end) if kind != 'nsp' else None
-    transform, source = _transform(kind, stream, tokenizer, data, recs)
+    transform, source = task.examples(recs, tokenizer, data)
     if len(source) < data.batch_size:
       raise ValueError(f'config.data: the {split} split gives {len(source)} examples of seq_len {data.seq_len}, '
                        f'fewer than one batch of {data.batch_size}; use more text or a smaller batch/seq_len.')
@@ -155,4 +135,4 @@ def build(data, objectives: Mapping[str, float], *, workdir: str, seed: int) -> 
   except ValueError:
     evaluation = None  # a validation split too small for one batch: no eval rather than no run
   tokens = data.seq_len + (data.targets_len or 0)
-  return PretrainingData(tokenizer, train, evaluation, kind, tokens)
+  return PretrainingData(tokenizer, train, evaluation, task.name, tokens)

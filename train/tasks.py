@@ -1,0 +1,391 @@
+"""One record per pre-training objective and per downstream task, and the open registry the library reads them from.
+
+A `Task` says everything lmlab needs to train one: the architectures that can serve it, the LanguageModel heads it
+reads, the batch keys its loss reads, the example builder that makes those keys from records (and the keys it
+provides), the tokenizer kind it trains by default, its loss and the metrics it reports. `build_loss_fn`, the data
+pipeline and the trainer read these records and keep no tables of their own. `register(Task(...))` from any module (a
+test, a user's config file) adds one that `python -m train.main` then trains like the built-in ones; a config file
+that registers its task at import time needs no library file edited.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from model import config as model_config
+from model.config import ModelConfig
+from model.heads import HEADS, Electra, LanguageModel
+from train import objectives as losses
+from train.data import examples as ex
+
+Metrics = dict[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, Metrics]]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+  """config.loss: label_smoothing and z_loss for the generative token losses, ELECTRA's weights."""
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+  rtd_lambda: float = 50.0
+  generator_temperature: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A pre-training objective (kind='pretrain') or a downstream task (kind='task').
+
+  loss(outputs, batch, opts) -> (loss, metrics): outputs is the LanguageModel's dict ('mlm_logits', 'lm_logits', ...).
+  examples(records, tokenizer, data) -> (transform, source): the example builder; `transform(source[i], rng)` is one
+  example dict holding (at least) `provides`; records are the split's text records (pre-training) or labeled records
+  (tasks); data is config.data. A task that runs its own forward pass (ELECTRA samples from a generator between two)
+  gives `step_loss(params, batch, rng, *, model, deterministic, opts)` and `model(config, model_cfg)` instead, and
+  trains alone.
+  """
+  name: str
+  archs: tuple[str, ...]
+  heads: tuple[str, ...]
+  batch_keys: tuple[str, ...]
+  loss: Optional[Callable] = None
+  fix: str = ''                         # what to do when an architecture cannot serve it
+  examples: Optional[Callable] = None
+  provides: tuple[str, ...] = ()
+  tokenizer_kind: str = ''
+  metrics: tuple[str, ...] = ('loss', 'weight_sum')
+  kind: str = 'pretrain'
+  model: Optional[Callable] = None
+  step_loss: Optional[Callable] = None
+  check_model: Optional[Callable] = None  # check_model(model) -> an error message, or None when it can serve
+
+
+REGISTRY: dict[str, Task] = {}
+
+
+def register(task: Task, *, replace: bool = False) -> Task:
+  """Adds a record; a name already taken is an error unless replace=True (re-running a notebook cell)."""
+  if task.name in REGISTRY and not replace:
+    raise ValueError(f'task {task.name!r} is already registered; pick another name or pass replace=True.')
+  if task.loss is None and task.step_loss is None:
+    raise ValueError(f'task {task.name!r} has neither a loss nor a step_loss.')
+  REGISTRY[task.name] = task
+  return task
+
+
+def get(name: str) -> Task:
+  if name not in REGISTRY:
+    raise ValueError(f'unknown objective {name!r}; known objectives: {sorted(REGISTRY)}.')
+  return REGISTRY[name]
+
+
+# ------------------------------------------------------------------------------------------- example builders
+
+
+def _stream(records, tokenizer, doc_end_id):
+  return ex.TokenStream.from_records(records, tokenizer, doc_end_id=doc_end_id)
+
+
+def _max_predictions(data):
+  return data.max_predictions or None
+
+
+def _causal_examples(records, tokenizer, data):
+  t = ex.CausalLM(_stream(records, tokenizer, tokenizer.eos_id), seq_len=data.seq_len)
+  return t, range(t.num_windows)
+
+
+def _masked_examples(records, tokenizer, data):
+  t = ex.MaskedLM(_stream(records, tokenizer, tokenizer.sep_id), ex.Specials.from_tokenizer(tokenizer),
+                  seq_len=data.seq_len, max_predictions=_max_predictions(data), mask_rate=data.mask_rate,
+                  whole_word=data.whole_word)
+  return t, range(t.num_windows)
+
+
+def _next_sentence_examples(records, tokenizer, data):
+  t = ex.NextSentence(records, tokenizer, seq_len=data.seq_len, max_predictions=_max_predictions(data),
+                      mask_rate=data.mask_rate, whole_word=data.whole_word)
+  return t, range(len(records))
+
+
+def _span_examples(records, tokenizer, data):
+  t = ex.SpanCorruption(_stream(records, tokenizer, tokenizer.eos_id), ex.Specials.from_tokenizer(tokenizer),
+                        inputs_length=data.seq_len, targets_length=data.targets_len or None)
+  return t, range(t.num_windows)
+
+
+def _names(data, field):
+  names = data.get(field) if hasattr(data, 'get') else None
+  return list(names) if names else None
+
+
+def _classification_examples(records, tokenizer, data):
+  return ex.Classification(tokenizer, seq_len=data.seq_len, label_names=_names(data, 'label_names')), records
+
+
+def _tagging_examples(records, tokenizer, data):
+  return ex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
+
+
+def _qa_examples(records, tokenizer, data):
+  return ex.QuestionAnswering(tokenizer, seq_len=data.seq_len), records
+
+
+def _seq2seq_examples(records, tokenizer, data):
+  return ex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
+
+
+# --------------------------------------------------------------------------------------------------- losses
+
+_ENCODER = ('tokens', 'segment_ids', 'positions', 'token_type_ids')
+_MASKED = ('masked_positions', 'masked_ids', 'masked_weights')
+_CAUSAL = ('tokens', 'targets', 'weights', 'segment_ids', 'positions')
+_SEQ2SEQ = ('encoder_tokens', 'encoder_segment_ids', 'encoder_positions', 'decoder_tokens', 'decoder_targets',
+            'decoder_weights', 'decoder_segment_ids', 'decoder_positions')
+_TOKEN_METRICS = ('loss', 'accuracy', 'perplexity', 'weight_sum')
+
+
+def _mlm(out, batch, opts):
+  return losses.mlm_loss(logits=out['mlm_logits'], labels=batch['masked_ids'], weights=batch['masked_weights'])
+
+
+def _nsp(out, batch, opts):
+  return losses.nsp_loss(logits=out['nsp_logits'], labels=batch['nsp_labels'])
+
+
+def _clm(out, batch, opts):
+  return losses.clm_loss(logits=out['lm_logits'], targets=batch['targets'], weights=batch['weights'],
+                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss)
+
+
+def _seq2seq(out, batch, opts):
+  return losses.seq2seq_loss(logits=out['lm_logits'], targets=batch['decoder_targets'],
+                             weights=batch['decoder_weights'], label_smoothing=opts.label_smoothing, z_loss=opts.z_loss)
+
+
+def _classification(out, batch, opts):
+  return losses.classification_loss(logits=out['cls_logits'], labels=batch['label'],
+                                    weights=batch.get('label_weights'))
+
+
+def _regression(out, batch, opts):
+  return losses.regression_loss(predictions=out['cls_logits'][..., 0], targets=batch['label'],
+                                weights=batch.get('label_weights'))
+
+
+def _tagging(out, batch, opts):
+  return losses.tagging_loss(logits=out['tag_logits'], labels=batch['tag_labels'], weights=batch['tag_weights'])
+
+
+def _qa(out, batch, opts):
+  return losses.span_qa_loss(start_logits=out['start_logits'], end_logits=out['end_logits'],
+                             start_positions=batch['start_positions'], end_positions=batch['end_positions'],
+                             weights=batch.get('label_weights'))
+
+
+def _electra_step_loss(params, batch, rng, *, model, deterministic, opts):
+  if not isinstance(model, Electra):
+    raise ValueError(f"objective 'rtd' needs the Electra(generator_cfg, discriminator_cfg) model, got "
+                     f'{type(model).__name__}.')
+  if rng is None:
+    raise ValueError("objective 'rtd' samples the generator's replacements and needs an rng, also in evaluation.")
+  return losses.electra_loss(params, batch, rng, model=model, rtd_lambda=opts.rtd_lambda, deterministic=deterministic,
+                             temperature=opts.generator_temperature)
+
+
+# Discriminator fields the generator shares; the rest comes from config.model.generator_preset and its overrides.
+_GENERATOR_SHARES = ('vocab_size', 'pad_id', 'max_len', 'embed_dim', 'type_vocab_size', 'dtype', 'param_dtype',
+                     'scan_layers', 'remat_policy')
+
+
+def _electra_model(config, model_cfg: ModelConfig):
+  gen = {k: getattr(model_cfg, k) for k in _GENERATOR_SHARES}
+  gen.update(model_config.set_fields(config.model.generator_overrides))
+  return Electra(model_config.preset(config.model.generator_preset, **gen), model_cfg)
+
+
+def _needs_one_label(model):
+  if model.num_labels != 1:
+    return f"objective 'regression' needs LanguageModel(num_labels=1); got num_labels={model.num_labels}."
+  return None
+
+
+_BUILTIN = (
+    Task('mlm', ('encoder',), ('mlm',), _MASKED, _mlm, "use an encoder (arch='encoder'); decoder-only models train "
+         "with 'clm'", _masked_examples, _ENCODER + _MASKED, 'wordpiece', _TOKEN_METRICS),
+    Task('nsp', ('encoder',), ('nsp',), ('nsp_labels',), _nsp, "use an encoder (arch='encoder') or drop 'nsp'",
+         _next_sentence_examples, _ENCODER + _MASKED + ('nsp_labels',), 'wordpiece', _TOKEN_METRICS),
+    Task('clm', ('decoder',), ('lm',), ('targets', 'weights'), _clm, "use a decoder (arch='decoder'); encoders train "
+         "with 'mlm', encoder-decoders with 'span' or 'seq2seq'", _causal_examples, _CAUSAL, 'bpe', _TOKEN_METRICS),
+    Task('rtd', ('encoder',), ('rtd',), ('tokens',) + _MASKED, None, "ELECTRA's replaced-token detection needs an "
+         'encoder discriminator and the Electra(generator_cfg, discriminator_cfg) model', _masked_examples,
+         _ENCODER + _MASKED, 'wordpiece', ('loss', 'generator/loss', 'discriminator/loss', 'discriminator/accuracy'),
+         model=_electra_model, step_loss=_electra_step_loss),
+    Task('span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
+         "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
+         'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
+    Task('seq2seq', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
+         "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a decoder with source and target concatenated",
+         _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task'),
+    Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
+         "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples,
+         _ENCODER + ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
+    Task('regression', ('encoder', 'decoder'), ('classifier',), ('label',), _regression,
+         "encoder-decoders regress with 'seq2seq' on the value as text", None, (), 'wordpiece', kind='task',
+         check_model=_needs_one_label),
+    Task('tagging', ('encoder', 'decoder'), ('tagger',), ('tag_labels', 'tag_weights'), _tagging,
+         'use an encoder for token classification', _tagging_examples, _ENCODER + ('tag_labels', 'tag_weights'),
+         'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
+    Task('qa', ('encoder', 'decoder'), ('qa',), ('start_positions', 'end_positions'), _qa,
+         "use an encoder for extractive QA, or 'seq2seq' for generative QA", _qa_examples,
+         _ENCODER + ('start_positions', 'end_positions', 'offsets'), 'wordpiece',
+         ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task'),
+)
+for _task in _BUILTIN:
+  register(_task)
+
+
+# --------------------------------------------------------------------------------------------- reading records
+
+
+def _arch(cfg_or_arch) -> str:
+  if isinstance(cfg_or_arch, ModelConfig):
+    return cfg_or_arch.arch
+  if isinstance(cfg_or_arch, str):
+    return cfg_or_arch
+  raise TypeError(f'expected a ModelConfig or an arch name, got {type(cfg_or_arch).__name__}.')
+
+
+def _check_names(names: Iterable[str]) -> None:
+  unknown = sorted(set(names) - set(REGISTRY))
+  if unknown:
+    raise ValueError(f'unknown objective(s) {unknown} (config.objectives); known objectives: {sorted(REGISTRY)}, or '
+                     'register your own with train.tasks.register(Task(...)).')
+
+
+def validate_objectives(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float]) -> None:
+  """Raises ValueError, naming the objective, the architecture and the fix, for anything the model cannot serve."""
+  arch = _arch(cfg_or_arch)
+  if not objectives:
+    raise ValueError(f'no objectives given; name at least one of {sorted(REGISTRY)} with a weight, '
+                     "e.g. {'mlm': 1.0}.")
+  _check_names(objectives)
+  for name, weight in objectives.items():
+    if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not 0 <= weight < float('inf'):
+      raise ValueError(f'objective {name!r} has weight {weight!r}; weights must be finite numbers >= 0.')
+    task = REGISTRY[name]
+    if arch not in task.archs:
+      raise ValueError(f"objective {name!r} cannot be trained on arch={arch!r} (it needs {' or '.join(task.archs)}): "
+                       f'{task.fix}.')
+  own = [n for n in objectives if REGISTRY[n].step_loss is not None]
+  if own and len(objectives) > 1:
+    others = sorted(set(objectives) - {own[0]})
+    raise ValueError(f'objective {own[0]!r} runs its own model and forward pass (for rtd: ELECTRA, which already '
+                     f'includes its generator\'s MLM loss) and has no heads for {others}; train {own[0]} alone.')
+  _check_shared_heads(objectives)
+
+
+def _check_shared_heads(objectives):
+  readers: dict[str, list[str]] = {}
+  for name in objectives:
+    task = REGISTRY[name]
+    for head in task.heads:
+      readers.setdefault(head, []).append(name)
+  for head, names in readers.items():
+    tasks = [n for n in names if REGISTRY[n].kind == 'task']
+    if len(tasks) > 1:
+      raise ValueError(f'objectives {" and ".join(map(repr, tasks))} both read the one {head} head; pick one.')
+
+
+def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
+  """The LanguageModel heads the objectives (names, or a {name: weight} dict) read, in HEADS order: ('mlm', 'nsp')."""
+  _check_names(objectives)
+  needed = {h for name in objectives for h in REGISTRY[name].heads}
+  return tuple(h for h in HEADS if h in needed)
+
+
+def build_model(config, model_cfg: ModelConfig):
+  """The module config.objectives trains: the record's own model (ELECTRA) or a LanguageModel with their heads."""
+  objectives = dict(config.objectives)
+  for name in objectives:
+    if REGISTRY[name].model is not None:
+      return REGISTRY[name].model(config, model_cfg)
+  return LanguageModel(model_cfg, heads=heads_for(objectives))
+
+
+def example_task(objectives: Mapping[str, float]) -> Task:
+  """The record whose example builder provides every batch key the objectives read (mlm + nsp -> nsp's pairs)."""
+  _check_names(objectives)
+  needed = {k for name in objectives for k in REGISTRY[name].batch_keys}
+  for name in sorted(objectives, key=lambda n: -len(REGISTRY[n].provides)):
+    task = REGISTRY[name]
+    if task.examples is not None and needed <= set(task.provides):
+      return task
+  raise ValueError(f'config.objectives={sorted(objectives)}: no one example builder provides every batch key they '
+                   f'read ({sorted(needed)}); train them separately or register a Task whose examples provide all.')
+
+
+# ------------------------------------------------------------------------------------------------ the combinator
+
+
+def _check_model(model, objectives, heads):
+  if not isinstance(model, LanguageModel):
+    raise ValueError(f'objectives {sorted(objectives)} need a LanguageModel, got {type(model).__name__}.')
+  missing = sorted(set(heads) - set(model.heads))
+  if missing:
+    raise ValueError(f'objectives {sorted(objectives)} read head(s) {missing} the model was built without; build '
+                     f'LanguageModel(cfg, heads=heads_for(objectives)) = heads={heads}.')
+  for name in objectives:
+    check = REGISTRY[name].check_model
+    problem = check(model) if check is not None else None
+    if problem:
+      raise ValueError(problem)
+
+
+def _check_batch(batch, objectives):
+  for name in objectives:
+    missing = [k for k in REGISTRY[name].batch_keys if k not in batch]
+    if missing:
+      raise ValueError(f'objective {name!r} needs batch key(s) {missing}; the batch has {sorted(batch)} '
+                       '(see the batch contract in train/data/__init__.py).')
+
+
+def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float], **options: Any) -> LossFn:
+  """One loss over the params pytree for a weighted set of objectives, e.g. {'mlm': 1.0, 'nsp': 1.0}.
+
+  Validates now (ValueError naming objective, arch and fix) and returns
+  `loss_fn(params, batch, rng, *, model, deterministic=False) -> (loss, metrics)`, for
+  `jax.value_and_grad(loss_fn, has_aux=True)`. `model` is `build_model(config, cfg)`: a LanguageModel with
+  `heads_for(objectives)`, or the record's own (Electra for 'rtd'); `rng` feeds dropout and ELECTRA's sampling (it may
+  be None with deterministic=True, except for 'rtd', which samples even in evaluation). options are LossOptions'
+  fields (config.loss). loss = sum_name weight * loss_name; metrics are '<name>/<metric>' per objective plus 'loss'.
+  """
+  validate_objectives(cfg_or_arch, objectives)
+  objectives = dict(objectives)
+  opts = LossOptions(**options)
+  heads = heads_for(objectives)
+  own = [REGISTRY[n] for n in objectives if REGISTRY[n].step_loss is not None]
+
+  def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
+    if own:
+      _check_batch(batch, objectives)
+      loss, m = own[0].step_loss(params, batch, rng, model=model, deterministic=deterministic, opts=opts)
+      total = objectives[own[0].name] * loss
+      return total, {'loss': total, **{f'{own[0].name}/{k}': v for k, v in m.items()}}
+    _check_model(model, objectives, heads)
+    _check_batch(batch, objectives)
+    # rng may be None for deterministic evaluation of non-sampling objectives.
+    out = model.apply({'params': params}, batch, deterministic=deterministic,
+                      rngs={} if rng is None else {'dropout': rng})
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    for name, weight in objectives.items():
+      loss, m = REGISTRY[name].loss(out, batch, opts)
+      total = total + weight * loss
+      metrics.update({f'{name}/{k}': v for k, v in m.items()})
+    metrics['loss'] = total
+    return total, metrics
+
+  return loss_fn
