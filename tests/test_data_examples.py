@@ -1,5 +1,7 @@
 """Example construction: MLM masking rates and 80/10/10, whole-word masking, NSP balance and document rule, span
 corruption that reconstructs its input, packing that attention cannot see across, and the task examples."""
+import itertools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -252,3 +254,119 @@ def test_classification_pairs_have_token_types(tok):
   assert [tok.id_to_token(t) for t in ex["tokens"][:6]] == ["[CLS]", "w1", "w2", "[SEP]", "w3", "[SEP]"]
   np.testing.assert_array_equal(ex["token_type_ids"][:7], [0, 0, 0, 0, 1, 1, 0])
   np.testing.assert_array_equal(ex["segment_ids"][:7], [1, 1, 1, 1, 1, 1, 0])
+
+
+# ---- QA with doc stride ----------------------------------------------------------------------------------------------
+CONTEXT = " ".join(WORDS) + " ."  # 41 tokens, one per word: token j of the context is WORDS[j]
+
+
+def _strided(tok, **kw):
+  # room = 16 - 2 (question) - 3 = 11 context tokens a window; doc_stride 4 -> windows start every 7 tokens.
+  return E.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=4, **kw)
+
+
+def _window_tokens(ex):
+  """The context text of each context token one window holds."""
+  inside = ex["offsets"][:, 0] >= 0
+  return [CONTEXT[s:e] for s, e in ex["offsets"][inside]]
+
+
+def test_qa_windows_cover_the_context_with_the_stride_overlap(tok):
+  qa = _strided(tok)
+  wins = qa.windows({"question": "w20 w21", "context": CONTEXT}, example_index=5)
+  assert len(wins) > 3
+  held = [_window_tokens(w) for w in wins]
+  flat = [t for h in held for t in h]
+  assert set(flat) == set(CONTEXT.split()), "a context token is in no window"
+  assert held[0][0] == "w0" and held[-1][-1] == "."
+  for a, b in itertools.pairwise(held):
+    assert a[-4:] == b[:4], "consecutive windows must share exactly doc_stride tokens"
+    assert len(a) == 11
+  for w, ex in enumerate(wins):
+    assert ex["example_index"] == 5 and ex["window_index"] == w
+    assert int(ex["segment_ids"].sum()) == 2 + 3 + len(held[w])
+    n = int(ex["segment_ids"].sum())
+    assert [tok.id_to_token(t) for t in ex["tokens"][[0, 3, n - 1]]] == ["[CLS]", "[SEP]", "[SEP]"]
+    assert all(ex[k].shape == (16,) for k in ("tokens", "segment_ids", "positions", "token_type_ids"))
+    assert ex["offsets"].shape == (16, 2)
+    np.testing.assert_array_equal(ex["offsets"][:4], -1)  # [CLS] question [SEP] are not context
+  # Without doc_stride: the one truncated window of a plain call.
+  single = E.QuestionAnswering(tok, seq_len=16, max_query_length=4).windows({"question": "w20 w21", "context": CONTEXT})
+  plain = E.QuestionAnswering(tok, seq_len=16, max_query_length=4)({"question": "w20 w21", "context": CONTEXT})
+  assert len(single) == 1 and all(np.array_equal(single[0][k], plain[k]) for k in plain)
+  assert all(np.array_equal(wins[0][k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("answer", ["w30 w31", "w10 w11", "w39 ."])
+def test_qa_window_holding_the_answer_labels_it_and_others_point_at_cls(tok, answer):
+  qa = _strided(tok)
+  record = {"question": "w20 w21", "context": CONTEXT, "answer_text": answer, "answer_start": CONTEXT.index(answer)}
+  wins = qa.windows(record)
+  assert answer.split()[0] not in _window_tokens(wins[0]) or answer.split()[-1] not in _window_tokens(wins[0])
+  labeled = 0
+  for ex in wins:
+    s, e = int(ex["start_positions"]), int(ex["end_positions"])
+    held = _window_tokens(ex)
+    if all(t in held for t in answer.split()):
+      labeled += 1
+      assert CONTEXT[ex["offsets"][s, 0]:ex["offsets"][e, 1]] == answer
+      assert tok.decode(ex["tokens"][s:e + 1]) == answer.replace(" .", ".")
+    else:  # not in this window, or cut by its edge ("w10 w11" straddles the first one)
+      assert s == 0 and e == 0
+  assert labeled >= 1
+
+
+def test_qa_postprocess_recovers_the_answer_text_from_peaked_logits(tok):
+  qa = _strided(tok)
+  answer = "w30 w31"
+  record = {"question": "w20 w21", "context": CONTEXT, "answer_text": answer, "answer_start": CONTEXT.index(answer)}
+  feats = E.qa_windows(qa, [record])
+  w = int(np.flatnonzero(feats["start_positions"] > 0)[0])
+  s, e = int(feats["start_positions"][w]), int(feats["end_positions"][w])
+  rng = np.random.default_rng(0)
+  start = rng.normal(0, 0.1, feats["tokens"].shape)
+  end = rng.normal(0, 0.1, feats["tokens"].shape)
+  start[w, s] += 5.0
+  end[w, e] += 5.0
+  # Higher-scoring spans that are not allowed: on [CLS] and question tokens, end before start, too long.
+  start[:, :4] += 50.0
+  end[:, :4] += 50.0
+  end[w, s - 1] += 20.0  # (s, s - 1) would score 25; no start before s may pair with it
+  start[w, 4:s] -= 100.0
+  start[0, 4] += 8.0
+  end[0, 4 + 5] += 8.0  # a 6-token span, longer than max_answer_length=5
+  got = E.postprocess_qa(start_logits=start, end_logits=end, offsets=feats["offsets"],
+                         example_index=feats["example_index"], contexts=[CONTEXT], max_answer_length=5)
+  assert got == [answer]
+  span = E.best_answer_span(start_logits=start[w], end_logits=end[w], offsets=feats["offsets"][w], max_answer_length=5)
+  assert CONTEXT[span[0]:span[1]] == answer
+
+
+def test_qa_postprocess_of_oracle_logits_gives_every_gold_answer(tok):
+  qa = _strided(tok)
+  rng = np.random.default_rng(1)
+  records = []
+  for _ in range(20):
+    words = list(rng.choice(WORDS, int(rng.integers(3, 60))))
+    context = "  ".join(words)  # double spaces: the answer must come from the original text, not a decode
+    a = int(rng.integers(0, len(words)))
+    b = min(len(words), a + int(rng.integers(1, 4)))
+    start = len("  ".join(words[:a])) + (2 if a else 0)
+    records.append({
+        "question": "w1 w2 w3",
+        "context": context,
+        "answer_text": "  ".join(words[a:b]),
+        "answer_start": start
+    })
+  feats = E.qa_windows(qa, records)
+  assert len(feats["tokens"]) > len(records)
+  onehot = lambda pos: 10.0 * (np.arange(16)[None] == pos[:, None])
+  got = E.postprocess_qa(start_logits=onehot(feats["start_positions"]), end_logits=onehot(feats["end_positions"]),
+                         offsets=feats["offsets"], example_index=feats["example_index"],
+                         contexts=[r["context"] for r in records])
+  assert got == [r["answer_text"] for r in records]
+
+
+def test_qa_doc_stride_must_leave_a_window_room_to_advance(tok):
+  with pytest.raises(ValueError, match="doc_stride=9 must be in"):
+    E.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=9)
