@@ -1,10 +1,12 @@
-# The two commands: `make demo` and `make test`. Each creates .venv and installs into it on first use.
+# The two commands: `make demo` and `make test` (lint, then the tests). Each creates .venv and installs into it on
+# first use. `make format` rewrites the code in place with yapf (.style.yapf); `make lint` is ruff (ruff.toml).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CODE := model train configs tests benchmarks
 
-.PHONY: demo test install clean
+.PHONY: demo test lint format install clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m train.demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check $(CODE)
+
+format: $(STAMP)
+	$(BIN)/yapf --in-place --recursive --parallel $(CODE)
+
+test: lint
 	$(BIN)/python -m pytest -q -n 2 tests
 
 clean:

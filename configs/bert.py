@@ -8,7 +8,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='small')
+  args = common.parse_arg(arg, sizes=common.preset_sizes('bert-'), size='small')
   c = common.base()
   c.model.preset = f'bert-{args.size}'
   c.objectives = {'mlm': 1.0, 'nsp': 1.0}
@@ -19,5 +19,6 @@ def get_config(arg=None):
   c.data.batch_size = 256
   if args.runlocal:
     common.runlocal(c)
-    c.model.preset = 'bert-tiny'
+    if not args.size_given:
+      c.model.preset = 'bert-tiny'
   return c

@@ -6,7 +6,10 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='small')
+  # A size needs both halves: electra-<size>-discriminator and electra-<size>-generator.
+  sizes = sorted(set(common.preset_sizes('electra-', '-discriminator'))
+                 & set(common.preset_sizes('electra-', '-generator')))
+  args = common.parse_arg(arg, sizes=sizes, size='small')
   c = common.base()
   c.model.preset = f'electra-{args.size}-discriminator'
   c.model.generator_preset = f'electra-{args.size}-generator'
@@ -19,7 +22,8 @@ def get_config(arg=None):
   c.optim.total_steps = c.train.steps = 1_000_000
   if args.runlocal:
     common.runlocal(c)
-    small = {'num_layers': 2, 'max_len': 128}
-    c.model.overrides = dict(small)
-    c.model.generator_overrides = dict(small)
+    if not args.size_given:  # ELECTRA-small at 2 layers; a named size keeps its depth
+      for overrides in (c.model.overrides, c.model.generator_overrides):
+        overrides.num_layers = 2
+        overrides.max_len = 128
   return c

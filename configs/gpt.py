@@ -8,7 +8,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='small')
+  args = common.parse_arg(arg, sizes=common.preset_sizes('gpt2-'), size='small')
   c = common.base()
   c.model.preset = f'gpt2-{args.size}'
   c.objectives = {'clm': 1.0}
@@ -23,5 +23,6 @@ def get_config(arg=None):
   c.optim.total_steps = c.train.steps = 600_000
   if args.runlocal:
     common.runlocal(c)
-    c.model.preset = 'gpt2-tiny'
+    if not args.size_given:
+      c.model.preset = 'gpt2-tiny'
   return c

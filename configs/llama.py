@@ -6,7 +6,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='smollm2-135m')
+  sizes = common.preset_sizes('llama-') + tuple(f'smollm2-{s}' for s in common.preset_sizes('smollm2-'))
+  args = common.parse_arg(arg, sizes=sizes, size='smollm2-135m')
   c = common.base()
   c.model.preset = args.size if args.size.startswith('smollm2') else f'llama-{args.size}'
   c.objectives = {'clm': 1.0}
@@ -20,5 +21,6 @@ def get_config(arg=None):
   c.optim.total_steps = c.train.steps = 200_000
   if args.runlocal:
     common.runlocal(c)
-    c.model.preset = 'llama-tiny'
+    if not args.size_given:
+      c.model.preset = 'llama-tiny'
   return c

@@ -6,10 +6,11 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='base')
+  args = common.parse_arg(arg, sizes=('base',) + tuple(s for s in common.preset_sizes('bert-') if s != 'base'),
+                          size='base')
   c = common.base()
   c.model.preset = 'roberta-base' if args.size == 'base' else f'bert-{args.size}'
-  c.model.overrides = {'type_vocab_size': 1}
+  c.model.overrides.type_vocab_size = 1  # one segment type: without NSP there are no sentence pairs
   c.objectives = {'mlm': 1.0}
   c.data.tokenizer_kind = 'bpe'
   c.data.seq_len = 512
@@ -20,5 +21,6 @@ def get_config(arg=None):
   c.optim.total_steps = c.train.steps = 500_000
   if args.runlocal:
     common.runlocal(c)
-    c.model.preset = 'bert-tiny'
+    if not args.size_given:
+      c.model.preset = 'bert-tiny'
   return c

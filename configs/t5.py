@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, size='small')
+  args = common.parse_arg(arg, sizes=common.preset_sizes('t5-'), size='small')
   c = common.base()
   c.model.preset = f't5-{args.size}'
   c.objectives = {'span': 1.0}
@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.optim.total_steps = c.train.steps = 524_288
   if args.runlocal:
     common.runlocal(c)
-    c.model.preset = 't5-tiny'
+    if not args.size_given:
+      c.model.preset = 't5-tiny'
     c.optim.learning_rate = 1e-2
   return c

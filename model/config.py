@@ -25,6 +25,7 @@ REMAT_POLICIES = {
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The architecture. Defaults are a tiny BERT; presets below fill in published shapes."""
+  # yapf: disable (one field per line, its meaning aligned beside it)
   arch: str = 'encoder'
   vocab_size: int = 30522
   d_model: int = 128
@@ -66,6 +67,7 @@ class ModelConfig:
   remat_policy: str = 'none'
   attention_impl: str = 'auto'
   attention_chunk: int = 128
+  # yapf: enable
 
   def __post_init__(self):
     self.validate()

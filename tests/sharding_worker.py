@@ -19,7 +19,9 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
+from model import pytree  # noqa: E402
 from model import transformer  # noqa: E402
+from train import distributed  # noqa: E402
 from train import optim  # noqa: E402
 from train import partitioning as part  # noqa: E402
 from train import trainer  # noqa: E402
@@ -82,9 +84,14 @@ def model_cfg(config):
   return transformer.preset(config.model.preset, **dict(config.model.overrides))
 
 
+def make_setup(config, batch, cfg, devices=None):
+  """The trainer's parts (model, loss, optimizer, mesh: checked here) -> its Setup (shardings, sharded init)."""
+  return trainer.make_setup(trainer.build_parts(config, cfg, devices), batch)
+
+
 def setup_for(kind, mesh_shape, devices=None, batch_size=BATCH):
   config = make_config(kind, mesh_shape, batch_size)
-  return trainer.make_setup(config, make_batch(kind, batch_size), model_cfg(config), devices)
+  return make_setup(config, make_batch(kind, batch_size), model_cfg(config), devices)
 
 
 def train(setup, batches, state=None):
@@ -110,7 +117,7 @@ def host(tree):
 def spec_of(sharding_tree, path: str):
   """The PartitionSpec (as a list of str/None/list) of the params leaf whose '/'-joined dict path is `path`."""
   for p, sh in jax.tree_util.tree_flatten_with_path(sharding_tree)[0]:
-    if '/'.join(str(k.key) for k in p) == path:
+    if pytree.path_str(p) == path:
       return [list(a) if isinstance(a, tuple) else a for a in sh.spec]
   raise KeyError(path)
 
@@ -199,7 +206,7 @@ def _error(fn) -> str:
 
 
 def group_errors() -> dict:
-  """The checks that run before anything compiles; make_setup only traces shapes here."""
+  """The checks that run before anything compiles; build_parts and make_setup only trace shapes here."""
   return {
       'resolved_default': list(part.resolve_mesh_shape((-1, 1, 1), 8)),
       'resolved_fill': list(part.resolve_mesh_shape((2, -1, 2), 8)),
@@ -207,11 +214,11 @@ def group_errors() -> dict:
       'mesh_product_fill': _error(lambda: setup_for('bert', (3, -1, 1))),
       'batch_size': _error(lambda: setup_for('bert', (4, 2, 1), batch_size=12)),
       # bert-tiny's 2 heads cannot be split 8 ways by tensor parallelism.
-      'heads': _error(lambda: trainer.make_setup(make_config('bert', (1, 1, 8)), make_batch('bert'),
-                                                 transformer.preset('bert-tiny', vocab_size=VOCAB))),
+      'heads': _error(lambda: make_setup(make_config('bert', (1, 1, 8)), make_batch('bert'),
+                                         transformer.preset('bert-tiny', vocab_size=VOCAB))),
       # vocab 100 cannot be split 8 ways over `tensor`.
-      'vocab': _error(lambda: trainer.make_setup(make_config('gpt', (1, 1, 8)), make_batch('gpt'),
-                                                 model_cfg(make_config('gpt')).replace(vocab_size=100))),
+      'vocab': _error(lambda: make_setup(make_config('gpt', (1, 1, 8)), make_batch('gpt'),
+                                         model_cfg(make_config('gpt')).replace(vocab_size=100))),
   }
 
 
@@ -221,7 +228,7 @@ def group_multiprocess(coordinator: str, num_processes: int, process_id: int, ki
 
   coordinator '' is the single-process reference (4 local devices, the whole batch)."""
   if coordinator:
-    part.initialize_distributed(coordinator, num_processes, process_id, timeout_s=60)
+    distributed.initialize_distributed(coordinator, num_processes, process_id, timeout_s=60)
   n = jax.process_count()
   setup = setup_for(kind, (2, -1, 1))  # data x fsdp over all 4 devices
   step_fn, _ = trainer.jit_steps(setup)
@@ -240,7 +247,7 @@ def group_multiprocess(coordinator: str, num_processes: int, process_id: int, ki
 def group_timeout(coordinator: str, process_id: int, timeout_s: int) -> dict:
   t0 = time.time()
   try:
-    part.initialize_distributed(coordinator, 2, process_id, timeout_s=timeout_s)
+    distributed.initialize_distributed(coordinator, 2, process_id, timeout_s=timeout_s)
   except RuntimeError as e:
     return {'error': str(e), 'seconds': time.time() - t0}
   return {'error': '', 'seconds': time.time() - t0}

@@ -1,47 +1,168 @@
-"""The command line refuses a bad config or a missing data file before compiling: one line on stderr naming the field,
-a non-zero exit, and nothing in an existing workdir touched."""
+"""The command line as a newcomer meets it: a bad config, bad data or a mistake in the flags is one line on stderr
+naming the field or file and the fix, exit code 2, and nothing in an existing workdir touched; --print_config shows
+every field after overrides without training; nested model overrides, runlocal with a named size, and config paths
+that work from any directory. Every case stops before anything compiles, so each subprocess takes seconds."""
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from configs import common
+from model.config import set_fields
 
-CASES = {
-    # gpt2-tiny has d_model 128. A dict-valued field is overridden whole from the command line; a single new key
-    # (--config.model.overrides.num_heads=3) is refused by ml_collections' flag parser, as for any unknown key.
-    'heads_do_not_divide_d_model': (["--config.model.overrides={'num_heads': 3}"], 'num_heads'),
+REPO = Path(__file__).resolve().parents[1]
+FAMILIES = ('bert', 'electra', 'gpt', 'llama', 'roberta', 't5')
+
+# Failures inside the trainer (config validated against the model and data before compiling).
+TRAINER_CASES = {
+    # gpt2-tiny has d_model 128; a single nested key and a whole dict both reach the model config.
+    'heads_do_not_divide_d_model': (['--config.model.overrides.num_heads=3'], 'num_heads'),
+    'heads_do_not_divide_d_model_dict': (["--config.model.overrides={'num_heads': 3}"], 'num_heads'),
     'unknown_objective': (["--config.objectives={'clm': 1.0, 'clm_typo': 1.0}"], 'clm_typo'),
     'no_pretraining_objective': (["--config.objectives={'mlm_typo': 1.0}"], 'config.objectives'),
     'missing_data_file': (['--config.data.source=files', '--config.data.path=/nonexistent/corpus.txt'],
                           'config.data.path'),
 }
 
+# Mistakes in the flags themselves: (arguments after --workdir, substrings the one line must hold).
+FLAG_CASES = {
+    'field_typo': (['--config=configs/gpt.py:runlocal', '--config.trian.steps=5'],
+                   ['--config.trian.steps', "no field 'trian'", 'did you mean config.train?']),
+    'nested_field_typo': (['--config=configs/gpt.py:runlocal', '--config.model.overrides.num_layer=4'],
+                          ["no field 'num_layer'", 'did you mean config.model.overrides.num_layers?']),
+    'wrong_type': (['--config=configs/gpt.py:runlocal', '--config.train.steps=abc'],
+                   ['--config.train.steps=abc', 'takes an int value']),
+    'wrong_type_override': (['--config=configs/gpt.py:runlocal', '--config.model.overrides.num_layers=four'],
+                            ['--config.model.overrides.num_layers=four', 'int']),
+    'missing_config_file': (['--config=configs/nope.py:runlocal'], ["no file 'configs/nope.py'", 'configs/gpt.py']),
+    'bad_config_argument': (['--config=configs/gpt.py:sise=small'], ["config argument 'sise' is unknown", 'size']),
+    'unknown_size': (['--config=configs/bert.py:size=mini2,runlocal'], ["size='mini2'", 'base, mini, small, tiny']),
+    'switch_with_value': (['--config=configs/gpt.py:runlocal=maybe'], ['runlocal is a switch']),
+    'unknown_flag': (['--config=configs/gpt.py:runlocal', '--stepz=4'], ["Unknown command line flag 'stepz'"]),
+    'stray_argument': (['--config=configs/gpt.py:runlocal', 'steps=4'], ["unexpected argument(s) ['steps=4']"]),
+}
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def _cli(*args, cwd=REPO):
+  return subprocess.run([sys.executable, '-m', 'train.main', *args], cwd=cwd, env=_env(), capture_output=True,
+                        text=True, timeout=300, check=False)
+
 
 def _snapshot(workdir: Path):
   return {p.relative_to(workdir).as_posix(): p.read_bytes() for p in sorted(workdir.rglob('*')) if p.is_file()}
 
 
-@pytest.mark.parametrize('case', sorted(CASES))
-def test_bad_config_or_data_is_one_line_and_touches_nothing(case, tmp_path):
-  args, field = CASES[case]
+def _earlier_run(tmp_path: Path) -> Path:
+  """A workdir from an earlier run: its outputs must survive a bad command."""
   workdir = tmp_path / 'run'
-  # A workdir from an earlier run: its outputs must survive a bad command.
   (workdir / 'checkpoints').mkdir(parents=True)
   (workdir / 'config.json').write_text('{"config": {"marker": 1}}\n')
   (workdir / 'metrics.jsonl').write_text('{"step": 5, "split": "train", "loss": 1.5}\n')
   (workdir / 'checkpoints' / 'note.txt').write_text('earlier run\n')
-  before = _snapshot(workdir)
+  return workdir
 
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
-                         *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  print(f'\n{case}: rc {proc.returncode}, stderr: {proc.stderr.strip()}')
-  assert proc.returncode != 0
+
+def _assert_one_line_error(proc, *needles):
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith('error: ') and field in lines[0], proc.stderr
+  assert len(lines) == 1 and lines[0].startswith('error: '), proc.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
   assert 'Traceback' not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize('case', sorted(TRAINER_CASES))
+def test_bad_config_or_data_is_one_line_and_touches_nothing(case, tmp_path):
+  args, field = TRAINER_CASES[case]
+  workdir = _earlier_run(tmp_path)
+  before = _snapshot(workdir)
+  proc = _cli('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', *args)
+  print(f'\n{case}: rc {proc.returncode}, stderr: {proc.stderr.strip()}')
+  _assert_one_line_error(proc, field)
   assert _snapshot(workdir) == before
+
+
+@pytest.mark.parametrize('case', sorted(FLAG_CASES))
+def test_flag_mistake_is_one_line_with_the_fix(case, tmp_path):
+  args, needles = FLAG_CASES[case]
+  workdir = _earlier_run(tmp_path)
+  before = _snapshot(workdir)
+  proc = _cli(f'--workdir={workdir}', *args)
+  print(f'\n{case}: rc {proc.returncode}, stderr: {proc.stderr.strip()}')
+  _assert_one_line_error(proc, *needles)
+  assert _snapshot(workdir) == before
+
+
+def test_print_config_shows_every_field_after_overrides_and_trains_nothing(tmp_path):
+  workdir = tmp_path / 'never_created'
+  proc = _cli('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', '--print_config',
+              '--config.model.overrides.num_layers=4', '--config.train.steps=7', "--config.mesh.shape=(1,-1,1)")
+  assert proc.returncode == 0, proc.stderr
+  lines = set(proc.stdout.splitlines())
+  for line in ('config.model.overrides.num_layers = 4', 'config.train.steps = 7', 'config.mesh.shape = (1, -1, 1)',
+               "config.model.preset = 'gpt2-tiny'", 'config.model.overrides.d_model = None',
+               'config.model.generator_overrides.num_heads = None', 'config.optim.total_steps = 60'):
+    assert line in lines, (line, proc.stdout[:2000])
+  assert not workdir.exists()
+  # --workdir may be left out when only printing.
+  assert _cli('--config=configs/t5.py:runlocal', '--print_config').returncode == 0
+
+
+def test_config_path_works_from_any_directory(tmp_path):
+  proc = _cli('--config=configs/llama.py:size=tiny', '--print_config', cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert "config.model.preset = 'llama-tiny'" in proc.stdout.splitlines()
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_runlocal_keeps_a_named_size_and_unknown_sizes_fail(family):
+  get_config = importlib.import_module(f'configs.{family}').get_config
+  full, local = get_config(None), get_config('runlocal')
+  named = dict(bert='base', electra='small', gpt='small', llama='smollm2-135m', roberta='base', t5='v1_1-small')[family]
+  sized = get_config(f'size={named},runlocal')
+  # runlocal shrinks data and steps in both cases; only without a size does it also pick a tiny model.
+  for c in (local, sized):
+    assert c.train.steps == c.optim.total_steps == 60 and c.data.batch_size == 8 and c.data.seq_len == 64
+  assert sized.model.preset == get_config(f'size={named}').model.preset
+  assert set_fields(sized.model.overrides) == set_fields(get_config(f'size={named}')
+                                                                                .model.overrides)
+  assert local.model.preset != full.model.preset or set_fields(local.model.overrides).get('num_layers')
+  with pytest.raises(ValueError, match=r"size='mini2' is unknown; known sizes: "):
+    get_config('size=mini2,runlocal')
+
+
+def test_set_fields_drops_unset_overrides():
+  c = importlib.import_module('configs.roberta').get_config('runlocal')
+  assert set(c.model.overrides) >= {'num_layers', 'd_model', 'rope_theta', 'num_kv_heads'}
+  assert set_fields(c.model.overrides) == {'type_vocab_size': 1}
+  c.model.overrides.num_layers = 4
+  c.model.overrides.rope_theta = 500  # an int into a float field is stored as a float
+  assert set_fields(c.model.overrides) == {'type_vocab_size': 1, 'num_layers': 4, 'rope_theta': 500.0}
+  assert set_fields({'max_len': 64, 'head_dim': None, 'shape': (1, 2)}) == {'max_len': 64, 'shape': (1, 2)}
+  assert set_fields(None) == {}
+
+
+def test_every_config_field_is_documented_where_it_is_set():
+  """Each field of base() (and of optim.default_config) has a comment on its line in configs/common.py (or
+  train/optim.py), so `grep field configs/common.py` tells what it means."""
+  sources = (REPO / 'configs' / 'common.py').read_text() + (REPO / 'train' / 'optim.py').read_text()
+  commented = [line for line in sources.splitlines() if '#' in line]
+  names = []
+  for key, value in common.base().items():
+    if hasattr(value, 'items') and key != 'objectives':  # a group: its fields (model.overrides: model/config.py)
+      names += [f'{key}.{k}' for k in value.keys()]
+    else:
+      names.append(key)
+  for name in names:
+    pattern = re.compile(rf'(\b|\.){name.rsplit(".", 1)[-1]}\s*=.*#')
+    assert any(pattern.search(line) for line in commented), f'config.{name} has no comment where it is set'

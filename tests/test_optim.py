@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from model import pytree
 from train import optim
 
 L = 3
@@ -44,7 +45,7 @@ def step(tx, params, grads_list):
 
 
 def flat(tree):
-  return {optim.path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {pytree.path_str(kp): np.asarray(v) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 # ------------------------------------------------------------------------------------------------ schedules

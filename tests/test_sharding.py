@@ -1,5 +1,6 @@
 """Sharding on 8 fake CPU devices and across two processes: DP, FSDP, TP and a 2x2x2 mix equal the single-device run;
-FSDP divides memory by N; checkpoints reshard; meshes that do not fit fail before compiling; a missing peer times out.
+FSDP divides memory by N; checkpoints reshard; meshes that do not fit fail before compiling; a missing peer times out
+(train/distributed.py).
 
 JAX fixes its device count when it initializes, and pytest workers have initialized it already, so every scenario
 group runs in a fresh interpreter (tests/sharding_worker.py) and reports one JSON line. XLA's CPU backend optimization
@@ -55,11 +56,12 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize('kind', ['bert', 'llama', 't5'])
 def test_data_fsdp_tensor_and_mixed_parallelism_equal_one_device(kind):
-  """BERT (mlm+nsp), LLaMA (clm, grouped-query) and T5 (span, SGD with momentum): 3 steps on (8,1,1), (1,8,1), (1,1,8) and
-  (2,2,2) give the single-device losses and parameters."""
+  """BERT (mlm+nsp), LLaMA (clm, grouped-query) and T5 (span, SGD with momentum): 3 steps on (8,1,1), (1,8,1),
+  (1,1,8) and (2,2,2) give the single-device losses and parameters."""
   t0 = time.time()
   r = _result(_start('parallel', kind))
-  print(f'\n{kind}: wall {time.time() - t0:.1f}s, per mesh {json.dumps({k: round(v, 1) for k, v in r["seconds"].items()})}'
+  seconds = json.dumps({k: round(v, 1) for k, v in r['seconds'].items()})
+  print(f'\n{kind}: wall {time.time() - t0:.1f}s, per mesh {seconds}'
         f'\n  max |loss diff| {r["loss_diff"]}\n  max |param diff| {r["param_diff"]}\n  losses {r["losses"]["1x1x1"]}')
   assert set(r['param_diff']) == {'8x1x1', '1x8x1', '1x1x8', '2x2x2'}
   assert r['init_diff_2x2x2'] == 0.0  # the jitted init creating sharded params makes the single-device values

@@ -1,34 +1,212 @@
 """Command line: `python -m train.main --config=configs/<family>.py:<args> --workdir=DIR [--config.key=value ...]`.
 
-Multi-host: on a Cloud TPU pod slice pass --multihost (JAX finds its peers itself); elsewhere pass
---coordinator=HOST:PORT --num_processes=N --process_id=I on every host.
-A run started on a workdir that already has checkpoints resumes from the latest one.
+`--print_config` prints the resolved config (every field, after overrides; documented in configs/common.py) and exits.
+A relative --config path is looked up in the current directory, then in the repository. Multi-host: on a Cloud TPU pod
+slice pass --multihost (JAX finds its peers itself); elsewhere pass --coordinator=HOST:PORT --num_processes=N
+--process_id=I on every host. A run started on a workdir that already has checkpoints resumes from the latest one.
+Mistakes in the flags (a misspelt field, a value of the wrong type, a missing config file, a bad config argument) stop
+with one line `error: ...` and exit code 2, before anything is compiled or written.
 """
+import difflib
+import importlib.util
+import os
+import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file, optionally with :args.',
-                                          lock_config=True)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A configs/*.py file, optionally with :args (e.g. configs/gpt.py:size=small,runlocal); a relative '
+    'path is looked up in the current directory, then in the repository. Any field can be overridden with '
+    '--config.<field>=value (e.g. --config.train.steps=100, --config.model.overrides.num_layers=4); --print_config '
+    'lists them all, and configs/common.py documents each.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.jsonl, TensorBoard and the tokenizer go.')
+_PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the resolved config (after the --config.* overrides) '
+                                  'and exit, without training; --workdir may be omitted.')
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'Multi-host: address HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-host run whose peers JAX discovers (Cloud TPU).')
 _INIT_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every host to join.')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str):
+  """A mistake the user can fix from the command line: one line, exit code 2, nothing written."""
+  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
+  sys.exit(2)
+
+
+# ------------------------------------------------------------------------------------------------- flag parsing
+
+
+def _config_arg(argv) -> tuple[int, str, str] | None:
+  """Where argv gives the config file: (index of the token, text before the value, the value)."""
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    m = re.match(r'^--?config(=|$)', arg)
+    if m and m.group(1):
+      return i, arg[:m.end()], arg[m.end():]
+    if m and i + 1 < len(argv):
+      return i + 1, '', argv[i + 1]
+  return None
+
+
+def _known_configs() -> str:
+  names = sorted(f for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py') and not f.startswith('_'))
+  return ', '.join(f'configs/{f}' for f in names if f != 'common.py')
+
+
+def _resolve_config_path(argv) -> list[str]:
+  """A relative --config path not found in the current directory is taken from the repository, so the README's
+  commands work from anywhere; a path found in neither is an error listing the known configs."""
+  where = _config_arg(argv)
+  if where is None:
+    return list(argv)
+  i, before, value = where
+  path, colon, arg = value.partition(':')
+  if os.path.isfile(path):
+    return list(argv)
+  if path and not os.path.isabs(path) and os.path.isfile(os.path.join(REPO, path)):
+    argv = list(argv)
+    argv[i] = before + os.path.join(REPO, path) + colon + arg
+    return argv
+  _fail(f'--config={value}: no file {path!r} in the current directory ({os.getcwd()}) nor in the repository '
+        f'({REPO}); known: {_known_configs()}, e.g. --config=configs/gpt.py:runlocal.')
+
+
+def _load_config(value: str):
+  """Runs the config file's get_config as config_flags does -> (config, None) or (None, what went wrong)."""
+  path, colon, arg = value.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_lmlab_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*([arg] if colon else [])), None
+  except ValueError as e:  # the config's own check of its arguments: already names them and the choices
+    return None, str(e)
+  except Exception as e:  # a broken config file (a typo, a bad import): say where
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return None, f'{type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})'
+
+
+def _override_names(argv) -> list[str]:
+  """The field paths of the --config.<path>[=value] flags, as ml_collections reads them."""
+  names = []
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    if re.match(r'^-{1,2}(no)?config\.', arg):
+      names.append(arg.split('=', 1)[0].split('.', 1)[1])
+  return names
+
+
+def _field_problem(config, path: str) -> str | None:
+  """Why --config.<path> names no field (with the nearest field name), or None when it does."""
+  node, walked = config, 'config'
+  for key in path.split('.'):
+    if '[' in key:  # an index into a sequence field: leave it to ml_collections
+      return None
+    keys = list(node.keys()) if hasattr(node, 'keys') else None
+    if keys is None:
+      return f'--config.{path}: {walked} is a {type(node).__name__}, not a group of fields.'
+    if key not in keys:
+      close = difflib.get_close_matches(key, keys, n=1)
+      hint = f'did you mean {walked}.{close[0]}?' if close else f'its fields are {", ".join(sorted(keys))}.'
+      return f'--config.{path}: {walked} has no field {key!r}; {hint} (--print_config lists every field)'
+    node, walked = node[key], f'{walked}.{key}'
+  return None
+
+
+def _type_of(config, path: str) -> str:
+  """The name of the type config.<path> holds (a None placeholder's declared type)."""
+  parent, _, key = f'.{path}'.rpartition('.')
+  node = config
+  for k in filter(None, parent.split('.')):
+    node = node[k]
+  field_type = node.get_type(key) if hasattr(node, 'get_type') else type(node[key])
+  return getattr(field_type, '__name__', str(field_type))
+
+
+def _explain(error: Exception, argv) -> str:
+  """The one line for a flag-parsing failure: which flag, what is wrong, the fix."""
+  where = _config_arg(argv)
+  value = where[2] if where else ''
+  config = None
+  if value:
+    config, problem = _load_config(value)
+    if problem:
+      return f'--config={value}: {problem}'
+  if config is not None:
+    for path in _override_names(argv):
+      problem = _field_problem(config, path)
+      if problem:
+        return problem
+  message = ' '.join(str(error).split())
+  m = re.match(r'^flag --config\.([\w.]+)=(.*?): (.*)$', message)
+  if m and config is not None:
+    path, given, why = m.groups()
+    try:
+      kind = _type_of(config, path)
+    except (KeyError, AttributeError, TypeError):
+      return f'--config.{path}={given}: {why}; give a value of the type --print_config shows for it.'
+    article = 'an' if kind[:1] in 'aeiou' else 'a'
+    return f'--config.{path}={given}: {why}; config.{path} takes {article} {kind} value.'
+  return message.removeprefix('flag ')
+
+
+def _parse_flags(argv):
+  """absl flag parsing, with every mistake turned into one line and exit code 2 (config_flags raises while parsing)."""
+  argv = _resolve_config_path(argv)
+  try:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, TypeError, ValueError, OSError) as e:
+    _fail(_explain(e, argv))
+  if _CONFIG.value is None:
+    _fail('--config is required, e.g. --config=configs/gpt.py:runlocal (known: ' + _known_configs() + ').')
+  try:
+    _CONFIG.value.keys()  # a config file that failed to load raises only when the config is first used
+  except OSError as e:
+    _fail(f'--config={_config_arg(argv)[2]}: {e}')
+  if len(rest) > 1:
+    _fail(f'unexpected argument(s) {rest[1:]}: every option is a flag, e.g. --config.train.steps=100.')
+  if not _WORKDIR.value and not _PRINT_CONFIG.value:
+    _fail('--workdir is required (where checkpoints and metrics go), e.g. --workdir=/tmp/run; or pass --print_config.')
+  return rest
+
+
+# --------------------------------------------------------------------------------------------------------- main
+
+
+def _config_lines(node, prefix: str = 'config') -> list[str]:
+  """'config.train.steps = 60' per field, in the syntax --config.<field>=<value> accepts; None: not set."""
+  lines = []
+  for key, value in node.items():
+    if hasattr(value, 'items') and len(value):
+      lines += _config_lines(value, f'{prefix}.{key}')
+    else:
+      lines.append(f'{prefix}.{key} = {value.to_dict() if hasattr(value, "to_dict") else value!r}')
+  return lines
 
 
 def main(argv):
   del argv
+  if _PRINT_CONFIG.value:
+    print(f'# --config={_config_arg(sys.argv)[2]} with its overrides. Every field is documented in configs/common.py '
+          '(model.overrides: model/config.py); set one with --config.<field>=<value>.')
+    print('\n'.join(_config_lines(_CONFIG.value)))
+    return
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
-  from train import partitioning, trainer
+  from train import distributed, trainer
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
-    partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                        _INIT_TIMEOUT.value)
+    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                       _INIT_TIMEOUT.value)
   log = print if jax.process_index() == 0 else (lambda *_: None)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))
@@ -45,4 +223,4 @@ def main(argv):
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.WARNING)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from model import pytree
+
 OPTIMIZERS = ('adamw', 'adafactor', 'sgd')
 DECAYS = ('linear', 'cosine', 'inverse_sqrt', 'constant')
 # Leaf names that get weight decay; norm scales, biases and everything else do not.
@@ -26,6 +28,7 @@ DECAYED_LEAVES = ('kernel', 'embedding', 'rel_embedding')
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field make_optimizer reads, with its default. A config may set any subset."""
+  # yapf: disable (a table: one field per line, its meaning aligned beside it)
   return ml_collections.ConfigDict(dict(
       optimizer='adamw',        # 'adamw' | 'adafactor' | 'sgd' (plain SGD with optional momentum; tests, debugging)
       learning_rate=1e-4,       # peak learning rate, reached at the end of warmup
@@ -46,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
       trainable=(),             # path patterns (glob or regex, '/'-joined) of what trains; empty: everything
       frozen=(),                # path patterns of what gets exactly zero update and no optimizer state
   ))
+  # yapf: enable
 
 
 def _config(cfg) -> dict[str, Any]:
@@ -111,20 +115,9 @@ def learning_rate_fn(cfg) -> optax.Schedule:
 # ------------------------------------------------------------------------------------------------------ paths
 
 
-def _key_name(k) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def path_str(keypath) -> str:
-  """A jax key path as the '/'-joined names used by every mask here: 'transformer/stack/layers/mlp/wi/kernel'."""
-  return '/'.join(_key_name(k) for k in keypath)
-
-
 def _map_paths(fn, tree):
-  return jax.tree_util.tree_map_with_path(lambda kp, leaf: fn(path_str(kp), leaf), tree)
+  """fn('/'-joined path as model.pytree writes it, leaf) over every leaf, so masks name what errors print."""
+  return jax.tree_util.tree_map_with_path(lambda kp, leaf: fn(pytree.path_str(kp), leaf), tree)
 
 
 def decay_mask(params):
@@ -154,7 +147,7 @@ def trainable_mask(params, trainable: Optional[Sequence[str]] = None, frozen: Op
   'mlm/*', r'transformer/stack/layers_[0-5]'). A pattern that matches nothing raises ValueError (a typo would
   otherwise silently train or freeze the wrong thing)."""
   trainable, frozen = tuple(trainable or ()), tuple(frozen or ())
-  paths = [path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  paths = pytree.leaf_paths(params)
   for field, patterns in (('trainable', trainable), ('frozen', frozen)):
     for pattern in patterns:
       if not any(_matches(pattern, p) for p in paths):
@@ -170,16 +163,14 @@ def trainable_mask(params, trainable: Optional[Sequence[str]] = None, frozen: Op
 
 # ---------------------------------------------------------------------------------------- layer-wise LR decay
 
-_UNROLLED = re.compile(r'^layers_(\d+)$')
-
 
 def _depth_of(path: str, leaf) -> tuple[str, Any]:
   """('embed', None) | ('layer', index or None for a scanned stack) | ('head', None)."""
   parts = path.split('/')
   for i, part in enumerate(parts):
-    m = _UNROLLED.match(part)
-    if m:
-      return 'layer', int(m.group(1))
+    index = pytree.layer_index(part)
+    if index is not None:
+      return 'layer', index
     if part == 'layers' and i > 0 and parts[i - 1] == 'stack':
       return 'layer', None
   # Embedding tables, their norm and projection, and T5's relative-position table (shared by all layers) sit below
@@ -192,7 +183,7 @@ def _depth_of(path: str, leaf) -> tuple[str, Any]:
 def _num_layers(tree) -> int:
   n = 0
   for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    kind, index = _depth_of(path_str(kp), leaf)
+    kind, index = _depth_of(pytree.path_str(kp), leaf)
     if kind == 'layer':
       n = max(n, leaf.shape[0] if index is None else index + 1)
   return n

@@ -4,7 +4,8 @@ The model names its parameter axes (embed, heads, kv_heads, kv, mlp, vocab, laye
 names to the axes of a 3-axis mesh (data, fsdp, tensor). Pure data parallelism is the mesh (N, 1, 1); FSDP shards
 parameters and optimizer state over `fsdp` (N-way memory saving) while the batch is split over (data, fsdp); tensor
 parallelism splits heads and MLP width over `tensor`. Everything is checked before compiling: mesh sizes against the
-device count, the batch against the data-parallel degree, every sharded dimension against its mesh axes.
+device count, the batch against the data-parallel degree, every sharded dimension against its mesh axes. Joining the
+processes of a multi-host run is train/distributed.py.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from model import pytree
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
@@ -92,10 +95,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _path_str(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
-
-
 def param_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES):
   """Logical PartitionSpecs + abstract shapes -> NamedShardings, after checking divisibility of every sharded dim."""
   mesh_specs = nn.logical_to_mesh(logical_specs, rules)
@@ -106,7 +105,7 @@ def param_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES):
         continue
       size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
       if dim % size:
-        raise ValueError(f'parameter {_path_str(path)} has a dimension of {dim} sharded over mesh axes {axes} of '
+        raise ValueError(f'parameter {pytree.path_str(path)} has a dimension of {dim} sharded over mesh axes {axes} of '
                          f'size {size}, which does not divide it; change config.mesh.shape or the rule for that '
                          f'axis in config.mesh.rules.')
     return NamedSharding(mesh, spec)
@@ -155,106 +154,3 @@ def per_device_bytes(tree) -> int:
 
 def total_bytes(tree) -> int:
   return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _split_address(coordinator: str) -> tuple[str, int]:
-  host, sep, port = coordinator.rpartition(':')
-  if not sep or not port.isdigit():
-    raise ValueError(f'--coordinator={coordinator!r}: expected HOST:PORT, e.g. 10.0.0.2:8476.')
-  return host.strip('[]'), int(port)
-
-
-def _rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s: float):
-  """Waits until every process has reached the coordinator's port, or raises RuntimeError saying who is missing.
-
-  jax.distributed.initialize aborts the whole interpreter (a C++ fatal error, no Python exception) when a peer never
-  shows up, so the processes first meet over a plain TCP socket on the coordinator's port: process 0 listens and
-  answers 'go' once all peers have connected, then frees the port for JAX's own service. Peers close first, so the
-  port is not left in TIME_WAIT on the coordinator.
-  """
-  import socket
-  import time
-  host, port = _split_address(coordinator)
-  deadline = time.monotonic() + timeout_s
-  hint = ('Start every process with the same --coordinator and --num_processes, each with its own --process_id '
-          '(0 on the coordinator host), and check that the port is reachable.')
-  if process_id == 0:
-    server = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
-    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      server.bind(('', port))
-    except OSError as e:
-      server.close()
-      raise RuntimeError(f'coordinator {coordinator}: cannot listen on port {port} ({e}); pick a free port.') from e
-    server.listen(num_processes)
-    peers: dict[int, socket.socket] = {}
-    try:
-      while len(peers) < num_processes - 1:
-        left = deadline - time.monotonic()
-        if left <= 0:
-          missing = sorted(set(range(1, num_processes)) - set(peers))
-          raise RuntimeError(f'coordinator {coordinator}: only {len(peers) + 1} of {num_processes} processes joined '
-                             f'within {timeout_s:g}s; process id(s) {missing} never connected. {hint}')
-        server.settimeout(min(left, 1.0))
-        try:
-          conn, _ = server.accept()
-        except socket.timeout:
-          continue
-        conn.settimeout(max(deadline - time.monotonic(), 1.0))
-        try:
-          peers[int(conn.recv(16).decode().strip())] = conn
-        except (OSError, ValueError):
-          conn.close()
-      for conn in peers.values():
-        conn.sendall(b'go\n')
-      for conn in peers.values():  # wait for each peer to close its end first
-        try:
-          conn.settimeout(max(deadline - time.monotonic(), 1.0))
-          conn.recv(16)
-        except OSError:
-          pass
-    finally:
-      for conn in peers.values():
-        conn.close()
-      server.close()
-    return
-  while True:
-    try:
-      conn = socket.create_connection((host, port), timeout=max(min(deadline - time.monotonic(), 5.0), 0.1))
-      break
-    except OSError as e:
-      if time.monotonic() >= deadline:
-        raise RuntimeError(f'process {process_id}: the coordinator {coordinator} (process 0) could not be reached '
-                           f'within {timeout_s:g}s ({e}). {hint}') from e
-      time.sleep(0.2)
-  with conn:
-    conn.sendall(f'{process_id}\n'.encode())
-    conn.settimeout(max(deadline - time.monotonic(), 0.1))
-    try:
-      reply = conn.recv(16)
-    except OSError:
-      reply = b''
-    if not reply.startswith(b'go'):
-      raise RuntimeError(f'process {process_id}: reached the coordinator {coordinator}, but not all {num_processes} '
-                         f'processes joined within {timeout_s:g}s. {hint}')
-
-
-def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, timeout_s: int = 300):
-  """jax.distributed.initialize from flags, or with no arguments from the environment (Cloud TPU, SLURM, ...).
-
-  With a coordinator, the processes first meet over TCP (see _rendezvous), so a peer that never starts, or a wrong
-  address, is a RuntimeError naming the coordinator and the missing processes after `timeout_s` instead of a hang or
-  a fatal abort inside JAX.
-  """
-  kwargs: dict[str, Any] = {}
-  if coordinator:
-    if num_processes is None or process_id is None:
-      raise ValueError(f'--coordinator={coordinator!r} needs --num_processes and --process_id as well.')
-    if not 0 <= process_id < num_processes:
-      raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}) (--num_processes).')
-    _rendezvous(coordinator, num_processes, process_id, timeout_s)
-    kwargs.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
-  elif num_processes is not None or process_id is not None:
-    raise ValueError('--num_processes/--process_id need --coordinator=HOST:PORT (address of process 0).')
-  jax.distributed.initialize(initialization_timeout=int(timeout_s), **kwargs)
