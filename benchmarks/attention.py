@@ -28,10 +28,10 @@ def _impls(chunk):
   causal = lambda t, b: attn.make_mask_info(causal=True, q_len=t, kv_len=t, batch=b)
   impls = {
       'jax.nn (baseline)': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
-      'plain': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]),
-                                              implementation='plain'),
-      'chunked': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]),
-                                                implementation='chunked', chunk_size=chunk),
+      'plain': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]), implementation='plain'
+                                             ),
+      'chunked': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]), implementation=
+                                                'chunked', chunk_size=chunk),
   }
   if jax.default_backend() == 'gpu':
     impls['cudnn'] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='cudnn')
@@ -57,7 +57,7 @@ def main(argv):
         print(f'{name:<20}{t:>7}  unavailable: {type(e).__name__}')
         continue
       mem = compiled.memory_analysis()
-      temp = getattr(mem, 'temp_size_in_bytes', float('nan')) / 2**20 if mem is not None else float('nan')
+      temp = getattr(mem, 'temp_size_in_bytes', float('nan')) / 2 ** 20 if mem is not None else float('nan')
       out = jax.block_until_ready(compiled(q, k, v))
       start = time.perf_counter()
       for _ in range(_REPEATS.value):

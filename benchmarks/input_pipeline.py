@@ -76,12 +76,7 @@ def main(argv):
         fn = examples.MaskedLM(stream, examples.Specials.from_tokenizer(tok), seq_len=seq_len)
       else:
         fn = examples.CausalLM(stream, seq_len=seq_len)
-      loader = Loader(range(fn.num_windows),
-                      fn,
-                      batch_size=_BATCH.value,
-                      seed=0,
-                      process_index=0,
-                      process_count=1,
+      loader = Loader(range(fn.num_windows), fn, batch_size=_BATCH.value, seed=0, process_index=0, process_count=1,
                       prefetch=_PREFETCH.value)
       first = next(loader)  # warm-up
       t0 = time.perf_counter()

@@ -70,8 +70,10 @@ def _placeholder_type(hint) -> type:
 def model_fields() -> ml_collections.ConfigDict:
   """Every ModelConfig field as an unset (None) placeholder of its type: what config.model.overrides starts as."""
   hints = typing.get_type_hints(transformer.ModelConfig)
-  return ml_collections.ConfigDict({f.name: config_dict.placeholder(_placeholder_type(hints[f.name]))
-                                    for f in dataclasses.fields(transformer.ModelConfig)})
+  return ml_collections.ConfigDict({
+      f.name: config_dict.placeholder(_placeholder_type(hints[f.name]))
+      for f in dataclasses.fields(transformer.ModelConfig)
+  })
 
 
 def base() -> ml_collections.ConfigDict:

@@ -7,8 +7,8 @@ from configs import common
 
 def get_config(arg=None):
   # A size needs both halves: electra-<size>-discriminator and electra-<size>-generator.
-  sizes = sorted(set(common.preset_sizes('electra-', '-discriminator'))
-                 & set(common.preset_sizes('electra-', '-generator')))
+  sizes = sorted(
+      set(common.preset_sizes('electra-', '-discriminator')) & set(common.preset_sizes('electra-', '-generator')))
   args = common.parse_arg(arg, sizes=sizes, size='small')
   c = common.base()
   c.model.preset = f'electra-{args.size}-discriminator'

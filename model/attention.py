@@ -22,7 +22,6 @@ import numpy as np
 # A large finite negative keeps fully masked rows finite (uniform weights) instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
-
 # ----------------------------------------------------------------------------------------------------------- masks
 
 
@@ -141,9 +140,8 @@ def t5_relative_position_bucket(relative_position: jax.Array, *, bidirectional: 
   max_exact = num_buckets // 2
   is_small = n < max_exact
   # The epsilon mirrors T5 so the same distances land in the same buckets.
-  val_if_large = max_exact + (
-      jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps) / math.log(max_distance / max_exact)
-      * (num_buckets - max_exact)).astype(jnp.int32)
+  val_if_large = max_exact + (jnp.log(n.astype(jnp.float32) / max_exact + np.finfo(np.float32).eps)
+                              / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
   val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
   return ret + jnp.where(is_small, n, val_if_large)
 
@@ -165,8 +163,8 @@ def _bias_blocks(bias: Optional[jax.Array], num_kv_heads: int):
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
-                          bias: Optional[jax.Array] = None, scale: Optional[float] = None,
-                          dropout_rate: float = 0.0, dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+                          bias: Optional[jax.Array] = None, scale: Optional[float] = None, dropout_rate: float = 0.0,
+                          dropout_rng: Optional[jax.Array] = None) -> jax.Array:
   """softmax(q k^T * scale + bias, masked) v, the plain way.
 
   q [B,T,N,H]; k, v [B,S,K,H] with N a multiple of K (grouped-query; K == 1 is multi-query); mask [B|1, 1|N, T, S]
@@ -225,7 +223,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
 
   def one_query_chunk(qi):
     qs = qi * q_chunk
-    q_blk = jax.lax.dynamic_slice_in_dim(qg, qs, q_chunk, axis=1)           # [B,tq,K,G,H]
+    q_blk = jax.lax.dynamic_slice_in_dim(qg, qs, q_chunk, axis=1)  # [B,tq,K,G,H]
     sl = lambda x, start, size: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
     def kv_step(carry, ki):
@@ -241,7 +239,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
                           mi.prefix_len, mi.causal)
       mask = blk_info.block()
       valid = sl(kv_valid, ks, kv_chunk)[:, None, None, :]
-      mask = valid if mask is None else mask & valid                        # [B,1,tq,sk]
+      mask = valid if mask is None else mask & valid  # [B,1,tq,sk]
       scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
       m_new = jnp.maximum(m, scores.max(axis=-1))
       p = jnp.exp(scores - m_new[..., None])
@@ -251,13 +249,13 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
       return (m_new, l_new, acc_new), None
 
     g = n // kheads
-    init = (jnp.full((b, kheads, g, q_chunk), -jnp.inf, jnp.float32), jnp.zeros((b, kheads, g, q_chunk), jnp.float32),
-            jnp.zeros((b, kheads, g, q_chunk, h), jnp.float32))
+    init = (jnp.full((b, kheads, g, q_chunk), -jnp.inf, jnp.float32), jnp.zeros(
+        (b, kheads, g, q_chunk), jnp.float32), jnp.zeros((b, kheads, g, q_chunk, h), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(kv_step, init, jnp.arange(nk))
-    out = acc / l[..., None]                                                # [B,K,G,tq,H]
+    out = acc / l[..., None]  # [B,K,G,tq,H]
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_chunk, n, h)
 
-  outs = jax.lax.map(one_query_chunk, jnp.arange(nq))                       # [nq,B,tq,N,H]
+  outs = jax.lax.map(one_query_chunk, jnp.arange(nq))  # [nq,B,tq,N,H]
   out = jnp.transpose(outs, (1, 0, 2, 3, 4)).reshape(b, tp, n, h)[:, :t]
   return out.astype(q.dtype)
 

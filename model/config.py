@@ -74,8 +74,10 @@ class ModelConfig:
 
   def validate(self):
     """Raises ValueError naming the field and the fix; called on construction, so before anything compiles."""
+
     def bad(field, why):
       raise ValueError(f'ModelConfig.{field}={getattr(self, field)!r}: {why}')
+
     if self.arch not in ARCHS:
       bad('arch', f'must be one of {ARCHS}.')
     if self.position not in POSITIONS:
@@ -138,23 +140,23 @@ class ModelConfig:
 
 def _bert(layers, d, **kw):
   base = dict(arch='encoder', vocab_size=30522, d_model=d, num_heads=max(d // 64, 2), num_layers=layers, d_ff=4 * d,
-              max_len=512, position='learned', type_vocab_size=2, activation='gelu', norm='layernorm',
-              norm_eps=1e-12, pre_norm=False, embed_norm=True, pad_id=0)
+              max_len=512, position='learned', type_vocab_size=2, activation='gelu', norm='layernorm', norm_eps=1e-12,
+              pre_norm=False, embed_norm=True, pad_id=0)
   base.update(kw)
   return base
 
 
 def _gpt2(layers, d, heads, **kw):
-  return dict(arch='decoder', vocab_size=50257, d_model=d, num_heads=heads, num_layers=layers, d_ff=4 * d,
-              max_len=1024, position='learned', activation='gelu_tanh', norm='layernorm', norm_eps=1e-5,
-              pre_norm=True, bos_id=50256, eos_id=50256, pad_id=50256, **kw)
+  return dict(arch='decoder', vocab_size=50257, d_model=d, num_heads=heads, num_layers=layers, d_ff=4 * d, max_len=1024,
+              position='learned', activation='gelu_tanh', norm='layernorm', norm_eps=1e-5, pre_norm=True, bos_id=50256,
+              eos_id=50256, pad_id=50256, **kw)
 
 
 def _llama(layers, d, heads, kv, ff, **kw):
-  base = dict(arch='decoder', vocab_size=32000, d_model=d, num_heads=heads, num_kv_heads=kv, num_layers=layers,
-              d_ff=ff, max_len=2048, position='rope', activation='silu', gated_mlp=True, norm='rmsnorm',
-              norm_eps=1e-5, pre_norm=True, use_bias=False, tie_embeddings=False, dropout_rate=0.0,
-              attention_dropout_rate=0.0, bos_id=1, eos_id=2, pad_id=0)
+  base = dict(arch='decoder', vocab_size=32000, d_model=d, num_heads=heads, num_kv_heads=kv, num_layers=layers, d_ff=ff,
+              max_len=2048, position='rope', activation='silu', gated_mlp=True, norm='rmsnorm', norm_eps=1e-5,
+              pre_norm=True, use_bias=False, tie_embeddings=False, dropout_rate=0.0, attention_dropout_rate=0.0,
+              bos_id=1, eos_id=2, pad_id=0)
   base.update(kw)
   return base
 

@@ -30,8 +30,8 @@ class DecodeConfig:
   method: str = 'greedy'
   max_new_tokens: int = 32
   temperature: float = 1.0
-  top_k: int = 0            # 0: off
-  top_p: float = 1.0        # 1.0: off
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1.0: off
   num_beams: int = 4
   length_penalty: float = 0.0  # beam score = logp / ((5 + len) / 6) ** length_penalty (GNMT)
   eos_id: Optional[int] = None  # None: the model config's eos_id
@@ -57,8 +57,7 @@ def _decoder_batch(cfg, tokens, positions, segment_ids, encoded=None, encoder_se
   return dict(tokens=tokens, positions=positions, segment_ids=segment_ids)
 
 
-def init_cache(model: LanguageModel, params, batch_size: int, max_len: int, *, encoded=None,
-               encoder_segment_ids=None):
+def init_cache(model: LanguageModel, params, batch_size: int, max_len: int, *, encoded=None, encoder_segment_ids=None):
   """An empty cache for `batch_size` rows of up to `max_len` tokens (shapes only are traced; nothing runs)."""
   cfg = model.cfg
   if cfg.arch == 'encoder':
@@ -92,11 +91,13 @@ def left_align(tokens, mask):
 
 def gather_beams(cache, index):
   """Reorders every cache row by index [B'] (beam search). Scanned layer caches carry the layer axis first."""
+
   def take(path, leaf):
     if leaf.ndim == 0:
       return leaf
     scanned = any(pytree.key_name(k) == 'layers' for k in path)
     return jnp.take(leaf, index, axis=1 if scanned else 0)
+
   return jax.tree_util.tree_map_with_path(take, cache)
 
 
@@ -133,8 +134,8 @@ def _prefill(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment
       raise ValueError('an encoder-decoder model needs encoder_tokens to generate from.')
     if encoder_segment_ids is None:
       encoder_segment_ids = jnp.ones_like(encoder_tokens)
-    encoded = model.apply({'params': params}, dict(encoder_tokens=encoder_tokens,
-                                                   encoder_segment_ids=encoder_segment_ids),
+    encoded = model.apply({'params': params},
+                          dict(encoder_tokens=encoder_tokens, encoder_segment_ids=encoder_segment_ids),
                           method=LanguageModel.encode)
     b = encoder_tokens.shape[0]
     if prompt is None:
@@ -146,8 +147,8 @@ def _prefill(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment
   tokens, mask, positions = left_align(prompt, prompt_mask)
   if rows_per_prompt > 1:
     rep = lambda x: None if x is None else jnp.repeat(x, rows_per_prompt, axis=0)
-    tokens, mask, positions, encoded, encoder_segment_ids = map(rep, (tokens, mask, positions, encoded,
-                                                                      encoder_segment_ids))
+    tokens, mask, positions, encoded, encoder_segment_ids = map(rep,
+                                                                (tokens, mask, positions, encoded, encoder_segment_ids))
   rows, p = tokens.shape
   cache = init_cache(model, params, rows, p + max_new, encoded=encoded, encoder_segment_ids=encoder_segment_ids)
   logits, cache = decode_step(model, params, cache, tokens, positions=positions, segment_ids=mask, encoded=encoded,
@@ -161,13 +162,13 @@ def _prefill(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment
 @struct.dataclass
 class SampleState:
   """The carry of the greedy / sampling loop: one token per row per step."""
-  step: jax.Array       # [] int32: tokens emitted so far
-  logits: jax.Array     # [B,V] float32: logits of the next token
-  cache: dict           # the decoder's 'cache' collection
-  position: jax.Array   # [B] int32: position of the next token
-  tokens: jax.Array     # [B,L] int32: emitted so far, pad_id after EOS
-  finished: jax.Array   # [B] bool: has emitted EOS
-  scores: jax.Array     # [B] float32: summed log-probabilities
+  step: jax.Array  # [] int32: tokens emitted so far
+  logits: jax.Array  # [B,V] float32: logits of the next token
+  cache: dict  # the decoder's 'cache' collection
+  position: jax.Array  # [B] int32: position of the next token
+  tokens: jax.Array  # [B,L] int32: emitted so far, pad_id after EOS
+  finished: jax.Array  # [B] bool: has emitted EOS
+  scores: jax.Array  # [B] float32: summed log-probabilities
   rng: jax.Array
 
 
@@ -200,9 +201,8 @@ def _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_seg
                        tokens=state.tokens.at[:, state.step].set(token), finished=state.finished | (token == eos),
                        scores=state.scores + jnp.where(state.finished, 0.0, logp), rng=rng)
 
-  init = SampleState(step=jnp.int32(0), logits=logits, cache=cache, position=position,
-                     tokens=jnp.full((b, max_new), pad, jnp.int32), finished=jnp.zeros((b,), bool),
-                     scores=jnp.zeros((b,), jnp.float32), rng=rng)
+  init = SampleState(step=jnp.int32(0), logits=logits, cache=cache, position=position, tokens=jnp.full(
+      (b, max_new), pad, jnp.int32), finished=jnp.zeros((b,), bool), scores=jnp.zeros((b,), jnp.float32), rng=rng)
   final = jax.lax.while_loop(cond, body, init)
   return final.tokens, final.scores
 
@@ -213,14 +213,14 @@ def _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_seg
 @struct.dataclass
 class BeamState:
   """The carry of the beam search loop: W alive beams per row and the W best finished ones."""
-  step: jax.Array             # [] int32: tokens emitted so far
-  logits: jax.Array           # [B*W,V] float32: logits of each alive beam's next token
-  cache: dict                 # the decoder's 'cache' collection, one row per alive beam
-  alive: jax.Array            # [B,W,L] int32: alive beams' tokens
-  alive_logp: jax.Array       # [B,W] float32: their summed log-probabilities, best first
-  finished: jax.Array         # [B,W,L] int32: kept finished beams' tokens
+  step: jax.Array  # [] int32: tokens emitted so far
+  logits: jax.Array  # [B*W,V] float32: logits of each alive beam's next token
+  cache: dict  # the decoder's 'cache' collection, one row per alive beam
+  alive: jax.Array  # [B,W,L] int32: alive beams' tokens
+  alive_logp: jax.Array  # [B,W] float32: their summed log-probabilities, best first
+  finished: jax.Array  # [B,W,L] int32: kept finished beams' tokens
   finished_scores: jax.Array  # [B,W] float32: their length-penalized scores, best first
-  finished_flags: jax.Array   # [B,W] bool: whether the slot holds a finished beam yet
+  finished_flags: jax.Array  # [B,W] bool: whether the slot holds a finished beam yet
 
 
 def _merge_finished(state: BeamState, seqs, scores, ends):
@@ -233,8 +233,8 @@ def _merge_finished(state: BeamState, seqs, scores, ends):
   all_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
   all_flags = jnp.concatenate([state.finished_flags, ends], axis=1)
   keep_scores, keep = jax.lax.top_k(jnp.where(all_flags, all_scores, _NEG_INF), w)
-  return (jnp.take_along_axis(all_fin, keep[:, :, None], axis=1), keep_scores,
-          jnp.take_along_axis(all_flags, keep, axis=1))
+  return (jnp.take_along_axis(all_fin, keep[:, :, None],
+                              axis=1), keep_scores, jnp.take_along_axis(all_flags, keep, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'dcfg'))
@@ -259,9 +259,9 @@ def _beam_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segme
     i = state.step
     logp = jax.nn.log_softmax(state.logits, axis=-1).reshape(b, w, v)
     cand = (state.alive_logp[:, :, None] + logp).reshape(b, w * v)
-    top_logp, top_idx = jax.lax.top_k(cand, 2 * w)                        # [B,2W]
+    top_logp, top_idx = jax.lax.top_k(cand, 2 * w)  # [B,2W]
     beam, token = top_idx // v, (top_idx % v).astype(jnp.int32)
-    seqs = jnp.take_along_axis(state.alive, beam[:, :, None], axis=1).at[:, :, i].set(token)   # [B,2W,L]
+    seqs = jnp.take_along_axis(state.alive, beam[:, :, None], axis=1).at[:, :, i].set(token)  # [B,2W,L]
     is_eos = token == eos
     # Finished: EOS-ending candidates ranked within the top W (as Hugging Face does, so that beam size 1 is greedy)
     # merge into the kept finished beams; the best W stay.
@@ -272,22 +272,21 @@ def _beam_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segme
     alive_cand = jnp.where(is_eos, _NEG_INF, top_logp)
     alive_logp, pick = jax.lax.top_k(alive_cand, w)
     alive = jnp.take_along_axis(seqs, pick[:, :, None], axis=1)
-    src_beam = jnp.take_along_axis(beam, pick, axis=1)                    # [B,W]
+    src_beam = jnp.take_along_axis(beam, pick, axis=1)  # [B,W]
     rows = (jnp.arange(b)[:, None] * w + src_beam).reshape(-1)
     cache = gather_beams(state.cache, rows)
     last = alive[:, :, i].reshape(-1)
-    step_logits, cache = decode_step(model, params, cache, last[:, None],
-                                     positions=jnp.full((b * w, 1), 0, jnp.int32) + position[:, None] + i,
-                                     encoded=encoded, encoder_segment_ids=enc_seg)
+    step_logits, cache = decode_step(model, params, cache, last[:, None], positions=jnp.full(
+        (b * w, 1), 0, jnp.int32) + position[:, None] + i, encoded=encoded, encoder_segment_ids=enc_seg)
     return BeamState(step=i + 1, logits=step_logits[:, 0], cache=cache, alive=alive, alive_logp=alive_logp,
                      finished=fin, finished_scores=fin_scores, finished_flags=fin_flags)
 
   # All W rows start identical: only beam 0 may expand at the first step.
   alive_logp = jnp.tile(jnp.array([0.0] + [_NEG_INF] * (w - 1), jnp.float32), (b, 1))
   alive = jnp.full((b, w, max_new), pad, jnp.int32)
-  init = BeamState(step=jnp.int32(0), logits=logits, cache=cache, alive=alive, alive_logp=alive_logp,
-                   finished=jnp.full((b, w, max_new), pad, jnp.int32),
-                   finished_scores=jnp.full((b, w), _NEG_INF, jnp.float32), finished_flags=jnp.zeros((b, w), bool))
+  init = BeamState(step=jnp.int32(0), logits=logits, cache=cache, alive=alive, alive_logp=alive_logp, finished=jnp.full(
+      (b, w, max_new), pad, jnp.int32), finished_scores=jnp.full((b, w), _NEG_INF, jnp.float32),
+                   finished_flags=jnp.zeros((b, w), bool))
   final = jax.lax.while_loop(cond, body, init)
   # Rows with no finished beam return their best alive beam.
   any_fin = final.finished_flags[:, 0]

@@ -147,12 +147,12 @@ class LanguageModel(nn.Module):
     """The final hidden states [B,T,D] (decoder side for encoder-decoder) and, for T5, the encoder output."""
     cfg = self.cfg
     if cfg.arch == 'encoder':
-      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'),
-                              positions=batch.get('positions'), token_type_ids=batch.get('token_type_ids'),
-                              deterministic=deterministic, extra_embeddings=batch.get('extra_embeddings')), None
+      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
+                              token_type_ids=batch.get('token_type_ids'), deterministic=deterministic,
+                              extra_embeddings=batch.get('extra_embeddings')), None
     if cfg.arch == 'decoder':
-      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'),
-                              positions=batch.get('positions'), deterministic=deterministic, decode=decode,
+      return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
+                              deterministic=deterministic, decode=decode,
                               extra_embeddings=batch.get('extra_embeddings')), None
     encoded = batch.get('encoded')
     if encoded is None:
@@ -233,8 +233,10 @@ class Electra(nn.Module):
     return self.rtd(self._encode(self.discriminator, batch, tokens, deterministic))
 
   def __call__(self, batch, *, deterministic: bool = True):
-    return {'mlm_logits': self.generate(batch, deterministic=deterministic),
-            'rtd_logits': self.discriminate(batch, batch['tokens'], deterministic=deterministic)}
+    return {
+        'mlm_logits': self.generate(batch, deterministic=deterministic),
+        'rtd_logits': self.discriminate(batch, batch['tokens'], deterministic=deterministic)
+    }
 
 
 def init_params(module: nn.Module, rng, batch, **kwargs):
@@ -244,15 +246,21 @@ def init_params(module: nn.Module, rng, batch, **kwargs):
 
 def abstract_params(cfg, heads: Sequence[str]):
   """Shapes and dtypes of LanguageModel(cfg, heads)'s params (jax.ShapeDtypeStruct leaves), allocating nothing."""
-  rows = {'encoder_tokens': jnp.zeros((1, 2), jnp.int32), 'decoder_tokens': jnp.zeros((1, 2), jnp.int32)} if (
-      cfg.arch == 'encoder_decoder') else {'tokens': jnp.zeros((1, 2), jnp.int32)}
+  rows = {
+      'encoder_tokens': jnp.zeros((1, 2), jnp.int32),
+      'decoder_tokens': jnp.zeros((1, 2), jnp.int32)
+  } if (cfg.arch == 'encoder_decoder') else {
+      'tokens': jnp.zeros((1, 2), jnp.int32)
+  }
   return jax.eval_shape(lambda: init_params(LanguageModel(cfg, heads=tuple(heads)), jax.random.key(0), rows))
 
 
 def logical_axes(module: nn.Module, batch, **kwargs):
   """The logical axis names of every parameter, as a pytree of PartitionSpecs, computed without allocating."""
-  shapes = jax.eval_shape(lambda: module.init({'params': jax.random.key(0), 'dropout': jax.random.key(0)}, batch,
-                                              **kwargs)['params'])
+  shapes = jax.eval_shape(lambda: module.init({
+      'params': jax.random.key(0),
+      'dropout': jax.random.key(0)
+  }, batch, **kwargs)['params'])
   return nn.get_partition_spec(shapes)
 
 

@@ -53,8 +53,8 @@ class Dense(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     axis = tuple(sorted(a % x.ndim for a in self.axis))
-    kernel = self.param('kernel', kernel_init(cfg, self.names), tuple(x.shape[a] for a in axis) + self.features,
-                        cfg.jnp_param_dtype)
+    kernel = self.param('kernel', kernel_init(cfg, self.names),
+                        tuple(x.shape[a] for a in axis) + self.features, cfg.jnp_param_dtype)
     y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype),
                             ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
@@ -117,8 +117,7 @@ class Embeddings(nn.Module):
       self.norm = Norm(cfg)
     self.dropout = nn.Dropout(cfg.dropout_rate)
 
-  def __call__(self, tokens, *, positions, token_type_ids=None, deterministic: bool = True,
-               extra_embeddings=None):
+  def __call__(self, tokens, *, positions, token_type_ids=None, deterministic: bool = True, extra_embeddings=None):
     """tokens [B,T] int, positions [B,T] int, token_type_ids [B,T] int -> [B,T,E].
 
     extra_embeddings [B,T,E], if given, is added before the norm (soft prompts and adapters build on it).
@@ -159,10 +158,10 @@ class MultiHeadAttention(nn.Module):
     """x [B,T,D]; kv_input [B,S,D] or None; bias [B|1,N,T,S]; rope (sin, cos) each [B,T,H/2] -> [B,T,D]."""
     cfg = self.cfg
     n, k_heads, h = cfg.num_heads, cfg.kv_heads, cfg.head_width
-    q = dense(cfg, (n, h), ('embed', 'heads', 'kv'), name='query')(x)                           # [B,T,N,H]
+    q = dense(cfg, (n, h), ('embed', 'heads', 'kv'), name='query')(x)  # [B,T,N,H]
     src = x if kv_input is None else kv_input
-    k = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='key')(src)                # [B,S,K,H]
-    v = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='value')(src)              # [B,S,K,H]
+    k = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='key')(src)  # [B,S,K,H]
+    v = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='value')(src)  # [B,S,K,H]
     if rope is not None:
       sin, cos = rope
       q, k = attn.apply_rope(q, sin, cos), attn.apply_rope(k, sin, cos)
@@ -178,7 +177,7 @@ class MultiHeadAttention(nn.Module):
     out = attn.attention(q, k, v, mask_info=mask_info, bias=bias, scale=cfg.attention_scale,
                          implementation=cfg.attention_impl, chunk_size=cfg.attention_chunk, dropout_rate=rate,
                          dropout_rng=self.make_rng('dropout') if rate > 0 else None)
-    out = dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out')(out)      # [B,T,D]
+    out = dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out')(out)  # [B,T,D]
     return out
 
 
@@ -192,8 +191,8 @@ class Mlp(nn.Module):
     cfg = self.cfg
     act = activation(cfg.activation)
     if cfg.gated_mlp:
-      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_0')(x)) * dense(
-          cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_1')(x)
+      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_0')(x)) * dense(cfg, cfg.d_ff,
+                                                                                   ('embed', 'mlp'), name='wi_1')(x)
     else:
       hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi')(x))
     hidden = nn.Dropout(cfg.mlp_dropout_rate)(hidden, deterministic=self.deterministic)

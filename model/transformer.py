@@ -30,8 +30,8 @@ class RelativePositionBias(nn.Module):
   @nn.compact
   def __call__(self, q_positions, kv_positions):
     cfg = self.cfg
-    table = self.param('rel_embedding', nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
-                                                                     (None, 'heads')),
+    table = self.param('rel_embedding',
+                       nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'heads')),
                        (cfg.relative_buckets, cfg.num_heads), cfg.jnp_param_dtype)
     buckets = attn.t5_relative_position_bucket(kv_positions[:, None, :] - q_positions[:, :, None],
                                                bidirectional=self.bidirectional, num_buckets=cfg.relative_buckets,
@@ -63,9 +63,13 @@ class Stack(nn.Module):
     kw = dict(causal=self.causal, cross=self.cross, decode=decode, deterministic=deterministic)
     args = (mask_info, bias, rope, cross_x, cross_mask_info, cache_index)
     if cfg.scan_layers:
-      scanned = nn.scan(block, variable_axes={'params': 0, 'cache': 0}, split_rngs={'params': True, 'dropout': True},
-                        in_axes=(nn.broadcast,) * len(args), length=self.num_layers,
-                        metadata_params={nn.PARTITION_NAME: 'layers'})
+      scanned = nn.scan(block, variable_axes={
+          'params': 0,
+          'cache': 0
+      }, split_rngs={
+          'params': True,
+          'dropout': True
+      }, in_axes=(nn.broadcast,) * len(args), length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = scanned(cfg, name='layers', **kw)(x, *args)
     else:
       for i in range(self.num_layers):
@@ -185,8 +189,8 @@ class EncoderDecoder(nn.Module):
   def encode(self, tokens, *, segment_ids=None, positions=None, deterministic=True):
     return self.encoder(tokens, segment_ids=segment_ids, positions=positions, deterministic=deterministic)
 
-  def decode(self, tokens, *, encoded, encoder_segment_ids=None, segment_ids=None, positions=None,
-             deterministic=True, decode=False):
+  def decode(self, tokens, *, encoded, encoder_segment_ids=None, segment_ids=None, positions=None, deterministic=True,
+             decode=False):
     return self.decoder(tokens, segment_ids=segment_ids, positions=positions, encoded=encoded,
                         encoder_segment_ids=encoder_segment_ids, deterministic=deterministic, decode=decode)
 

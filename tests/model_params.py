@@ -21,4 +21,5 @@ def random_params(module, batch, std, seed=0):
     else:
       value = std * rng.normal(size=leaf.shape)
     return jnp.asarray(value, leaf.dtype)
+
   return jax.tree_util.tree_map_with_path(draw, shapes)

@@ -29,17 +29,26 @@ from train.data.loader import global_batch  # noqa: E402
 
 VOCAB = 128  # divisible by every tensor degree used here (vocab is sharded over `tensor`)
 SEQ = 16
-BATCH = 8    # divisible by every data-parallel degree used here
+BATCH = 8  # divisible by every data-parallel degree used here
 
 # Every sharded dimension divides 8: 8 heads (kv heads too), d_model 128, d_ff 512, vocab 128. No dropout, so the
 # sharded and single-device runs compute the same function.
 MODELS = {
-    'bert': ('bert-tiny', {'mlm': 1.0, 'nsp': 1.0}, dict(num_heads=8), 'adamw'),
-    'gpt': ('gpt2-tiny', {'clm': 1.0}, dict(num_heads=8), 'adamw'),
-    'llama': ('llama-tiny', {'clm': 1.0}, dict(num_heads=16, num_kv_heads=8, head_dim=8), 'adamw'),
+    'bert': ('bert-tiny', {
+        'mlm': 1.0,
+        'nsp': 1.0
+    }, dict(num_heads=8), 'adamw'),
+    'gpt': ('gpt2-tiny', {
+        'clm': 1.0
+    }, dict(num_heads=8), 'adamw'),
+    'llama': ('llama-tiny', {
+        'clm': 1.0
+    }, dict(num_heads=16, num_kv_heads=8, head_dim=8), 'adamw'),
     # T5 with SGD: under Adam or Adafactor, 1e-7 gradient noise on elements whose gradient is ~0 becomes a different
     # step direction (1e-5..2e-3 after 3 steps, growing with the learning rate) though losses agree to 1e-6.
-    't5': ('t5-tiny', {'span': 1.0}, dict(num_heads=8, head_dim=16), 'sgd'),
+    't5': ('t5-tiny', {
+        'span': 1.0
+    }, dict(num_heads=8, head_dim=16), 'sgd'),
 }
 
 
@@ -50,18 +59,17 @@ def make_batch(kind: str, b: int = BATCH, t: int = SEQ, seed: int = 0) -> dict[s
   ones = lambda shape: np.ones(shape, np.int32)
   objectives = MODELS[kind][1]
   if 'clm' in objectives:
-    return dict(tokens=ids((b, t)), targets=ids((b, t)), weights=np.ones((b, t), np.float32),
-                segment_ids=ones((b, t)))
+    return dict(tokens=ids((b, t)), targets=ids((b, t)), weights=np.ones((b, t), np.float32), segment_ids=ones((b, t)))
   if 'span' in objectives:
     d = t // 2
     return dict(encoder_tokens=ids((b, t)), encoder_segment_ids=ones((b, t)), decoder_tokens=ids((b, d)),
-                decoder_targets=ids((b, d)), decoder_weights=np.ones((b, d), np.float32),
-                decoder_segment_ids=ones((b, d)))
+                decoder_targets=ids((b, d)), decoder_weights=np.ones((b, d), np.float32), decoder_segment_ids=ones(
+                    (b, d)))
   p = 4
-  return dict(tokens=ids((b, t)), segment_ids=ones((b, t)), token_type_ids=(np.arange(t) >= t // 2).astype(np.int32)
-              [None].repeat(b, 0), masked_positions=rng.integers(0, t, (b, p)).astype(np.int32),
-              masked_ids=ids((b, p)), masked_weights=np.ones((b, p), np.float32),
-              nsp_labels=rng.integers(0, 2, (b,)).astype(np.int32))
+  return dict(tokens=ids((b, t)), segment_ids=ones(
+      (b, t)), token_type_ids=(np.arange(t) >= t // 2).astype(np.int32)[None].repeat(b, 0),
+              masked_positions=rng.integers(0, t, (b, p)).astype(np.int32), masked_ids=ids((b, p)),
+              masked_weights=np.ones((b, p), np.float32), nsp_labels=rng.integers(0, 2, (b,)).astype(np.int32))
 
 
 def make_config(kind: str, mesh_shape=(-1, 1, 1), batch_size: int = BATCH) -> ml_collections.ConfigDict:
@@ -72,12 +80,12 @@ def make_config(kind: str, mesh_shape=(-1, 1, 1), batch_size: int = BATCH) -> ml
   opt.momentum = 0.9 if optimizer == 'sgd' else 0.0
   opt.warmup_steps = 0
   opt.total_steps = 100
-  return ml_collections.ConfigDict(dict(
-      seed=0, objectives=objectives,
-      model=dict(preset=preset, overrides=dict(overrides, vocab_size=VOCAB, dropout_rate=0.0,
-                                                attention_dropout_rate=0.0, mlp_dropout_rate=0.0),
-                 generator_preset='', generator_overrides={}),
-      optim=opt, mesh=dict(shape=tuple(mesh_shape), rules=None), data=dict(batch_size=batch_size)))
+  return ml_collections.ConfigDict(
+      dict(
+          seed=0, objectives=objectives, model=dict(
+              preset=preset, overrides=dict(overrides, vocab_size=VOCAB, dropout_rate=0.0, attention_dropout_rate=0.0,
+                                            mlp_dropout_rate=0.0), generator_preset='', generator_overrides={}),
+          optim=opt, mesh=dict(shape=tuple(mesh_shape), rules=None), data=dict(batch_size=batch_size)))
 
 
 def model_cfg(config):
@@ -106,8 +114,10 @@ def train(setup, batches, state=None):
 
 
 def max_abs_diff(a, b) -> float:
-  return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
+  return float(
+      max(
+          np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+          for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 def host(tree):
@@ -157,15 +167,18 @@ def group_parallel(kind: str, steps: int = 3) -> dict:
       out['fsdp_total_bytes'] = part.total_bytes(tree)
     if shape == (2, 2, 2):
       # The sharding the state really has after training (not just what was asked for).
-      out['specs_2x2x2'] = {k: spec_of(jax.tree.map(lambda x: x.sharding, state['params']), k)
-                            for k in _probe_paths(kind)}
+      out['specs_2x2x2'] = {
+          k: spec_of(jax.tree.map(lambda x: x.sharding, state['params']), k) for k in _probe_paths(kind)
+      }
   return out
 
 
 def _probe_paths(kind):
   if kind == 'bert':
-    return ['embed/token/embedding', 'transformer/stack/layers/self_attn/query/kernel',
-            'transformer/stack/layers/mlp/wi/kernel']
+    return [
+        'embed/token/embedding', 'transformer/stack/layers/self_attn/query/kernel',
+        'transformer/stack/layers/mlp/wi/kernel'
+    ]
   return []
 
 
@@ -185,8 +198,9 @@ def group_checkpoint(kind: str = 'gpt', tmpdir: str = '') -> dict:
   for name, shape, devices in (('8x1x1', (8, 1, 1), None), ('1', (1, 1, 1), jax.devices()[:1])):
     dst = setup_for(kind, shape, devices)
     restored, loader_state, _ = ckpts.restore(dst.abstract_state)
-    same_sharding = all(x.sharding.is_equivalent_to(sh, x.ndim) for x, sh in
-                        zip(jax.tree.leaves(restored), jax.tree.leaves(dst.state_shardings)))
+    same_sharding = all(
+        x.sharding.is_equivalent_to(sh, x.ndim)
+        for x, sh in zip(jax.tree.leaves(restored), jax.tree.leaves(dst.state_shardings)))
     restored_diff = max_abs_diff(host(restored['params']), saved)
     restored, (loss,) = train(dst, batches[2:], restored)
     out['targets'][name] = dict(restored_param_diff=restored_diff, shardings_as_asked=same_sharding,
@@ -240,8 +254,14 @@ def group_multiprocess(coordinator: str, num_processes: int, process_id: int, ki
     local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in full.items()}
     state, metrics = step_fn(state, global_batch(local, setup.batch_sharding))
     losses.append(float(metrics['loss']))
-  return {'process_index': jax.process_index(), 'process_count': n, 'global_devices': jax.device_count(),
-          'local_devices': jax.local_device_count(), 'mesh': dict(setup.mesh.shape), 'losses': losses}
+  return {
+      'process_index': jax.process_index(),
+      'process_count': n,
+      'global_devices': jax.device_count(),
+      'local_devices': jax.local_device_count(),
+      'mesh': dict(setup.mesh.shape),
+      'losses': losses
+  }
 
 
 def group_timeout(coordinator: str, process_id: int, timeout_s: int) -> dict:

@@ -16,7 +16,6 @@ from model import attention as attn
 
 B, D, H = 2, 24, 8
 
-
 # ------------------------------------------------------------------------------------------------ numpy reference
 
 
@@ -33,9 +32,9 @@ def np_attention(x, wq, wk, wv, *, mask=None, bias=None, kv_x=None):
   for b in range(b_):
     for head in range(n):
       kvh = head // (n // kh)
-      q = x[b] @ wq[:, head]            # [T,H]
-      k = kv_x[b] @ wk[:, kvh]          # [S,H]
-      v = kv_x[b] @ wv[:, kvh]          # [S,H]
+      q = x[b] @ wq[:, head]  # [T,H]
+      k = kv_x[b] @ wk[:, kvh]  # [S,H]
+      v = kv_x[b] @ wv[:, kvh]  # [S,H]
       for i in range(t):
         logits = np.array([q[i] @ k[j] / math.sqrt(h) for j in range(s)])
         if bias is not None:
@@ -84,12 +83,11 @@ def np_masks(t, seed=0):
   prefix_lm = np.array([[[j <= i or j < prefix[b] for j in range(t)] for i in range(t)] for b in range(B)])
   seg = np.array([[1] * 4 + [2] * (t - 6) + [0] * 2, [1] * (t - 1) + [0]])
   segment = np.array([[[seg[b, i] == seg[b, j] for j in range(t)] for i in range(t)] for b in range(B)])
-  return dict(valid=valid, padding=padding, causal=causal, prefix=prefix, prefix_lm=prefix_lm, seg=seg,
-              segment=segment, rng=r)
+  return dict(valid=valid, padding=padding, causal=causal, prefix=prefix, prefix_lm=prefix_lm, seg=seg, segment=segment,
+              rng=r)
 
 
 # ------------------------------------------------------------------------------------ plain attention vs numpy
-
 
 _CASES = ([(4, 2, which) for which in ('none', 'padding', 'causal', 'prefix_lm', 'segment', 'bias', 'causal+bias')]
           + [(1, 1, 'causal+bias'), (4, 4, 'causal+bias'), (4, 1, 'causal+bias')])
@@ -102,8 +100,15 @@ def test_dot_product_attention_matches_numpy(heads, kv_heads, which):
   x = r.normal(size=(B, t, D)).astype(np.float32)
   wq, wk, wv = weights(2, heads, kv_heads)
   masks = np_masks(t)
-  mask = {'none': None, 'padding': masks['padding'], 'causal': masks['causal'], 'prefix_lm': masks['prefix_lm'],
-          'segment': masks['segment'], 'bias': None, 'causal+bias': masks['causal']}[which]
+  mask = {
+      'none': None,
+      'padding': masks['padding'],
+      'causal': masks['causal'],
+      'prefix_lm': masks['prefix_lm'],
+      'segment': masks['segment'],
+      'bias': None,
+      'causal+bias': masks['causal']
+  }[which]
   bias = r.normal(size=(B, heads, t, t)).astype(np.float32) if 'bias' in which else None
   want = np_attention(x, wq, wk, wv, mask=mask, bias=bias)
   got = project_attend(x, wq, wk, wv, None if mask is None else mask[:, None], bias)
@@ -189,6 +194,7 @@ def _chunked_vs_plain(t, s, n, kh, *, causal=False, segments=False, bias=False, 
     def segs(length):
       a, b = max(1, length // 3), max(2, (5 * length) // 6)
       return np.array([[1] * a + [2] * (b - a) + [0] * (length - b), [1] * (length - 1) + [0]], np.int32)
+
     kw.update(q_segment_ids=jnp.asarray(segs(t)), kv_segment_ids=jnp.asarray(segs(s)))
   if causal:
     kw.update(causal=True, q_len=t, kv_len=s, batch=B)
@@ -248,9 +254,9 @@ def _largest_intermediate(jaxpr) -> int:
 def _subjaxprs(eqn):
   for value in eqn.params.values():
     for item in (value if isinstance(value, (tuple, list)) else (value,)):
-      if hasattr(item, 'jaxpr') and hasattr(item.jaxpr, 'eqns'):   # ClosedJaxpr
+      if hasattr(item, 'jaxpr') and hasattr(item.jaxpr, 'eqns'):  # ClosedJaxpr
         yield item.jaxpr
-      elif hasattr(item, 'eqns'):                                     # Jaxpr
+      elif hasattr(item, 'eqns'):  # Jaxpr
         yield item
 
 
@@ -270,7 +276,7 @@ def test_chunked_attention_never_materializes_scores():
 
   big_plain = _largest_intermediate(jax.make_jaxpr(plain)(q, kv, kv, seg).jaxpr)
   big_chunked = _largest_intermediate(jax.make_jaxpr(chunked)(q, kv, kv, seg).jaxpr)
-  assert big_plain >= t * s                      # the walker sees the [T,S] scores when they exist
+  assert big_plain >= t * s  # the walker sees the [T,S] scores when they exist
   assert big_chunked < t * s // 64, big_chunked  # chunked: nothing close to [T,S]
 
   # The compiled program agrees: XLA's temporary buffers stay far below one float32 [T,S] array.
@@ -326,9 +332,8 @@ def np_t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_dist
     n = np.maximum(n, 0)
   max_exact = num_buckets // 2
   is_small = n < max_exact
-  val_if_large = max_exact + (
-      np.log(n.astype(np.float64) / max_exact + np.finfo(np.float32).eps) / math.log(max_distance / max_exact)
-      * (num_buckets - max_exact)).astype(np.int64)
+  val_if_large = max_exact + (np.log(n.astype(np.float64) / max_exact + np.finfo(np.float32).eps)
+                              / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int64)
   val_if_large = np.minimum(val_if_large, num_buckets - 1)
   return ret + np.where(is_small, n, val_if_large)
 
@@ -337,8 +342,9 @@ def np_t5_bucket(relative_position, bidirectional=True, num_buckets=32, max_dist
 @pytest.mark.parametrize('num_buckets,max_distance', [(32, 128), (16, 64)])
 def test_t5_relative_position_bucket(bidirectional, num_buckets, max_distance):
   rel = np.concatenate([np.arange(-300, 301), [-100_000, -4096, -1000, 1000, 4096, 100_000]])
-  got = jax.jit(functools.partial(attn.t5_relative_position_bucket, bidirectional=bidirectional,
-                                  num_buckets=num_buckets, max_distance=max_distance))(jnp.asarray(rel, jnp.int32))
+  got = jax.jit(
+      functools.partial(attn.t5_relative_position_bucket, bidirectional=bidirectional, num_buckets=num_buckets,
+                        max_distance=max_distance))(jnp.asarray(rel, jnp.int32))
   want = np_t5_bucket(rel, bidirectional, num_buckets, max_distance)
   np.testing.assert_array_equal(np.asarray(got), want)
   assert np.asarray(got).max() < num_buckets and np.asarray(got).min() >= 0
@@ -349,7 +355,7 @@ def test_t5_relative_position_bucket_known_values():
   rel = jnp.asarray([0, -1, -7, 1, 7, -15, 5, -10_000, 10_000])
   bi = np.asarray(attn.t5_relative_position_bucket(rel, bidirectional=True)).tolist()
   uni = np.asarray(attn.t5_relative_position_bucket(rel, bidirectional=False)).tolist()
-  assert bi[:5] == [0, 1, 7, 17, 23]      # key before query -> low half, after -> high half
+  assert bi[:5] == [0, 1, 7, 17, 23]  # key before query -> low half, after -> high half
   assert uni[:7] == [0, 1, 7, 0, 0, 15, 0]  # causal: future keys all in bucket 0
   assert bi[7:] == [15, 31] and uni[7:] == [31, 0]
 
@@ -362,9 +368,9 @@ def test_rope_matches_rotation_formula_and_preserves_norms():
   sin, cos = attn.rope_frequencies(jnp.asarray(pos), h, theta)
   got = np.asarray(attn.apply_rope(jnp.asarray(x), sin, cos))
   # Half-split rotation: pair (x_i, x_{i+h/2}) turned by angle p * theta^(-2i/h).
-  ang = pos[..., None].astype(np.float64) * theta ** (-np.arange(0, h, 2) / h)          # [B,T,H/2]
+  ang = pos[..., None].astype(np.float64) * theta ** (-np.arange(0, h, 2) / h)  # [B,T,H/2]
   c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
-  x1, x2 = x[..., : h // 2].astype(np.float64), x[..., h // 2:].astype(np.float64)
+  x1, x2 = x[..., :h // 2].astype(np.float64), x[..., h // 2:].astype(np.float64)
   want = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
   np.testing.assert_allclose(got, want, atol=5e-5, rtol=0)
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)

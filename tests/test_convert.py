@@ -115,8 +115,10 @@ def test_bert_pretraining(tmp_path, scan):
   out = _apply(conv, {'tokens': ids, 'segment_ids': REAL, 'token_type_ids': types})
   _record('bert mlm', _diff(out['mlm_logits'], ref.prediction_logits, REAL))
   _record('bert nsp', _diff(out['nsp_logits'], ref.seq_relationship_logits))
-  _record('bert export', _roundtrip(conv, tmp_path, transformers.BertForPreTraining, inputs,
-                                    ref.prediction_logits.numpy(), 'prediction_logits', REAL))
+  _record(
+      'bert export',
+      _roundtrip(conv, tmp_path, transformers.BertForPreTraining, inputs, ref.prediction_logits.numpy(),
+                 'prediction_logits', REAL))
 
 
 def test_bert_base_model_hidden_states(tmp_path):
@@ -174,10 +176,10 @@ def test_electra_generator_discriminator_and_combined(tmp_path):
   batch = {'tokens': ids, 'segment_ids': REAL, 'token_type_ids': types}
   _record('electra generator mlm', _diff(_apply(gen, batch)['mlm_logits'], ref_mlm, REAL))
   _record('electra discriminator rtd', _diff(_apply(disc, batch)['rtd_logits'], ref_rtd, REAL))
-  _record('electra generator export', _roundtrip(gen, tmp_path / 'g', transformers.ElectraForMaskedLM, inputs,
-                                                 ref_mlm, 'logits', REAL))
-  _record('electra discriminator export', _roundtrip(disc, tmp_path / 'd', transformers.ElectraForPreTraining,
-                                                     inputs, ref_rtd, 'logits', REAL))
+  _record('electra generator export',
+          _roundtrip(gen, tmp_path / 'g', transformers.ElectraForMaskedLM, inputs, ref_mlm, 'logits', REAL))
+  _record('electra discriminator export',
+          _roundtrip(disc, tmp_path / 'd', transformers.ElectraForPreTraining, inputs, ref_rtd, 'logits', REAL))
   # Both halves as one models.heads.Electra.
   gcfg, dcfg, params = convert.electra_params(gen, disc)
   positions = np.tile(np.arange(T, dtype=np.int32), (B, 1))
@@ -269,11 +271,15 @@ def test_t5(tmp_path, version):
                 decoder_attention_mask=_torch(dec_real))
   with torch.no_grad():
     ref = transformers.T5ForConditionalGeneration.from_pretrained(hf).eval()(**inputs).logits.numpy()
-  out = _apply(conv, {'encoder_tokens': enc, 'encoder_segment_ids': REAL, 'decoder_tokens': dec,
-                      'decoder_segment_ids': dec_real})
+  out = _apply(conv, {
+      'encoder_tokens': enc,
+      'encoder_segment_ids': REAL,
+      'decoder_tokens': dec,
+      'decoder_segment_ids': dec_real
+  })
   _record(f't5 {version} lm', _diff(out['lm_logits'], ref, dec_real))
-  _record(f't5 {version} export', _roundtrip(conv, tmp_path, transformers.T5ForConditionalGeneration, inputs, ref,
-                                             'logits', dec_real))
+  _record(f't5 {version} export',
+          _roundtrip(conv, tmp_path, transformers.T5ForConditionalGeneration, inputs, ref, 'logits', dec_real))
 
 
 # ------------------------------------------------------------------------------------------------------- GGUF
@@ -299,8 +305,11 @@ def _write_gguf(path, model, tokens):
   w.add_token_merges([])
   w.add_bos_token_id(1)
   w.add_eos_token_id(2)
-  names = {'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-           'lm_head.weight': 'output.weight'}
+  names = {
+      'model.embed_tokens.weight': 'token_embd.weight',
+      'model.norm.weight': 'output_norm.weight',
+      'lm_head.weight': 'output.weight'
+  }
   layer = {v: k for k, v in convert.GGUF_LAYER_TENSORS.items()}
   quant = [gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0]
   for i, (name, t) in enumerate(model.state_dict().items()):
@@ -330,8 +339,12 @@ def _write_gguf(path, model, tokens):
 def test_gguf_llama(tmp_path):
   gguf = pytest.importorskip('gguf')
   torch.manual_seed(11)
-  cfg = transformers.LlamaConfig(**{**_llama_cfg(), 'hidden_size': 64, 'intermediate_size': 64, 'vocab_size': 96,
-                                    'head_dim': 16})
+  cfg = transformers.LlamaConfig(**{
+      **_llama_cfg(), 'hidden_size': 64,
+      'intermediate_size': 64,
+      'vocab_size': 96,
+      'head_dim': 16
+  })
   model = _spice(transformers.LlamaForCausalLM(cfg)).eval()
   tokens = ['<|unk|>', '<|bos|>', '<|eos|>'] + [chr(ord('a') + i % 26) * (1 + i // 26) for i in range(93)]
   path = tmp_path / 'tiny.gguf'
@@ -340,8 +353,10 @@ def test_gguf_llama(tmp_path):
   assert conv.family == 'llama' and not conv.cfg.tie_embeddings and conv.cfg.kv_heads == 2
   # Reference: the same dequantized weights in the HF layout, loaded into transformers.
   reader = gguf.GGUFReader(str(path))
-  deq = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
-         for t in reader.tensors}
+  deq = {
+      t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(s) for s in reversed(t.shape)))
+      for t in reader.tensors
+  }
   sd = {}
   for name in model.state_dict():
     if name.startswith('model.layers.'):
@@ -351,8 +366,11 @@ def test_gguf_llama(tmp_path):
       n = {'self_attn.q_proj': cfg.num_attention_heads, 'self_attn.k_proj': cfg.num_key_value_heads}.get(rest)
       a = convert.from_gguf_layout(a, n) if n else a
     else:
-      a = deq[{'model.embed_tokens.weight': 'token_embd.weight', 'model.norm.weight': 'output_norm.weight',
-               'lm_head.weight': 'output.weight'}[name]]
+      a = deq[{
+          'model.embed_tokens.weight': 'token_embd.weight',
+          'model.norm.weight': 'output_norm.weight',
+          'lm_head.weight': 'output.weight'
+      }[name]]
     sd[name] = torch.tensor(np.asarray(a, np.float32))
   model.load_state_dict(sd)
   ids = _ids(np.random.default_rng(11), 0)
@@ -377,9 +395,10 @@ def test_gguf_llama(tmp_path):
   wrapped = tokenizers.Tokenizer.load(tmp_path / 'ours')
   assert wrapped.vocab_size == 96 and wrapped.encode('<|eos|>') == [2]
   # And it exports as a HF LLaMA checkpoint.
-  _record('gguf llama export', _roundtrip(conv, tmp_path, transformers.LlamaForCausalLM,
-                                          dict(input_ids=_torch(ids), attention_mask=_torch(REAL)), ref, 'logits',
-                                          REAL))
+  _record(
+      'gguf llama export',
+      _roundtrip(conv, tmp_path, transformers.LlamaForCausalLM, dict(input_ids=_torch(ids),
+                                                                     attention_mask=_torch(REAL)), ref, 'logits', REAL))
 
 
 # ------------------------------------------------------------------------------------------ save / load and CLI
@@ -388,14 +407,15 @@ def test_gguf_llama(tmp_path):
 def test_cli_import_export_roundtrip(tmp_path):
   torch.manual_seed(12)
   _save(transformers.BertForMaskedLM(transformers.BertConfig(**_bert_cfg())), tmp_path / 'hf')
-  (tmp_path / 'hf' / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] +
-                                                       [f'w{i}' for i in range(V - 5)]) + '\n')
+  (tmp_path / 'hf'
+   / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + [f'w{i}' for i in range(V - 5)])
+                             + '\n')
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for cmd in (['import', f'--from={tmp_path / "hf"}', f'--to={tmp_path / "ours"}'],
-              ['export', f'--from={tmp_path / "ours"}', f'--to={tmp_path / "back"}']):
-    r = subprocess.run([sys.executable, '-m', 'model.convert', *cmd], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=120)
+  for cmd in (['import', f'--from={tmp_path / "hf"}',
+               f'--to={tmp_path / "ours"}'], ['export', f'--from={tmp_path / "ours"}', f'--to={tmp_path / "back"}']):
+    r = subprocess.run([sys.executable, '-m', 'model.convert', *cmd], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
   ours = convert.load(tmp_path / 'ours')
   assert ours.heads == ('mlm',) and ours.cfg.scan_layers
@@ -416,11 +436,12 @@ def test_cli_import_export_roundtrip(tmp_path):
 
 def test_truncated_safetensors(tmp_path):
   torch.manual_seed(13)
-  hf = _save(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2,
-                                                                  n_positions=16)), tmp_path / 'hf')
+  hf = _save(
+      transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2,
+                                                           n_positions=16)), tmp_path / 'hf')
   f = hf / 'model.safetensors'
   data = f.read_bytes()
-  f.write_bytes(data[: len(data) // 2])
+  f.write_bytes(data[:len(data) // 2])
   with pytest.raises(convert.ConversionError, match='model.safetensors.*truncated'):
     convert.import_hf(hf)
   f.write_bytes(data[:5])
@@ -453,8 +474,9 @@ def test_shape_mismatch_names_tensor(tmp_path):
   cfg = json.loads((hf / 'config.json').read_text())
   cfg['intermediate_size'] = 38
   (hf / 'config.json').write_text(json.dumps(cfg))
-  with pytest.raises(convert.ConversionError, match=r"'bert.encoder.layer.0.intermediate.dense.weight' has shape "
-                                                    r"\(37, 32\).*transformer/stack/layers_0/mlp/wi/kernel"):
+  with pytest.raises(
+      convert.ConversionError, match=r"'bert.encoder.layer.0.intermediate.dense.weight' has shape "
+      r"\(37, 32\).*transformer/stack/layers_0/mlp/wi/kernel"):
     convert.import_hf(hf)
 
 
@@ -495,8 +517,12 @@ def test_export_lmlab_model(tmp_path, family, preset, heads, cls):
   cfg = make(preset, vocab_size=V, **extra)
   rng = np.random.default_rng(20)
   if cfg.arch == 'encoder_decoder':
-    batch = {'encoder_tokens': _ids(rng, 0), 'encoder_segment_ids': REAL, 'decoder_tokens': _ids(rng, 0),
-             'decoder_segment_ids': REAL}
+    batch = {
+        'encoder_tokens': _ids(rng, 0),
+        'encoder_segment_ids': REAL,
+        'decoder_tokens': _ids(rng, 0),
+        'decoder_segment_ids': REAL
+    }
   else:
     batch = {'tokens': _ids(rng, cfg.pad_id), 'segment_ids': REAL}
   module = LanguageModel(cfg, heads=heads)
@@ -531,8 +557,9 @@ def test_export_lmlab_model(tmp_path, family, preset, heads, cls):
 
 def test_pytorch_bin_and_bfloat16(tmp_path):
   torch.manual_seed(21)
-  model = _spice(transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2,
-                                                                      n_positions=16)))
+  model = _spice(
+      transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2,
+                                                           n_positions=16)))
   model.eval()
   model.config.save_pretrained(tmp_path)
   torch.save(model.state_dict(), tmp_path / 'pytorch_model.bin')
@@ -540,8 +567,11 @@ def test_pytorch_bin_and_bfloat16(tmp_path):
   ids = _ids(np.random.default_rng(21), 0)
   with torch.no_grad():
     ref = model(input_ids=_torch(ids), attention_mask=_torch(REAL)).logits.numpy()
-  _record('gpt2 from pytorch_model.bin', _diff(_apply(conv, {'tokens': ids, 'segment_ids': REAL})['lm_logits'], ref,
-                                               REAL))
+  _record('gpt2 from pytorch_model.bin',
+          _diff(_apply(conv, {
+              'tokens': ids,
+              'segment_ids': REAL
+          })['lm_logits'], ref, REAL))
   half = convert.import_hf(tmp_path, param_dtype='bfloat16')
   assert half.cfg.param_dtype == 'bfloat16'
   assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(half.params))

@@ -51,15 +51,11 @@ def test_classification_pairs_from_tsv_csv_and_jsonl(tmp_path):
   tsv = _write(tmp_path / "train.tsv", 'id\tpremise\thypothesis\tlabel\n0\tA "quoted\tB\tyes\n1\tC\tD\tno\n')
   csv = _write(tmp_path / "dev.csv", 'premise,hypothesis,label\n"E, e",F,no\n')
   jsonl = _write(tmp_path / "test.jsonl", '{"premise": "G", "hypothesis": "H", "label": "yes"}\n')
-  src = B.build("classification",
-                name="nli",
-                data_dir=tmp_path / "tfds",
-                splits={
-                    "train": tsv,
-                    "dev": csv,
-                    "test": jsonl
-                },
-                text_columns=["premise", "hypothesis"])
+  src = B.build("classification", name="nli", data_dir=tmp_path / "tfds", splits={
+      "train": tsv,
+      "dev": csv,
+      "test": jsonl
+  }, text_columns=["premise", "hypothesis"])
   train = sorted(_all(src["train"]), key=lambda r: r["idx"])
   assert [(r["text_a"], r["text_b"], r["label"]) for r in train] == [('A "quoted', "B", 1), ("C", "D", 0)]
   assert [(r["text_a"], r["label"]) for r in _all(src["dev"])] == [("E, e", 0)]  # labels sorted: no=0, yes=1
@@ -74,8 +70,7 @@ def test_tagging_qa_and_seq2seq_build(tmp_path):
   assert recs[0]["tags"][1] == 0  # "O" is tag 0
   squad = {
       "data": [{
-          "title":
-              "t",
+          "title": "t",
           "paragraphs": [{
               "context": "The cat sat on the mat.",
               "qas": [{
@@ -94,22 +89,16 @@ def test_tagging_qa_and_seq2seq_build(tmp_path):
   assert rec["context"][rec["answer_start"]:][:len(rec["answer_text"])] == "on the mat"
   pairs = _write(tmp_path / "mt.tsv", "en\tde\nHello.\tHallo.\n")
   rec = _all(
-      B.build("seq2seq",
-              name="mt",
-              data_dir=tmp_path / "tfds",
-              splits={"train": pairs},
-              source_column="en",
+      B.build("seq2seq", name="mt", data_dir=tmp_path / "tfds", splits={"train": pairs}, source_column="en",
               target_column="de")["train"])[0]
   assert (rec["source"], rec["target"]) == ("Hello.", "Hallo.")
 
 
 _SQUAD_BAD = {
     "data": [{
-        "title":
-            "t",
+        "title": "t",
         "paragraphs": [{
-            "context":
-                "The cat sat.",
+            "context": "The cat sat.",
             "qas": [{
                 "id": "ok1",
                 "question": "Who?",
@@ -160,12 +149,8 @@ def test_bad_input_is_one_line_naming_file_line_and_problem(tmp_path, case):
 def test_bad_records_are_skipped_and_counted_when_asked(tmp_path, caplog):
   path = _write(tmp_path / "a.tsv", "sentence\tlabel\nok\tpos\nhmm\tmaybe\nno\tneg\nuh\tperhaps\n")
   with caplog.at_level(logging.WARNING):
-    src = B.build("classification",
-                  name="skip",
-                  data_dir=tmp_path / "tfds",
-                  splits={"train": path},
-                  label_names=["neg", "pos"],
-                  on_error="skip")
+    src = B.build("classification", name="skip", data_dir=tmp_path / "tfds", splits={"train": path},
+                  label_names=["neg", "pos"], on_error="skip")
   assert sorted(r["text_a"] for r in _all(src["train"])) == ["no", "ok"]
   assert "skipped 2 bad record(s)" in caplog.text
 
@@ -177,8 +162,7 @@ def test_pipeline_from_built_files_through_the_loader_is_deterministic(tmp_path)
     _write(tmp_path / "c" / f"{d}.txt", "\n\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(40)))
   src = B.build("text", name="c", data_dir=tmp_path / "tfds", splits={"train": tmp_path / "c"})["train"]
   tok = T.train_wordpiece([r["text"] for r in _all(src)], vocab_size=200)
-  mlm = E.MaskedLM(E.TokenStream.from_records(src, tok, doc_end_id=tok.sep_id),
-                   E.Specials.from_tokenizer(tok),
+  mlm = E.MaskedLM(E.TokenStream.from_records(src, tok, doc_end_id=tok.sep_id), E.Specials.from_tokenizer(tok),
                    seq_len=32)
   make = lambda seed: Loader(
       range(mlm.num_windows),
@@ -197,14 +181,10 @@ def test_pipeline_from_built_files_through_the_loader_is_deterministic(tmp_path)
 
 @pytest.mark.skipif(not (SHARED / "sst2").exists(), reason="needs ../shared/data")
 def test_real_glue_tsv_builds_with_every_row(tmp_path):
-  src = B.build("classification",
-                name="sst2",
-                data_dir=tmp_path,
-                label_names=["0", "1"],
-                splits={
-                    "train": SHARED / "sst2" / "train.tsv",
-                    "dev": SHARED / "sst2" / "dev.tsv"
-                })
+  src = B.build("classification", name="sst2", data_dir=tmp_path, label_names=["0", "1"], splits={
+      "train": SHARED / "sst2" / "train.tsv",
+      "dev": SHARED / "sst2" / "dev.tsv"
+  })
   for split, f in [("train", "train.tsv"), ("dev", "dev.tsv")]:
     rows = (SHARED / "sst2" / f).read_text(encoding="utf-8").strip().split("\n")[1:]
     assert len(src[split]) == len(rows)

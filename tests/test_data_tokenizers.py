@@ -110,6 +110,7 @@ def test_wordpiece_training_is_deterministic_across_processes():
   code = ("from train.data import tokenizers as t, embedded; import json; "
           "tok = t.train_wordpiece(embedded.texts()[:300], vocab_size=600); "
           "print(json.dumps(sorted(tok.backend.get_vocab().items())))")
-  runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-          for _ in range(2)]
+  runs = [
+      subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)
+  ]
   assert runs[0] == runs[1]

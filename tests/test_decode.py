@@ -94,7 +94,7 @@ def test_beam_search_scores_and_eos_padding():
   params, kw = _params_and_inputs(model)
   greedy, greedy_logp = dc.generate(model, params, config=dc.DecodeConfig(max_new_tokens=6, eos_id=-1), **kw)
   beam, beam_score = dc.generate(model, params, config=dc.DecodeConfig(method='beam', num_beams=4, max_new_tokens=6,
-                                                                      eos_id=-1), **kw)
+                                                                       eos_id=-1), **kw)
   # With no EOS and no length penalty, beam search scores sequences by total log-prob: never below greedy's.
   assert np.all(np.asarray(beam_score) >= np.asarray(greedy_logp) - 1e-4)
   # Stopping at EOS: declare greedy's 3rd token EOS; everything after it is padding.

@@ -20,8 +20,6 @@ def tiny(name, **kw):
                 **kw)
 
 
-
-
 def perturbed(params, path, seed=1, size=0.05):
   """A copy of params with the leaf at `path` (a tuple of keys) moved by noise."""
   noise = lambda x: x + size * jnp.asarray(np.random.default_rng(seed).normal(size=x.shape), x.dtype)
@@ -84,7 +82,7 @@ def test_mlm_at_masked_positions_equals_gathered_full_logits():
 
 def test_mlm_logits_are_the_tied_embedding_formula():
   cfg, module, params, batch = bert()
-  assert set(params['mlm']) == {'transform', 'norm', 'bias'}           # no output kernel of its own
+  assert set(params['mlm']) == {'transform', 'norm', 'bias'}  # no output kernel of its own
   assert [leaf.shape for leaf in jax.tree.leaves(params['mlm']) if V in leaf.shape] == [(V,)]
   out = apply(module, params, batch)
   h = np.take_along_axis(f64(out['hidden']), MASKED[..., None], axis=1)  # [B,P,D]
@@ -102,8 +100,8 @@ def test_mlm_logits_are_the_tied_embedding_formula():
 def test_nsp_logits_read_the_pooled_cls():
   cfg, module, params, batch = bert()
   out = apply(module, params, batch)
-  pooled = np.tanh(f64(out['hidden'])[:, 0] @ f64(params['pooler']['dense']['kernel'])
-                   + f64(params['pooler']['dense']['bias']))
+  pooled = np.tanh(
+      f64(out['hidden'])[:, 0] @ f64(params['pooler']['dense']['kernel']) + f64(params['pooler']['dense']['bias']))
   want = pooled @ f64(params['nsp']['kernel']) + f64(params['nsp']['bias'])
   np.testing.assert_allclose(out['nsp_logits'], want, atol=1e-5, rtol=1e-5)
 
@@ -144,7 +142,6 @@ def test_lm_head_tied_or_untied(name):
 
 # ------------------------------------------------------------------------------------------------ classifier
 
-
 SEGS = np.array([[1] * 9 + [0] * 3, [1] * 12])
 
 
@@ -158,7 +155,7 @@ def test_classifier_pooling(name, pooling):
   out = apply(module, params, batch)
   h = f64(out['hidden'])
   lengths = SEGS.sum(1)
-  how = pooling or 'last'   # decoders pool the last real token by default
+  how = pooling or 'last'  # decoders pool the last real token by default
   assert ('pooler' in params) == (how == 'cls')
   if how == 'cls':
     pooled = np.tanh(h[:, 0] @ f64(params['pooler']['dense']['kernel']) + f64(params['pooler']['dense']['bias']))
@@ -183,7 +180,7 @@ def test_electra_generator_and_discriminator_share_one_embedding():
   assert set(params) == {'embed', 'generator', 'mlm', 'discriminator', 'rtd'}
   for side in ('generator', 'discriminator'):
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params[side])]
-    assert not any('embedding' in p for p in paths), side    # no table of its own
+    assert not any('embedding' in p for p in paths), side  # no table of its own
   assert params['embed']['token']['embedding'].shape == (V, 128)
 
   out = apply(module, params, batch)

@@ -60,8 +60,9 @@ def test_init_from_shape_mismatch_names_the_parameter(trained, tmp_path):
 
 def test_generate_cli_reads_a_run(trained):
   workdir, _ = trained
-  out = subprocess.run([sys.executable, '-m', 'train.generate', f'--from={workdir}', '--prompt=The',
-                        '--max_new_tokens=5'], cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run(
+      [sys.executable, '-m', 'train.generate', f'--from={workdir}', '--prompt=The', '--max_new_tokens=5'], cwd=REPO,
+      capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip().startswith("'The' -> ")
   bad = subprocess.run([sys.executable, '-m', 'train.generate', '--from=/nonexistent/run', '--prompt=x'], cwd=REPO,

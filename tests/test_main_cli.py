@@ -24,8 +24,8 @@ TRAINER_CASES = {
     'heads_do_not_divide_d_model_dict': (["--config.model.overrides={'num_heads': 3}"], 'num_heads'),
     'unknown_objective': (["--config.objectives={'clm': 1.0, 'clm_typo': 1.0}"], 'clm_typo'),
     'no_pretraining_objective': (["--config.objectives={'mlm_typo': 1.0}"], 'config.objectives'),
-    'missing_data_file': (['--config.data.source=files', '--config.data.path=/nonexistent/corpus.txt'],
-                          'config.data.path'),
+    'missing_data_file': (['--config.data.source=files',
+                           '--config.data.path=/nonexistent/corpus.txt'], 'config.data.path'),
 }
 
 # Mistakes in the flags themselves: (arguments after --workdir, substrings the one line must hold).
@@ -34,8 +34,8 @@ FLAG_CASES = {
                    ['--config.trian.steps', "no field 'trian'", 'did you mean config.train?']),
     'nested_field_typo': (['--config=configs/gpt.py:runlocal', '--config.model.overrides.num_layer=4'],
                           ["no field 'num_layer'", 'did you mean config.model.overrides.num_layers?']),
-    'wrong_type': (['--config=configs/gpt.py:runlocal', '--config.train.steps=abc'],
-                   ['--config.train.steps=abc', 'takes an int value']),
+    'wrong_type': (['--config=configs/gpt.py:runlocal',
+                    '--config.train.steps=abc'], ['--config.train.steps=abc', 'takes an int value']),
     'wrong_type_override': (['--config=configs/gpt.py:runlocal', '--config.model.overrides.num_layers=four'],
                             ['--config.model.overrides.num_layers=four', 'int']),
     'missing_config_file': (['--config=configs/nope.py:runlocal'], ["no file 'configs/nope.py'", 'configs/gpt.py']),
@@ -134,8 +134,7 @@ def test_runlocal_keeps_a_named_size_and_unknown_sizes_fail(family):
   for c in (local, sized):
     assert c.train.steps == c.optim.total_steps == 60 and c.data.batch_size == 8 and c.data.seq_len == 64
   assert sized.model.preset == get_config(f'size={named}').model.preset
-  assert set_fields(sized.model.overrides) == set_fields(get_config(f'size={named}')
-                                                                                .model.overrides)
+  assert set_fields(sized.model.overrides) == set_fields(get_config(f'size={named}').model.overrides)
   assert local.model.preset != full.model.preset or set_fields(local.model.overrides).get('num_layers')
   with pytest.raises(ValueError, match=r"size='mini2' is unknown; known sizes: "):
     get_config('size=mini2,runlocal')

@@ -68,8 +68,8 @@ def test_mlm_clm_seq2seq_tagging_are_weighted_ce():
   args = dict(logits=jnp.asarray(LOGITS), weights=jnp.asarray(WEIGHTS))
   expected = np_ce(LOGITS, LABELS, WEIGHTS)
   for loss, _ in (obj.mlm_loss(labels=jnp.asarray(LABELS), **args), obj.clm_loss(targets=jnp.asarray(LABELS), **args),
-                  obj.seq2seq_loss(targets=jnp.asarray(LABELS), **args),
-                  obj.tagging_loss(labels=jnp.asarray(LABELS), **args)):
+                  obj.seq2seq_loss(targets=jnp.asarray(LABELS),
+                                   **args), obj.tagging_loss(labels=jnp.asarray(LABELS), **args)):
     np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_mlm_ignores_unmasked_positions():
   changed = LOGITS.copy()
   changed[0, 2] = [100.0, -50.0, 3.0, np.inf]  # weight-0 slot: even inf must not leak
   labels = LABELS.copy()
-  labels[0, 2] = 12345                          # and an out-of-range id there is harmless
+  labels[0, 2] = 12345  # and an out-of-range id there is harmless
   loss, m = obj.mlm_loss(logits=jnp.asarray(changed), labels=jnp.asarray(labels), weights=jnp.asarray(WEIGHTS))
   assert float(loss) == float(base)
   assert np.isfinite(float(m['perplexity']))
@@ -132,15 +132,15 @@ def test_mlm_ignores_unmasked_positions():
 
 def test_rtd_labels_are_exactly_token_differs():
   original = jnp.array([[2, 10, 11, 12, 13, 3, 0, 0]])
-  masked = jnp.array([[2, 4, 11, 4, 4, 3, 0, 0]])            # 4 = [MASK] at positions 1, 3, 4
-  positions = jnp.array([[1, 3, 4, 0]])                       # last slot is padding (position 0, weight 0)
+  masked = jnp.array([[2, 4, 11, 4, 4, 3, 0, 0]])  # 4 = [MASK] at positions 1, 3, 4
+  positions = jnp.array([[1, 3, 4, 0]])  # last slot is padding (position 0, weight 0)
   weights = jnp.array([[1.0, 1.0, 1.0, 0.0]])
   # the generator samples: a different token at 1, the original token at 3 (-> label 0), another at 4
   sampled = jnp.array([[50, 12, 60, 99]])
   corrupted = obj.scatter_at_positions(tokens=masked, positions=positions, values=sampled, weights=weights)
   np.testing.assert_array_equal(corrupted, [[2, 50, 11, 12, 60, 3, 0, 0]])  # padding slot wrote nothing at 0
-  restored = obj.scatter_at_positions(tokens=masked, positions=positions,
-                                      values=jnp.array([[10, 12, 13, 0]]), weights=weights)
+  restored = obj.scatter_at_positions(tokens=masked, positions=positions, values=jnp.array([[10, 12, 13, 0]]),
+                                      weights=weights)
   np.testing.assert_array_equal(restored, original)
   segment_ids = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]])
   labels, w = obj.rtd_labels(corrupted=corrupted, original=original, segment_ids=segment_ids)
@@ -164,9 +164,8 @@ def _electra_setup():
   np.put_along_axis(masked, positions, 4, 1)
   masked[1, 0] = tokens[1, 0]  # the padding slot points at 0, which is not masked
   batch = dict(tokens=jnp.asarray(masked), segment_ids=jnp.asarray(segment_ids),
-               masked_positions=jnp.asarray(positions),
-               masked_ids=jnp.asarray(masked_ids), masked_weights=jnp.asarray(mweights),
-               token_type_ids=jnp.zeros((2, 8), jnp.int32))
+               masked_positions=jnp.asarray(positions), masked_ids=jnp.asarray(masked_ids),
+               masked_weights=jnp.asarray(mweights), token_type_ids=jnp.zeros((2, 8), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
   return model, params, batch
 
@@ -220,12 +219,12 @@ def _bert_setup():
   cfg = preset('bert-tiny', vocab_size=V, max_len=16, dropout_rate=0.0, attention_dropout_rate=0.0, num_layers=1)
   model = LanguageModel(cfg, heads=tasks.heads_for({'mlm': 1.0, 'nsp': 1.0}))
   rng = np.random.default_rng(1)
-  batch = dict(tokens=jnp.asarray(rng.integers(5, V, (2, 8)), jnp.int32), segment_ids=jnp.ones((2, 8), jnp.int32),
-               token_type_ids=jnp.asarray([[0] * 4 + [1] * 4] * 2, jnp.int32),
-               masked_positions=jnp.asarray([[1, 2, 6], [3, 5, 0]], jnp.int32),
-               masked_ids=jnp.asarray(rng.integers(5, V, (2, 3)), jnp.int32),
-               masked_weights=jnp.asarray([[1, 1, 1], [1, 1, 0]], jnp.float32),
-               nsp_labels=jnp.asarray([0, 1], jnp.int32))
+  batch = dict(tokens=jnp.asarray(rng.integers(5, V, (2, 8)), jnp.int32), segment_ids=jnp.ones(
+      (2, 8), jnp.int32), token_type_ids=jnp.asarray([[0] * 4 + [1] * 4] * 2, jnp.int32),
+               masked_positions=jnp.asarray([[1, 2, 6], [3, 5, 0]],
+                                            jnp.int32), masked_ids=jnp.asarray(rng.integers(5, V, (2, 3)), jnp.int32),
+               masked_weights=jnp.asarray([[1, 1, 1], [1, 1, 0]], jnp.float32), nsp_labels=jnp.asarray([0, 1],
+                                                                                                       jnp.int32))
   return cfg, model, init_params(model, jax.random.key(0), batch), batch
 
 
@@ -249,8 +248,8 @@ def test_combined_gradient_is_weighted_sum_of_parts():
     return grad_of({'mlm': 0.7, 'nsp': 2.0}, p), grad_of({'mlm': 1.0}, p), grad_of({'nsp': 1.0}, p)
 
   (g_both, metrics), (g_mlm, m_mlm), (g_nsp, m_nsp) = grads(params)
-  jax.tree.map(lambda b, m, n: np.testing.assert_allclose(b, 0.7 * m + 2.0 * n, rtol=1e-4, atol=1e-7),
-               g_both, g_mlm, g_nsp)
+  jax.tree.map(lambda b, m, n: np.testing.assert_allclose(b, 0.7 * m + 2.0 * n, rtol=1e-4, atol=1e-7), g_both, g_mlm,
+               g_nsp)
   np.testing.assert_allclose(metrics['loss'], 0.7 * m_mlm['mlm/loss'] + 2.0 * m_nsp['nsp/loss'], rtol=1e-6)
   for key in ('mlm/loss', 'mlm/accuracy', 'mlm/perplexity', 'mlm/weight_sum', 'nsp/loss', 'nsp/accuracy'):
     assert key in metrics
@@ -264,9 +263,9 @@ def test_clm_runs_end_to_end():
   batch = dict(tokens=tokens, targets=tokens + 1, weights=jnp.ones((2, 8)), segment_ids=jnp.ones((2, 8), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
   loss, m = jax.jit(tasks.build_loss_fn(gpt, {'clm': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
-                                                                                    model=model)
-  assert np.isfinite(float(loss)) and abs(float(m['clm/perplexity']) - np.exp(float(loss))) < 1e-3 * float(
-      m['clm/perplexity'])
+                                                                                     model=model)
+  assert np.isfinite(
+      float(loss)) and abs(float(m['clm/perplexity']) - np.exp(float(loss))) < 1e-3 * float(m['clm/perplexity'])
 
 
 def test_span_runs_end_to_end():
@@ -274,24 +273,44 @@ def test_span_runs_end_to_end():
   t5 = preset('t5-tiny', vocab_size=V, max_len=16, num_layers=1)
   model = LanguageModel(t5, heads=tasks.heads_for({'span': 1.0}))
   batch = dict(encoder_tokens=tokens, encoder_segment_ids=jnp.ones((2, 8), jnp.int32), decoder_tokens=tokens[:, :4],
-               decoder_targets=tokens[:, 1:5], decoder_weights=jnp.ones((2, 4)),
-               decoder_segment_ids=jnp.ones((2, 4), jnp.int32))
+               decoder_targets=tokens[:, 1:5], decoder_weights=jnp.ones((2, 4)), decoder_segment_ids=jnp.ones(
+                   (2, 4), jnp.int32))
   params = init_params(model, jax.random.key(0), batch)
   loss, m = jax.jit(tasks.build_loss_fn(t5, {'span': 1.0}), static_argnames='model')(params, batch, jax.random.key(1),
-                                                                                    model=model)
+                                                                                     model=model)
   assert np.isfinite(float(loss)) and set(m) >= {'span/loss', 'span/accuracy', 'span/weight_sum', 'loss'}
 
 
 @pytest.mark.parametrize('arch, objectives, names', [
-    ('decoder', {'nsp': 1.0}, ['nsp', 'decoder']),
-    ('decoder', {'mlm': 1.0}, ['mlm', 'decoder', 'clm']),
-    ('encoder', {'clm': 1.0}, ['clm', 'encoder', 'mlm']),
-    ('encoder', {'span': 1.0}, ['span', 'encoder', 'encoder_decoder']),
-    ('decoder', {'seq2seq': 1.0}, ['seq2seq', 'decoder', 'encoder_decoder']),
-    ('decoder', {'rtd': 1.0}, ['rtd', 'decoder', 'Electra']),
-    ('encoder', {'rtd': 1.0, 'nsp': 1.0}, ['rtd', 'nsp']),
-    ('encoder', {'mlm': 1.0, 'sop': 1.0}, ['sop', 'mlm', 'nsp', 'clm', 'span']),
-    ('encoder', {'mlm': -1.0}, ['mlm', '-1.0']),
+    ('decoder', {
+        'nsp': 1.0
+    }, ['nsp', 'decoder']),
+    ('decoder', {
+        'mlm': 1.0
+    }, ['mlm', 'decoder', 'clm']),
+    ('encoder', {
+        'clm': 1.0
+    }, ['clm', 'encoder', 'mlm']),
+    ('encoder', {
+        'span': 1.0
+    }, ['span', 'encoder', 'encoder_decoder']),
+    ('decoder', {
+        'seq2seq': 1.0
+    }, ['seq2seq', 'decoder', 'encoder_decoder']),
+    ('decoder', {
+        'rtd': 1.0
+    }, ['rtd', 'decoder', 'Electra']),
+    ('encoder', {
+        'rtd': 1.0,
+        'nsp': 1.0
+    }, ['rtd', 'nsp']),
+    ('encoder', {
+        'mlm': 1.0,
+        'sop': 1.0
+    }, ['sop', 'mlm', 'nsp', 'clm', 'span']),
+    ('encoder', {
+        'mlm': -1.0
+    }, ['mlm', '-1.0']),
     ('encoder', {}, ['mlm']),
 ])
 def test_refusals_name_objective_arch_and_fix(arch, objectives, names):
@@ -310,5 +329,6 @@ def test_refusals_at_call_name_model_and_batch_problems():
   loss, _ = tasks.build_loss_fn(cfg, {'mlm': 1.0})(params, batch, None, model=model, deterministic=True)
   assert np.isfinite(float(loss))
   with pytest.raises(ValueError, match=r"'nsp'.*nsp_labels"):
-    tasks.build_loss_fn(cfg, {'nsp': 1.0})(params, {k: v for k, v in batch.items() if k != 'nsp_labels'},
-                                         jax.random.key(0), model=model)
+    tasks.build_loss_fn(cfg, {'nsp': 1.0})(params, {
+        k: v for k, v in batch.items() if k != 'nsp_labels'
+    }, jax.random.key(0), model=model)

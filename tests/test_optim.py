@@ -20,17 +20,47 @@ def params_tree(seed=0):
   r = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)  # noqa: E731
   return {
-      'embed': {'token': {'embedding': f(11, 4)}, 'norm': {'scale': f(4), 'bias': f(4)}},
-      'transformer': {'stack': {'layers': {'mlp': {'wi': {'kernel': f(L, 4, 8), 'bias': f(L, 8)}},
-                                           'mlp_norm': {'scale': f(L, 4), 'bias': f(L, 4)}},
-                                'final_norm': {'scale': f(4)}}},
-      'mlm': {'transform': {'kernel': f(4, 4), 'bias': f(4)}, 'bias': f(11)},
+      'embed': {
+          'token': {
+              'embedding': f(11, 4)
+          },
+          'norm': {
+              'scale': f(4),
+              'bias': f(4)
+          }
+      },
+      'transformer': {
+          'stack': {
+              'layers': {
+                  'mlp': {
+                      'wi': {
+                          'kernel': f(L, 4, 8),
+                          'bias': f(L, 8)
+                      }
+                  },
+                  'mlp_norm': {
+                      'scale': f(L, 4),
+                      'bias': f(L, 4)
+                  }
+              },
+              'final_norm': {
+                  'scale': f(4)
+              }
+          }
+      },
+      'mlm': {
+          'transform': {
+              'kernel': f(4, 4),
+              'bias': f(4)
+          },
+          'bias': f(11)
+      },
   }
 
 
 def cfg(**kw):
-  base = dict(optimizer='adamw', learning_rate=0.1, warmup_steps=0, decay='constant', total_steps=100,
-              weight_decay=0.0, clip_norm=0.0)
+  base = dict(optimizer='adamw', learning_rate=0.1, warmup_steps=0, decay='constant', total_steps=100, weight_decay=0.0,
+              clip_norm=0.0)
   base.update(kw)
   return ml_collections.ConfigDict(base)
 
@@ -93,8 +123,8 @@ def test_schedule_drives_sgd_updates():
 
 def test_decay_mask_kernels_and_embeddings_only():
   mask = flat(optim.decay_mask(params_tree()))
-  assert [p for p, m in mask.items() if m] == ['embed/token/embedding', 'mlm/transform/kernel',
-                                               'transformer/stack/layers/mlp/wi/kernel']
+  assert [p for p, m in mask.items() if m
+         ] == ['embed/token/embedding', 'mlm/transform/kernel', 'transformer/stack/layers/mlp/wi/kernel']
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -137,8 +167,10 @@ def test_frozen_subtree_gets_zero_update_and_no_state():
     else:
       assert np.abs(after[path] - before[path]).max() > 0, path
   # Adam's moments exist for trainable leaves only; frozen ones are MaskedNode (no memory).
-  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)]
+  adam = [
+      s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+      if isinstance(s, optax.ScaleByAdamState)
+  ]
   assert len(adam) == 1
   mu = adam[0].mu
   masked = jax.tree.leaves(mu, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
@@ -186,7 +218,7 @@ def test_layerwise_lr_decay_scales_each_layer():
   ones = jax.tree.map(jnp.ones_like, params)
   tx = optim.make_optimizer(cfg(optimizer='sgd', learning_rate=1.0, layerwise_lr_decay=d))
   u = flat(tx.update(ones, tx.init(params), params)[0])
-  kernel = u['transformer/stack/layers/mlp/wi/kernel']                      # [L, 4, 8]: slice i scaled by d^(L-i)
+  kernel = u['transformer/stack/layers/mlp/wi/kernel']  # [L, 4, 8]: slice i scaled by d^(L-i)
   for i in range(L):
     np.testing.assert_allclose(kernel[i], -d ** (L - i), rtol=1e-6)
     np.testing.assert_allclose(u['transformer/stack/layers/mlp_norm/bias'][i], -d ** (L - i), rtol=1e-6)
@@ -197,10 +229,27 @@ def test_layerwise_lr_decay_scales_each_layer():
 
 
 def test_layerwise_lr_decay_unrolled_layers_by_index():
-  unrolled = {'embed': {'token': {'embedding': jnp.ones((5, 2))}},
-              'transformer': {'stack': {f'layers_{i}': {'mlp': {'wo': {'kernel': jnp.ones((2, 2))}}}
-                                        for i in range(4)}},
-              'qa': {'kernel': jnp.ones((2, 2))}}
+  unrolled = {
+      'embed': {
+          'token': {
+              'embedding': jnp.ones((5, 2))
+          }
+      },
+      'transformer': {
+          'stack': {
+              f'layers_{i}': {
+                  'mlp': {
+                      'wo': {
+                          'kernel': jnp.ones((2, 2))
+                      }
+                  }
+              } for i in range(4)
+          }
+      },
+      'qa': {
+          'kernel': jnp.ones((2, 2))
+      }
+  }
   s = flat(optim.layerwise_lr_scales(unrolled, 0.8))
   for i in range(4):
     np.testing.assert_allclose(s[f'transformer/stack/layers_{i}/mlp/wo/kernel'], 0.8 ** (4 - i), rtol=1e-6)
@@ -214,8 +263,8 @@ def test_adafactor_runs_and_config_errors_name_the_field():
                 [params_tree(1)])
   assert all(np.isfinite(v).all() for v in flat(new).values())
   for bad, field in ((dict(optimizer='adam'), 'optimizer'), (dict(decay='exp'), 'decay'),
-                     (dict(decay='linear', warmup_steps=100, total_steps=50), 'total_steps'),
-                     (dict(grad_accum_steps=0), 'grad_accum_steps'), (dict(layerwise_lr_decay=1.5), 'layerwise'),
-                     (dict(learning_rat=1.0), 'learning_rat')):
+                     (dict(decay='linear', warmup_steps=100,
+                           total_steps=50), 'total_steps'), (dict(grad_accum_steps=0), 'grad_accum_steps'),
+                     (dict(layerwise_lr_decay=1.5), 'layerwise'), (dict(learning_rat=1.0), 'learning_rat')):
     with pytest.raises(ValueError, match=field):
       optim.make_optimizer(cfg(**bad))

@@ -40,7 +40,6 @@ SENTENCES = [
     'Converting checkpoints is the most common complaint in the issue trackers.',
 ]
 
-
 # ------------------------------------------------------------------------------------------------------- MiniLM
 
 
@@ -60,8 +59,10 @@ def test_minilm_sentence_embeddings():
   mask = np.zeros_like(tokens)
   for i, row in enumerate(ids):
     tokens[i, :len(row)], mask[i, :len(row)] = row, 1
-  hidden = LanguageModel(conv.cfg).apply({'params': conv.params}, {'tokens': jnp.asarray(tokens),
-                                                                   'segment_ids': jnp.asarray(mask)})['hidden']
+  hidden = LanguageModel(conv.cfg).apply({'params': conv.params}, {
+      'tokens': jnp.asarray(tokens),
+      'segment_ids': jnp.asarray(mask)
+  })['hidden']
   pooled = (np.asarray(hidden) * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
   ours = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
@@ -110,8 +111,8 @@ def smollm2():
   with pytest.MonkeyPatch.context() as mp:
     # transformers parses the metadata with gguf.GGUFReader twice; the same plain-ndarray view convert.py uses makes
     # that 15 s faster and changes no value.
-    mp.setattr(gguf.GGUFReader, 'data', property(lambda self: self._data,
-                                                 lambda self, v: setattr(self, '_data', np.asarray(v))), raising=False)
+    mp.setattr(gguf.GGUFReader, 'data',
+               property(lambda self: self._data, lambda self, v: setattr(self, '_data', np.asarray(v))), raising=False)
     hf_tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=GGUF_NAME)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32).eval()
   return conv, hf_tok, hf_model
@@ -131,8 +132,10 @@ def test_smollm2_gguf_config_and_tokenizer(smollm2):
   text, ids = _prompt_ids(hf_tok)
   tok = conv.tokenizer
   assert tok.encode(text, add_special_tokens=False).ids == ids.tolist()
-  for s in ['Hello, world!', 'I have 3 apples and 42 pears in 2024.', '  leading spaces and\ttabs\n',
-            'naïve café 東京 🤖', 'x = f(y) + 3.14159', "don't"]:
+  for s in [
+      'Hello, world!', 'I have 3 apples and 42 pears in 2024.', '  leading spaces and\ttabs\n', 'naïve café 東京 🤖',
+      'x = f(y) + 3.14159', "don't"
+  ]:
     assert tok.encode(s, add_special_tokens=False).ids == hf_tok(s, add_special_tokens=False)['input_ids'], s
     assert tok.decode(tok.encode(s).ids) == s
 
@@ -148,8 +151,12 @@ def test_smollm2_gguf_logits(smollm2):
   with torch.no_grad():
     ref = hf_model(input_ids=torch.tensor(tokens, dtype=torch.long),
                    attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
-  out = jax.jit(LanguageModel(conv.cfg, heads=('lm',)).apply)(
-      {'params': conv.params}, {'tokens': jnp.asarray(tokens), 'segment_ids': jnp.asarray(mask)})['lm_logits']
+  out = jax.jit(LanguageModel(conv.cfg, heads=('lm',)).apply)({
+      'params': conv.params
+  }, {
+      'tokens': jnp.asarray(tokens),
+      'segment_ids': jnp.asarray(mask)
+  })['lm_logits']
   diff = np.abs(np.asarray(out) - ref)[mask.astype(bool)].max()
   print('SmolLM2 GGUF max abs logit diff', diff, 'max |logit|', np.abs(ref).max())
   assert diff <= 1e-3, diff
@@ -186,9 +193,8 @@ def test_smollm2_greedy_generation(smollm2):
   except (ImportError, AttributeError):
     generate = None
   if generate is not None:  # the KV-cache decoder
-    tokens, _ = generate(LanguageModel(conv.cfg, heads=('lm',)), conv.params, ids[None],
-                         prompt_mask=np.ones((1, len(ids)), np.int32),
-                         config=decode.DecodeConfig(method='greedy', max_new_tokens=NEW_TOKENS))
+    tokens, _ = generate(LanguageModel(conv.cfg, heads=('lm',)), conv.params, ids[None], prompt_mask=np.ones(
+        (1, len(ids)), np.int32), config=decode.DecodeConfig(method='greedy', max_new_tokens=NEW_TOKENS))
     ours = np.asarray(tokens)[0].tolist()
   else:
     ours = _greedy_full_forward(conv, ids, NEW_TOKENS)

@@ -23,12 +23,14 @@ pytestmark = pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f'{SHAKESPEARE}
 
 
 def _command(workdir):
-  return [sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
-          '--config.data.source=files', f'--config.data.path={SHAKESPEARE}', '--config.data.document_split=blank_line',
-          '--config.data.seq_len=32', '--config.data.batch_size=8', '--config.data.vocab_size=500',
-          '--config.data.tokenizer_train_records=1000', f'--config.train.steps={2 * N}',
-          f'--config.optim.total_steps={2 * N}', '--config.train.log_every=1', f'--config.train.checkpoint_every={N}',
-          '--config.train.eval_every=0', '--config.train.eval_steps=1', '--config.train.async_checkpoints=True']
+  return [
+      sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
+      '--config.data.source=files', f'--config.data.path={SHAKESPEARE}', '--config.data.document_split=blank_line',
+      '--config.data.seq_len=32', '--config.data.batch_size=8', '--config.data.vocab_size=500',
+      '--config.data.tokenizer_train_records=1000', f'--config.train.steps={2 * N}',
+      f'--config.optim.total_steps={2 * N}', '--config.train.log_every=1', f'--config.train.checkpoint_every={N}',
+      '--config.train.eval_every=0', '--config.train.eval_steps=1', '--config.train.async_checkpoints=True'
+  ]
 
 
 def _env():
@@ -66,8 +68,7 @@ def test_sigkill_after_checkpoint_then_restart_is_bitwise_equal(tmp_path):
   # The same command, killed (SIGKILL: no handler, no clean-up) as soon as checkpoint N is finalized. Orbax renames a
   # step's temporary folder to its bare number only when the save is complete, and the save of step 2N cannot start
   # before that, so the kill lands while steps after N are running or being saved.
-  proc = subprocess.Popen(_command(resumed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(_command(resumed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   ckpt_n = resumed / 'checkpoints' / str(N)
   try:
     while proc.poll() is None and not ckpt_n.is_dir():
@@ -78,8 +79,11 @@ def test_sigkill_after_checkpoint_then_restart_is_bitwise_equal(tmp_path):
   assert proc.returncode == -signal.SIGKILL, f'the run ended (rc {proc.returncode}) before it could be killed'
   finished = sorted(p.name for p in (resumed / 'checkpoints').iterdir() if p.name.isdigit())
   assert finished == [str(N)], f'checkpoints after the kill: {finished}'
-  logged = [json.loads(line)['step'] for line in (resumed / 'metrics.jsonl').read_text().splitlines()
-            if line.strip().endswith('}')]
+  logged = [
+      json.loads(line)['step']
+      for line in (resumed / 'metrics.jsonl').read_text().splitlines()
+      if line.strip().endswith('}')
+  ]
   print(f'\nkilled after step {max(logged)} (checkpoint {N} complete, {2 * N} steps asked)')
 
   t0 = time.time()
@@ -107,5 +111,6 @@ def test_sigkill_after_checkpoint_then_restart_is_bitwise_equal(tmp_path):
   # And training really happened between N and 2N (the comparison is not of two untouched copies).
   state_n, _ = _final_state(resumed, N) if (resumed / 'checkpoints' / str(N)).is_dir() else (None, None)
   if state_n is not None:
-    assert not all(np.array_equal(np.asarray(x), np.asarray(y))
-                   for x, y in zip(jax.tree.leaves(state_n['params']), jax.tree.leaves(state_b['params'])))
+    assert not all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(state_n['params']), jax.tree.leaves(state_b['params'])))

@@ -77,9 +77,11 @@ def test_data_fsdp_tensor_and_mixed_parallelism_equal_one_device(kind):
           f'one device = {ratio:.4f} (1/8 = 0.125)')
     assert ratio < 1.5 / 8, ratio
     # And the 2x2x2 state is laid out as the rules say: vocab and heads over tensor, embed over fsdp.
-    assert r['specs_2x2x2'] == {'embed/token/embedding': ['tensor', 'fsdp'],
-                                'transformer/stack/layers/self_attn/query/kernel': [None, 'fsdp', 'tensor', None],
-                                'transformer/stack/layers/mlp/wi/kernel': [None, 'fsdp', 'tensor']}
+    assert r['specs_2x2x2'] == {
+        'embed/token/embedding': ['tensor', 'fsdp'],
+        'transformer/stack/layers/self_attn/query/kernel': [None, 'fsdp', 'tensor', None],
+        'transformer/stack/layers/mlp/wi/kernel': [None, 'fsdp', 'tensor']
+    }
 
 
 def test_checkpoint_saved_on_2x2x2_restores_on_8x1x1_and_one_device(tmp_path):

@@ -27,22 +27,26 @@ def _skip_two_examples(records, tokenizer, data):
 
   def transform(index, rng=None):
     toks, seg = stream.window(int(index), n + 2)
-    return {'tokens': toks[:n], 'skip_targets': toks[2:].copy(), 'skip_weights': (seg[2:] == seg[:n]).astype(
-        np.float32), 'segment_ids': seg[:n], 'positions': ex.segment_positions(seg[:n])}
+    return {
+        'tokens': toks[:n],
+        'skip_targets': toks[2:].copy(),
+        'skip_weights': (seg[2:] == seg[:n]).astype(np.float32),
+        'segment_ids': seg[:n],
+        'positions': ex.segment_positions(seg[:n])
+    }
 
   return transform, range(stream.num_windows(n + 2))
 
 
 def _skip_two_loss(out, batch, opts):
-  return objectives.cross_entropy(logits=out['lm_logits'], targets=batch['skip_targets'],
-                                  weights=batch['skip_weights'])
+  return objectives.cross_entropy(logits=out['lm_logits'], targets=batch['skip_targets'], weights=batch['skip_weights'])
 
 
-SKIP_TWO = tasks.register(tasks.Task(
-    name='skip_two', archs=('decoder',), heads=('lm',), batch_keys=('skip_targets', 'skip_weights'),
-    loss=_skip_two_loss, fix='a decoder predicts the token two ahead', examples=_skip_two_examples,
-    provides=('tokens', 'skip_targets', 'skip_weights', 'segment_ids', 'positions'), tokenizer_kind='bpe',
-    metrics=('loss', 'accuracy', 'perplexity', 'weight_sum')), replace=True)
+SKIP_TWO = tasks.register(
+    tasks.Task(name='skip_two', archs=('decoder',), heads=('lm',), batch_keys=('skip_targets', 'skip_weights'),
+               loss=_skip_two_loss, fix='a decoder predicts the token two ahead', examples=_skip_two_examples,
+               provides=('tokens', 'skip_targets', 'skip_weights', 'segment_ids', 'positions'), tokenizer_kind='bpe',
+               metrics=('loss', 'accuracy', 'perplexity', 'weight_sum')), replace=True)
 
 
 def get_config(arg=None):
@@ -67,8 +71,9 @@ def test_a_task_defined_in_a_test_file_pretrains_through_main(tmp_path):
   workdir = tmp_path / 'run'
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m', 'train.main', f'--config={Path(__file__).resolve()}',
-                         f'--workdir={workdir}'], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+      [sys.executable, '-m', 'train.main', f'--config={Path(__file__).resolve()}', f'--workdir={workdir}'], cwd=REPO,
+      env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   train = [r for r in rows if r['split'] == 'train']

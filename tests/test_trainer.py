@@ -57,8 +57,7 @@ def run_family(tmp_path_factory):
   def run(family):
     if family not in _RUNS:
       workdir = tmp_path_factory.mktemp(family)
-      summary = trainer.train_and_evaluate(small_config(family, steps=STEPS[family]), str(workdir),
-                                           log=lambda m: None)
+      summary = trainer.train_and_evaluate(small_config(family, steps=STEPS[family]), str(workdir), log=lambda m: None)
       _RUNS[family] = summary, workdir
     return _RUNS[family]
 

@@ -17,8 +17,8 @@ V = 101
 
 
 def tiny(name, **kw) -> ModelConfig:
-  return preset(name, vocab_size=V, dropout_rate=0.0, attention_dropout_rate=0.0, mlp_dropout_rate=0.0,
-                max_len=64, **kw)
+  return preset(name, vocab_size=V, dropout_rate=0.0, attention_dropout_rate=0.0, mlp_dropout_rate=0.0, max_len=64,
+                **kw)
 
 
 def model(cfg):
@@ -34,12 +34,13 @@ def make_batch(cfg, tokens, segs, dec_tokens=None, dec_segs=None):
   if cfg.arch == 'encoder_decoder':
     dec_tokens = tokens if dec_tokens is None else dec_tokens
     dec_segs = segs if dec_segs is None else dec_segs
-    return {'encoder_tokens': jnp.asarray(tokens, jnp.int32), 'encoder_segment_ids': jnp.asarray(segs, jnp.int32),
-            'decoder_tokens': jnp.asarray(dec_tokens, jnp.int32),
-            'decoder_segment_ids': jnp.asarray(dec_segs, jnp.int32)}
+    return {
+        'encoder_tokens': jnp.asarray(tokens, jnp.int32),
+        'encoder_segment_ids': jnp.asarray(segs, jnp.int32),
+        'decoder_tokens': jnp.asarray(dec_tokens, jnp.int32),
+        'decoder_segment_ids': jnp.asarray(dec_segs, jnp.int32)
+    }
   return {'tokens': jnp.asarray(tokens, jnp.int32), 'segment_ids': jnp.asarray(segs, jnp.int32)}
-
-
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +77,7 @@ def test_causality(name):
   changed[:, cut + 1:] = 3 + (toks[:, cut + 1:] - 3 + shift) % (V - 3)
   assert (changed[:, cut + 1:] != toks[:, cut + 1:]).all()
   segs = np.ones((2, t))
-  if cfg.arch == 'encoder_decoder':   # the decoder side changes; the encoder input is fixed
+  if cfg.arch == 'encoder_decoder':  # the decoder side changes; the encoder input is fixed
     enc = tokens((2, t), 2)
     a = run(cfg, params, make_batch(cfg, enc, segs, toks, segs))
     b = run(cfg, params, make_batch(cfg, enc, segs, changed, segs))
@@ -147,8 +148,10 @@ def test_packing_equals_each_sequence_alone(name):
   if cfg.arch == 'encoder_decoder':
     dec_toks, dec_segs = _packed(DEC_LENS, 6)
     packed = run(cfg, params, make_batch(cfg, enc_toks, enc_segs, dec_toks, dec_segs))
-    alone = [run(cfg, params, make_batch(cfg, *_alone(e), *_alone(d)))
-             for e, d in zip(_split(enc_toks, ENC_LENS), _split(dec_toks, DEC_LENS))]
+    alone = [
+        run(cfg, params, make_batch(cfg, *_alone(e), *_alone(d)))
+        for e, d in zip(_split(enc_toks, ENC_LENS), _split(dec_toks, DEC_LENS))
+    ]
     checks = [('encoded', ENC_LENS), ('hidden', DEC_LENS), ('lm_logits', DEC_LENS)]
   else:
     packed = run(cfg, params, make_batch(cfg, enc_toks, enc_segs))
@@ -210,6 +213,7 @@ def _grads(cfg, params, batch, weights):
 
   def loss(p):
     return (model(cfg).apply({'params': p}, batch)[key] * weights).sum()
+
   return jax.tree.map(np.asarray, jax.jit(jax.grad(loss))(params))
 
 
@@ -224,7 +228,7 @@ def test_remat_changes_no_gradient(name, scan, policies):
   for policy in policies:
     remat_cfg = cfg.replace(remat_policy=policy)
     jaxpr = str(jax.make_jaxpr(lambda p: model(remat_cfg).apply({'params': p}, batch))(params))
-    assert 'checkpoint' in jaxpr or 'remat' in jaxpr, policy   # the policy really wraps the layers
+    assert 'checkpoint' in jaxpr or 'remat' in jaxpr, policy  # the policy really wraps the layers
     got = _grads(remat_cfg, params, batch, weights)
     for path, g0 in jax.tree_util.tree_leaves_with_path(base):
       g1 = functools.reduce(lambda t, k: t[k.key], path, got)
@@ -274,14 +278,16 @@ def _count(name, heads):
   return count_params(shapes)
 
 
-@pytest.mark.parametrize('name,heads,published,exact', [
-    # BERT paper: 110M. HF BertForPreTraining: BertModel 109,482,240 (embeddings 23,837,184 + 12 x 7,087,872 +
-    # pooler 590,592) + MLM transform/norm/bias 622,650 + NSP 1,538 = 110,106,428.
-    ('bert-base', ('mlm', 'nsp'), 110e6, 110_106_428),
-    ('gpt2-small', ('lm',), 124e6, 124_439_808),          # HF GPT2LMHeadModel (tied)
-    ('smollm2-135m', ('lm',), 135e6, 134_515_008),        # HF SmolLM2-135M (tied)
-    ('t5-small', ('lm',), 60e6, 60_506_624),              # HF T5ForConditionalGeneration t5-small
-])
+@pytest.mark.parametrize(
+    'name,heads,published,exact',
+    [
+        # BERT paper: 110M. HF BertForPreTraining: BertModel 109,482,240 (embeddings 23,837,184 + 12 x 7,087,872 +
+        # pooler 590,592) + MLM transform/norm/bias 622,650 + NSP 1,538 = 110,106,428.
+        ('bert-base', ('mlm', 'nsp'), 110e6, 110_106_428),
+        ('gpt2-small', ('lm',), 124e6, 124_439_808),  # HF GPT2LMHeadModel (tied)
+        ('smollm2-135m', ('lm',), 135e6, 134_515_008),  # HF SmolLM2-135M (tied)
+        ('t5-small', ('lm',), 60e6, 60_506_624),  # HF T5ForConditionalGeneration t5-small
+    ])
 def test_parameter_counts_match_published(name, heads, published, exact):
   n = _count(name, heads)
   assert abs(n - published) / published < 0.01, n

@@ -17,15 +17,13 @@ import orbax.checkpoint as ocp
 class Checkpoints:
   """Save and restore {'state': pytree, 'loader': json, 'config': json} at integer steps."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: Optional[str] = None,
-               best_mode: str = 'min', async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, best_metric: Optional[str] = None, best_mode: str = 'min',
+               async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
-        keep_checkpoints_without_metrics=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=('state', 'loader', 'config'))
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+                                           best_fn=(lambda m: m[best_metric]) if best_metric else None,
+                                           best_mode=best_mode, keep_checkpoints_without_metrics=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'loader', 'config'))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -44,9 +42,9 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                             loader=ocp.args.JsonRestore(),
-                                                             config=ocp.args.JsonRestore()))
+    out = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), loader=ocp.args.JsonRestore(),
+                                      config=ocp.args.JsonRestore()))
     return out['state'], out['loader'], out['config']
 
   def restore_params(self, abstract_params, step: Optional[int] = None):
@@ -54,11 +52,12 @@ class Checkpoints:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
-    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
-                                                               dtype=x.dtype), abstract_params)
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), abstract_params)
     # A partial restore: only the 'params' subtree of the saved state is read.
-    out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True)))
+    out = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True)))
     return out['state']['params']
 
   def wait(self):

@@ -27,8 +27,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     '--config.<field>=value (e.g. --config.train.steps=100, --config.model.overrides.num_layers=4); --print_config '
     'lists them all, and configs/common.py documents each.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics.jsonl, TensorBoard and the tokenizer go.')
-_PRINT_CONFIG = flags.DEFINE_bool('print_config', False, 'Print the resolved config (after the --config.* overrides) '
-                                  'and exit, without training; --workdir may be omitted.')
+_PRINT_CONFIG = flags.DEFINE_bool(
+    'print_config', False, 'Print the resolved config (after the --config.* overrides) '
+    'and exit, without training; --workdir may be omitted.')
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'Multi-host: address HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1.')
@@ -205,8 +206,7 @@ def main(argv):
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
   from train import distributed, trainer
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
-    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                       _INIT_TIMEOUT.value)
+    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
   log = print if jax.process_index() == 0 else (lambda *_: None)
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))

@@ -16,7 +16,6 @@ from model.heads import Electra
 
 Metrics = dict[str, jax.Array]
 
-
 # ------------------------------------------------------------------------------------------------- the core
 
 
@@ -41,9 +40,9 @@ def cross_entropy(*, logits, targets, weights=None, label_smoothing: float = 0.0
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
   # Padding targets may hold any id (even out of range); point them at 0 so the gather is always in bounds.
   targets = jnp.where(weights > 0, targets, 0).astype(jnp.int32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)                                    # [...]
-  log_probs = logits - log_z[..., None]                                        # [..., V]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]   # [...]
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
+  log_probs = logits - log_z[..., None]  # [..., V]
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [...]
   per_target = nll
   if label_smoothing:
     per_target = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
@@ -89,14 +88,12 @@ def nsp_loss(*, logits, labels):
 
 def clm_loss(*, logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
   """Causal LM. logits [B,T,V], targets [B,T] (the next token), weights [B,T] (0 on padding / segment ends)."""
-  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing,
-                       z_loss=z_loss)
+  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def seq2seq_loss(*, logits, targets, weights, label_smoothing: float = 0.0, z_loss: float = 0.0):
   """Encoder-decoder CE (T5 span corruption, translation, ...). logits [B,T_dec,V], targets/weights [B,T_dec]."""
-  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing,
-                       z_loss=z_loss)
+  return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def rtd_loss(*, logits, labels, weights):
@@ -128,8 +125,13 @@ def span_qa_loss(*, start_logits, end_logits, start_positions, end_positions, we
   both = ((jnp.argmax(start_logits, -1) == start_positions) & (jnp.argmax(end_logits, -1) == end_positions))
   exact, _ = _weighted_mean(both.astype(jnp.float32), w)
   loss = 0.5 * (start + end)
-  return loss, {'loss': loss, 'start_accuracy': start_m['accuracy'], 'end_accuracy': end_m['accuracy'],
-                'exact_match': exact, 'weight_sum': start_m['weight_sum']}
+  return loss, {
+      'loss': loss,
+      'start_accuracy': start_m['accuracy'],
+      'end_accuracy': end_m['accuracy'],
+      'exact_match': exact,
+      'weight_sum': start_m['weight_sum']
+  }
 
 
 def regression_loss(*, predictions, targets, weights=None):
@@ -149,10 +151,10 @@ def scatter_at_positions(*, tokens, positions, values, weights):
   A one-hot sum rather than a scatter: padding slots usually point at position 0 too, and XLA leaves the winner of
   colliding scatter writes unspecified, which would make the corruption depend on the backend.
   """
-  hit = (jax.nn.one_hot(positions, tokens.shape[1], dtype=jnp.int32)
-         * (weights > 0).astype(jnp.int32)[..., None])                          # [B,P,T]
-  written = hit.sum(1) > 0                                                       # [B,T]
-  new = jnp.einsum('bpt,bp->bt', hit, values.astype(jnp.int32))                  # [B,T]
+  hit = (jax.nn.one_hot(positions, tokens.shape[1], dtype=jnp.int32) *
+         (weights > 0).astype(jnp.int32)[..., None])  # [B,P,T]
+  written = hit.sum(1) > 0  # [B,T]
+  new = jnp.einsum('bpt,bp->bt', hit, values.astype(jnp.int32))  # [B,T]
   return jnp.where(written, new, tokens)
 
 
@@ -176,10 +178,11 @@ def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0
   sample_rng, gen_rng, disc_rng = jax.random.split(rng, 3)
   variables = {'params': params}
   gen_logits = model.apply(variables, batch, deterministic=deterministic, rngs={'dropout': gen_rng},
-                           method=Electra.generate)                             # [B,P,V]
+                           method=Electra.generate)  # [B,P,V]
   gen_loss, gen_m = mlm_loss(logits=gen_logits, labels=batch['masked_ids'], weights=batch['masked_weights'])
-  sampled = jax.random.categorical(
-      sample_rng, jax.lax.stop_gradient(gen_logits.astype(jnp.float32)) / temperature, axis=-1)  # [B,P]
+  sampled = jax.random.categorical(sample_rng,
+                                   jax.lax.stop_gradient(gen_logits.astype(jnp.float32)) / temperature,
+                                   axis=-1)  # [B,P]
   original = scatter_at_positions(tokens=batch['tokens'], positions=batch['masked_positions'],
                                   values=batch['masked_ids'], weights=batch['masked_weights'])
   corrupted = scatter_at_positions(tokens=batch['tokens'], positions=batch['masked_positions'], values=sampled,
@@ -189,7 +192,7 @@ def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0
     segment_ids = jnp.ones_like(batch['tokens'])
   labels, weights = rtd_labels(corrupted=corrupted, original=original, segment_ids=segment_ids)
   disc_logits = model.apply(variables, batch, corrupted, deterministic=deterministic, rngs={'dropout': disc_rng},
-                            method=Electra.discriminate)                         # [B,T]
+                            method=Electra.discriminate)  # [B,T]
   disc_loss, disc_m = rtd_loss(logits=disc_logits, labels=labels, weights=weights)
   loss = gen_loss + rtd_lambda * disc_loss
   metrics = {'loss': loss}

@@ -63,6 +63,7 @@ def _config(cfg) -> dict[str, Any]:
 
   def bad(field, why):
     raise ValueError(f'optimizer config {field}={c[field]!r}: {why}')
+
   if c['optimizer'] not in OPTIMIZERS:
     bad('optimizer', f'must be one of {OPTIMIZERS}.')
   if c['decay'] not in DECAYS:
@@ -158,6 +159,7 @@ def trainable_mask(params, trainable: Optional[Sequence[str]] = None, frozen: Op
     if trainable and not any(_matches(p, path) for p in trainable):
       return False
     return not any(_matches(p, path) for p in frozen)
+
   return _map_paths(trains, params)
 
 
@@ -206,11 +208,13 @@ def layerwise_lr_scales(params, decay: float):
     depth = leaf.shape[0]
     per_layer = decay ** (n - jnp.arange(depth, dtype=jnp.float32))
     return per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1))
+
   return _map_paths(scale, params)
 
 
 def scale_by_layerwise_decay(decay: float) -> optax.GradientTransformation:
   """Multiplies each update by layerwise_lr_scales (stateless; factors come from the updates' paths and shapes)."""
+
   def init(params):
     del params
     return optax.EmptyState()
@@ -219,6 +223,7 @@ def scale_by_layerwise_decay(decay: float) -> optax.GradientTransformation:
     del params
     scales = layerwise_lr_scales(updates, decay)
     return jax.tree.map(lambda u, s: (u * s).astype(u.dtype), updates, scales), state
+
   return optax.GradientTransformation(init, update)
 
 

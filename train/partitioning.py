@@ -59,10 +59,8 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[jax.
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(shape, len(devices))
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-              axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
@@ -110,8 +108,7 @@ def param_shardings(logical_specs, shapes, mesh: Mesh, rules=DEFAULT_RULES):
                          f'axis in config.mesh.rules.')
     return NamedSharding(mesh, spec)
 
-  return jax.tree_util.tree_map_with_path(check, mesh_specs, shapes,
-                                          is_leaf=lambda x: isinstance(x, P))
+  return jax.tree_util.tree_map_with_path(check, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -125,8 +122,8 @@ def like_params_shardings(tree_shapes, params_shapes, params_shardings, mesh: Me
   else (counts, scalars, factored Adafactor statistics) is replicated.
   """
   by_path = {}
-  for (path, shape), sharding in zip(jax.tree_util.tree_flatten_with_path(params_shapes)[0],
-                                     jax.tree.leaves(params_shardings)):
+  for (path, shape), sharding in zip(
+      jax.tree_util.tree_flatten_with_path(params_shapes)[0], jax.tree.leaves(params_shardings)):
     by_path[_dict_keys(path)] = (shape.shape, sharding)
   longest = max((len(k) for k in by_path), default=0)
 

@@ -29,8 +29,8 @@ class Pretrained:
   cfg: ModelConfig
   params: dict
   heads: tuple[str, ...]
-  tokenizer_dir: Optional[str]   # a folder Tokenizer.load reads; None when the checkpoint has none
-  source: str                    # 'lmlab-run' | 'converted' | 'huggingface' | 'gguf'
+  tokenizer_dir: Optional[str]  # a folder Tokenizer.load reads; None when the checkpoint has none
+  source: str  # 'lmlab-run' | 'converted' | 'huggingface' | 'gguf'
 
 
 def _from_run(workdir: str, step: Optional[int]) -> Pretrained:
@@ -55,8 +55,8 @@ def _from_run(workdir: str, step: Optional[int]) -> Pretrained:
   return Pretrained(cfg, params, heads, tok if os.path.exists(tok) else None, 'lmlab-run')
 
 
-def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True, save_dir: Optional[str] = None
-         ) -> Pretrained:
+def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
+         save_dir: Optional[str] = None) -> Pretrained:
   """Any supported checkpoint -> Pretrained. A GGUF's tokenizer lives in its metadata: give save_dir to write it out."""
   kind = convert.checkpoint_kind(path)  # FileNotFoundError / ValueError naming the path and what it accepts
   if kind == 'lmlab-run':
@@ -75,6 +75,7 @@ def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True, sav
 
 def merge_params(initial, loaded, *, where: str):
   """`initial` with every leaf that `loaded` has replaced by it; shapes must agree (heads absent in `loaded` stay)."""
+
   def walk(init, new, path):
     if not isinstance(init, dict):
       if tuple(init.shape) != tuple(new.shape):
@@ -86,4 +87,5 @@ def merge_params(initial, loaded, *, where: str):
       if isinstance(new, dict) and key in new:
         out[key] = walk(value, new[key], f'{path}/{key}' if path else key)
     return out
+
   return walk(initial, loaded, '')

@@ -51,7 +51,7 @@ class Task:
   heads: tuple[str, ...]
   batch_keys: tuple[str, ...]
   loss: Optional[Callable] = None
-  fix: str = ''                         # what to do when an architecture cannot serve it
+  fix: str = ''  # what to do when an architecture cannot serve it
   examples: Optional[Callable] = None
   provides: tuple[str, ...] = ()
   tokenizer_kind: str = ''
@@ -98,9 +98,9 @@ def _causal_examples(records, tokenizer, data):
 
 
 def _masked_examples(records, tokenizer, data):
-  t = ex.MaskedLM(_stream(records, tokenizer, tokenizer.sep_id), ex.Specials.from_tokenizer(tokenizer),
-                  seq_len=data.seq_len, max_predictions=_max_predictions(data), mask_rate=data.mask_rate,
-                  whole_word=data.whole_word)
+  t = ex.MaskedLM(_stream(records, tokenizer,
+                          tokenizer.sep_id), ex.Specials.from_tokenizer(tokenizer), seq_len=data.seq_len,
+                  max_predictions=_max_predictions(data), mask_rate=data.mask_rate, whole_word=data.whole_word)
   return t, range(t.num_windows)
 
 
@@ -166,8 +166,7 @@ def _seq2seq(out, batch, opts):
 
 
 def _classification(out, batch, opts):
-  return losses.classification_loss(logits=out['cls_logits'], labels=batch['label'],
-                                    weights=batch.get('label_weights'))
+  return losses.classification_loss(logits=out['cls_logits'], labels=batch['label'], weights=batch.get('label_weights'))
 
 
 def _regression(out, batch, opts):
@@ -219,19 +218,21 @@ _BUILTIN = (
          _next_sentence_examples, _ENCODER + _MASKED + ('nsp_labels',), 'wordpiece', _TOKEN_METRICS),
     Task('clm', ('decoder',), ('lm',), ('targets', 'weights'), _clm, "use a decoder (arch='decoder'); encoders train "
          "with 'mlm', encoder-decoders with 'span' or 'seq2seq'", _causal_examples, _CAUSAL, 'bpe', _TOKEN_METRICS),
-    Task('rtd', ('encoder',), ('rtd',), ('tokens',) + _MASKED, None, "ELECTRA's replaced-token detection needs an "
-         'encoder discriminator and the Electra(generator_cfg, discriminator_cfg) model', _masked_examples,
-         _ENCODER + _MASKED, 'wordpiece', ('loss', 'generator/loss', 'discriminator/loss', 'discriminator/accuracy'),
-         model=_electra_model, step_loss=_electra_step_loss),
-    Task('span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
-         "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
-         'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
+    Task(
+        'rtd', ('encoder',), ('rtd',), ('tokens',) + _MASKED, None, "ELECTRA's replaced-token detection needs an "
+        'encoder discriminator and the Electra(generator_cfg, discriminator_cfg) model', _masked_examples,
+        _ENCODER + _MASKED, 'wordpiece', ('loss', 'generator/loss', 'discriminator/loss', 'discriminator/accuracy'),
+        model=_electra_model, step_loss=_electra_step_loss),
+    Task(
+        'span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
+        "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
+        'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
     Task('seq2seq', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
          "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a decoder with source and target concatenated",
          _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task'),
     Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
-         "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples,
-         _ENCODER + ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
+         "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples, _ENCODER +
+         ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
     Task('regression', ('encoder', 'decoder'), ('classifier',), ('label',), _regression,
          "encoder-decoders regress with 'seq2seq' on the value as text", None, (), 'wordpiece', kind='task',
          check_model=_needs_one_label),
@@ -239,13 +240,12 @@ _BUILTIN = (
          'use an encoder for token classification', _tagging_examples, _ENCODER + ('tag_labels', 'tag_weights'),
          'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
     Task('qa', ('encoder', 'decoder'), ('qa',), ('start_positions', 'end_positions'), _qa,
-         "use an encoder for extractive QA, or 'seq2seq' for generative QA", _qa_examples,
-         _ENCODER + ('start_positions', 'end_positions', 'offsets'), 'wordpiece',
+         "use an encoder for extractive QA, or 'seq2seq' for generative QA", _qa_examples, _ENCODER +
+         ('start_positions', 'end_positions', 'offsets'), 'wordpiece',
          ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task'),
 )
 for _task in _BUILTIN:
   register(_task)
-
 
 # --------------------------------------------------------------------------------------------- reading records
 

@@ -52,8 +52,8 @@ def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.Gradient
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
-                   step=step + 1,
-                   nonfinite_step=jnp.where((state['nonfinite_step'] < 0) & ~finite, step, state['nonfinite_step']))
+                   step=step + 1, nonfinite_step=jnp.where((state['nonfinite_step'] < 0) & ~finite, step,
+                                                           state['nonfinite_step']))
   metrics = dict(metrics, grad_norm=grad_norm)
   if lr_fn is not None:
     metrics['learning_rate'] = lr_fn(step)
@@ -80,8 +80,8 @@ def summarize(history: list[Mapping[str, Any]]) -> dict[str, float]:
       out[key] = float(values.sum())
     elif name == 'perplexity':
       logs = np.log(np.maximum(values, 1e-30))
-      out[key] = float(np.exp(np.average(logs, weights=weights) if weights is not None and weights.sum() else
-                              logs.mean()))
+      out[key] = float(
+          np.exp(np.average(logs, weights=weights) if weights is not None and weights.sum() else logs.mean()))
     elif weights is not None and weights.sum() > 0:
       out[key] = float(np.average(values, weights=weights))
     else:
@@ -101,8 +101,13 @@ def arch_config(config, init: Optional[pretrained.Pretrained] = None) -> ModelCo
 def with_tokenizer(cfg: ModelConfig, tokenizer, overrides) -> ModelConfig:
   """cfg with the tokenizer's vocabulary size and special ids, where config.model.overrides does not set them."""
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  fields = {'vocab_size': tokenizer.vocab_size, 'pad_id': pad, 'decoder_start_id': pad, 'eos_id': tokenizer.eos_id,
-            'bos_id': tokenizer.bos_id}
+  fields = {
+      'vocab_size': tokenizer.vocab_size,
+      'pad_id': pad,
+      'decoder_start_id': pad,
+      'eos_id': tokenizer.eos_id,
+      'bos_id': tokenizer.bos_id
+  }
   set_ = set_fields(overrides)
   return cfg.replace(**{k: v for k, v in fields.items() if v is not None and k not in set_})
 
@@ -165,14 +170,19 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
   def init(seed):
     rng = jax.random.key(seed)
     params = nn.meta.unbox(init_boxed(jax.random.fold_in(rng, 0)))
-    return {'params': params, 'opt_state': optimizer.init(params), 'step': jnp.zeros((), jnp.int32),
-            'rng': jax.random.key_data(jax.random.fold_in(rng, 1)), 'nonfinite_step': jnp.full((), -1, jnp.int32)}
+    return {
+        'params': params,
+        'opt_state': optimizer.init(params),
+        'step': jnp.zeros((), jnp.int32),
+        'rng': jax.random.key_data(jax.random.fold_in(rng, 1)),
+        'nonfinite_step': jnp.full((), -1, jnp.int32)
+    }
 
   abstract = jax.eval_shape(init, 0)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
   return Setup(**vars(parts), state_shardings=state_sh, abstract_state=abstract,
-               batch_sharding=part.batch_sharding(mesh),
-               init_fn=jax.jit(init, static_argnums=0, out_shardings=state_sh))
+               batch_sharding=part.batch_sharding(mesh), init_fn=jax.jit(init, static_argnums=0,
+                                                                         out_shardings=state_sh))
 
 
 def jit_steps(setup: Setup):
@@ -188,6 +198,7 @@ def jit_steps(setup: Setup):
     def wrapped(*args):
       with nn.logical_axis_rules(setup.rules), jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
         return fn(*args)
+
     return wrapped
 
   train = jax.jit(with_rules(step), in_shardings=(setup.state_shardings, setup.batch_sharding),
@@ -343,8 +354,7 @@ def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
     return state, start
   state = setup.init_fn(int(run.config.seed))
   if run.init is not None:
-    merged = pretrained.merge_params(jax.device_get(state['params']), run.init.params,
-                                     where=run.config.model.init_from)
+    merged = pretrained.merge_params(jax.device_get(state['params']), run.init.params, where=run.config.model.init_from)
     state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
   return state, 0
 
@@ -382,8 +392,10 @@ class _Loop:
     if run.data.eval is None:
       return None
     rng = jax.random.key(int(run.config.seed) + 7)
-    history = [run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
-               for i in range(int(self.tc.eval_steps))]
+    history = [
+        run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
+        for i in range(int(self.tc.eval_steps))
+    ]
     values = summarize(history)
     self.writer.write(step, 'eval', values)
     run.log(f'step {step}: eval loss {values["loss"]:.4f}')
@@ -414,8 +426,9 @@ class _Loop:
       self.evaluate(state, step)
     if step % int(tc.checkpoint_every) == 0 or step == total:
       best = tc.get('best_metric')
-      self.save(state, step, metrics=({best: self.last_eval[best.split('/', 1)[-1]]}
-                                      if best and self.last_eval else None))
+      self.save(state, step, metrics=({
+          best: self.last_eval[best.split('/', 1)[-1]]
+      } if best and self.last_eval else None))
 
 
 def train_loop(run: Run, state, start: int, loop: _Loop):
@@ -459,7 +472,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
     # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
     ckpts.close()
   last = loop.last_train or {}
-  return {'status': status, 'steps': step, 'first_loss': loop.first_loss, 'final_loss': last.get('loss'),
-          'steps_per_sec': last.get('steps_per_sec'), 'tokens_per_sec': last.get('tokens_per_sec'),
-          'eval': loop.last_eval, 'wall_s': time.time() - t_start, 'workdir': os.path.abspath(workdir),
-          'params': n_params, 'state': state}
+  return {
+      'status': status,
+      'steps': step,
+      'first_loss': loop.first_loss,
+      'final_loss': last.get('loss'),
+      'steps_per_sec': last.get('steps_per_sec'),
+      'tokens_per_sec': last.get('tokens_per_sec'),
+      'eval': loop.last_eval,
+      'wall_s': time.time() - t_start,
+      'workdir': os.path.abspath(workdir),
+      'params': n_params,
+      'state': state
+  }

@@ -18,12 +18,22 @@ from model.convert.store import ConversionError, Converted
 
 # GGUF tensor names -> HF names: within a layer ('blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'),
 # and outside the layers.
-GGUF_LAYER_TENSORS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm',
-                      'attn_q': 'self_attn.q_proj', 'attn_k': 'self_attn.k_proj', 'attn_v': 'self_attn.v_proj',
-                      'attn_output': 'self_attn.o_proj', 'ffn_gate': 'mlp.gate_proj', 'ffn_up': 'mlp.up_proj',
-                      'ffn_down': 'mlp.down_proj'}
-GGUF_TOP_TENSORS = {'token_embd.weight': 'model.embed_tokens.weight', 'output_norm.weight': 'model.norm.weight',
-                    'output.weight': 'lm_head.weight'}
+GGUF_LAYER_TENSORS = {
+    'attn_norm': 'input_layernorm',
+    'ffn_norm': 'post_attention_layernorm',
+    'attn_q': 'self_attn.q_proj',
+    'attn_k': 'self_attn.k_proj',
+    'attn_v': 'self_attn.v_proj',
+    'attn_output': 'self_attn.o_proj',
+    'ffn_gate': 'mlp.gate_proj',
+    'ffn_up': 'mlp.up_proj',
+    'ffn_down': 'mlp.down_proj'
+}
+GGUF_TOP_TENSORS = {
+    'token_embd.weight': 'model.embed_tokens.weight',
+    'output_norm.weight': 'model.norm.weight',
+    'output.weight': 'lm_head.weight'
+}
 _LAYER_TENSOR = re.compile(r'^blk\.(\d+)\.(\w+)\.weight$')
 
 
@@ -106,20 +116,32 @@ def gguf_tokenizer(meta: dict, where='GGUF'):
 
 def _hf_config(meta: dict, arch: str, where: str) -> dict:
   """GGUF metadata ({arch}.*, tokenizer.ggml.*) -> the config.json a Hugging Face checkpoint of it would have."""
-  g = lambda key, default=dataclasses.MISSING: layouts.field({key: meta.get(f'{arch}.{key}'), 'model_type': arch},
-                                                             key, default, where=f'{where} metadata {arch}.')
+  g = lambda key, default=dataclasses.MISSING: layouts.field({
+      key: meta.get(f'{arch}.{key}'),
+      'model_type': arch
+  }, key, default, where=f'{where} metadata {arch}.')
   n, d = int(g('attention.head_count')), int(g('embedding_length'))
   tokens = meta.get('tokenizer.ggml.tokens')
-  hf = {'model_type': arch, 'hidden_size': d, 'num_attention_heads': n,
-        'num_key_value_heads': int(g('attention.head_count_kv', n)),
-        'num_hidden_layers': int(g('block_count')), 'intermediate_size': int(g('feed_forward_length')),
-        'max_position_embeddings': int(g('context_length', 2048)),
-        'rope_parameters': {'rope_theta': float(g('rope.freq_base', 10_000.0)), 'rope_type': 'default'},
-        'rms_norm_eps': float(g('attention.layer_norm_rms_epsilon', 1e-5)), 'hidden_act': 'silu',
-        'vocab_size': int(g('vocab_size', len(tokens) if tokens is not None else dataclasses.MISSING)),
-        'bos_token_id': meta.get('tokenizer.ggml.bos_token_id'),
-        'eos_token_id': meta.get('tokenizer.ggml.eos_token_id'),
-        'pad_token_id': meta.get('tokenizer.ggml.padding_token_id')}
+  hf = {
+      'model_type': arch,
+      'hidden_size': d,
+      'num_attention_heads': n,
+      'num_key_value_heads': int(g('attention.head_count_kv', n)),
+      'num_hidden_layers': int(g('block_count')),
+      'intermediate_size': int(g('feed_forward_length')),
+      'max_position_embeddings': int(g('context_length', 2048)),
+      'rope_parameters': {
+          'rope_theta': float(g('rope.freq_base', 10_000.0)),
+          'rope_type': 'default'
+      },
+      'rms_norm_eps': float(g('attention.layer_norm_rms_epsilon', 1e-5)),
+      'hidden_act': 'silu',
+      'vocab_size': int(g('vocab_size',
+                          len(tokens) if tokens is not None else dataclasses.MISSING)),
+      'bos_token_id': meta.get('tokenizer.ggml.bos_token_id'),
+      'eos_token_id': meta.get('tokenizer.ggml.eos_token_id'),
+      'pad_token_id': meta.get('tokenizer.ggml.padding_token_id')
+  }
   if meta.get(f'{arch}.rope.dimension_count') not in (None, d // n):
     hf['head_dim'] = int(meta[f'{arch}.rope.dimension_count'])
   if meta.get(f'{arch}.rope.scaling.type') not in (None, 'none'):

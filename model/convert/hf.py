@@ -97,8 +97,12 @@ def _apply_rules(rules, state, cfg, heads, where) -> tuple[dict, list]:
 
 def _strip_prefix(state, family):
   """The base-model prefix ('bert.', 'transformer.', ...) that head-carrying checkpoints put on backbone tensors."""
-  probe = {'bert': 'embeddings.word_embeddings.weight', 'roberta': 'embeddings.word_embeddings.weight',
-           'electra': 'embeddings.word_embeddings.weight', 'gpt2': 'wte.weight'}[family]
+  probe = {
+      'bert': 'embeddings.word_embeddings.weight',
+      'roberta': 'embeddings.word_embeddings.weight',
+      'electra': 'embeddings.word_embeddings.weight',
+      'gpt2': 'wte.weight'
+  }[family]
   for p in (f'{family}.', 'transformer.', ''):
     if p + probe in state:
       return p
@@ -131,8 +135,8 @@ def _heads_present(family, state, prefix) -> tuple[str, ...]:
   if family == 'roberta':
     return ('mlm',) if has('lm_head.bias') else ()
   if family == 'electra':
-    return tuple(h for h, k in (('mlm', 'generator_lm_head.bias'), ('rtd', 'discriminator_predictions.dense.weight'))
-                 if has(k))
+    return tuple(
+        h for h, k in (('mlm', 'generator_lm_head.bias'), ('rtd', 'discriminator_predictions.dense.weight')) if has(k))
   return ('lm',)  # decoders and T5: the LM head is the tied table or lm_head.weight
 
 
@@ -183,8 +187,8 @@ def _config_fields(family, hf, state, prefix, heads, where) -> tuple[dict, dict,
   return fields, state, extras
 
 
-def import_state(family, hf, state, *, where, scan_layers, param_dtype, tokenizer_dir=None, tokenizer=None
-                 ) -> Converted:
+def import_state(family, hf, state, *, where, scan_layers, param_dtype, tokenizer_dir=None,
+                 tokenizer=None) -> Converted:
   """A checkpoint's config.json (as a dict) and its HF-named tensors -> Converted; where names the source in errors."""
   prefix = _strip_prefix(state, family) if family in ('bert', 'roberta', 'electra', 'gpt2') else ''
   heads = _heads_present(family, state, prefix)
@@ -271,6 +275,11 @@ def electra_params(generator: Converted, discriminator: Converted):
   g, d = generator.params, discriminator.params
   if generator.cfg.scan_layers != discriminator.cfg.scan_layers:
     raise ConversionError('generator and discriminator must both be imported with the same scan_layers.')
-  params = {'embed': d['embed'], 'generator': g['transformer'], 'mlm': g['mlm'],
-            'discriminator': d['transformer'], 'rtd': d['rtd']}
+  params = {
+      'embed': d['embed'],
+      'generator': g['transformer'],
+      'mlm': g['mlm'],
+      'discriminator': d['transformer'],
+      'rtd': d['rtd']
+  }
   return generator.cfg, discriminator.cfg, params

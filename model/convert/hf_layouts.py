@@ -16,7 +16,6 @@ from model.convert.store import ConversionError, Converted
 
 FAMILIES = ('bert', 'roberta', 'electra', 'gpt2', 't5', 'llama', 'mistral')
 
-
 # ------------------------------------------------------------------------------------------------ tensor layouts
 # Each layout is a pair (HF -> ours, ours -> HF) of numpy functions; `dims` is the ModelConfig-derived shape info.
 # torch nn.Linear stores [out, in]; we store [in, out] (attention kernels split the head axis: [D,N,H], [N,H,D]).
@@ -33,8 +32,7 @@ def _same():
 def _heads_in(kind):
   """nn.Linear [N*H, D] -> [D, N, H] (kind 'q' uses num_heads, 'kv' kv heads)."""
   n = lambda d: d['n'] if kind == 'q' else d['k']
-  return (lambda w, d: w.T.reshape(w.shape[1], n(d), d['h']),
-          lambda w, d: w.reshape(w.shape[0], -1).T)
+  return (lambda w, d: w.T.reshape(w.shape[1], n(d), d['h']), lambda w, d: w.reshape(w.shape[0], -1).T)
 
 
 def _heads_in_conv(kind):
@@ -59,9 +57,9 @@ def _heads_out_conv():
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  ours: str        # 'transformer/stack/layers_0/self_attn/query/kernel'
-  hf: str          # 'bert.encoder.layer.0.attention.self.query.weight'
-  layout: tuple    # (to_ours, to_hf)
+  ours: str  # 'transformer/stack/layers_0/self_attn/query/kernel'
+  hf: str  # 'bert.encoder.layer.0.attention.self.query.weight'
+  layout: tuple  # (to_ours, to_hf)
 
 
 def _dense_rules(ours, hf, *, bias=True, layout=None, bias_layout=None):
@@ -90,8 +88,15 @@ def _attention_rules(ours, names: dict, *, bias: bool, conv=False):
 
 # ---------------------------------------------------------------------------------------- config.json -> ours
 
-_ACTIVATIONS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_fast': 'gelu_tanh',
-                'relu': 'relu', 'silu': 'silu', 'swish': 'silu'}
+_ACTIVATIONS = {
+    'gelu': 'gelu',
+    'gelu_new': 'gelu_tanh',
+    'gelu_pytorch_tanh': 'gelu_tanh',
+    'gelu_fast': 'gelu_tanh',
+    'relu': 'relu',
+    'silu': 'silu',
+    'swish': 'silu'
+}
 _ACT_TO_HF = {'gelu': 'gelu', 'gelu_tanh': 'gelu_new', 'relu': 'relu', 'silu': 'silu'}
 
 
@@ -137,18 +142,17 @@ def bert_like_config(hf, family, where):
     max_len -= pad + 1
   d = int(field(hf, 'hidden_size', where=where))
   e = int(field(hf, 'embedding_size', d)) if family == 'electra' else d
-  return dict(
-      arch='encoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d,
-      num_heads=int(field(hf, 'num_attention_heads', where=where)),
-      num_layers=int(field(hf, 'num_hidden_layers', where=where)),
-      d_ff=int(field(hf, 'intermediate_size', where=where)), embed_dim=None if e == d else e, max_len=max_len,
-      position='learned',
-      type_vocab_size=int(field(hf, 'type_vocab_size', 2)), activation=_activation(hf, 'hidden_act', where),
-      norm='layernorm', norm_eps=float(field(hf, 'layer_norm_eps', 1e-12)), pre_norm=False, embed_norm=True,
-      use_bias=True, dropout_rate=float(field(hf, 'hidden_dropout_prob', 0.1)),
-      attention_dropout_rate=float(field(hf, 'attention_probs_dropout_prob', 0.1)), tie_embeddings=True, pad_id=pad,
-      bos_id=hf.get('bos_token_id'), eos_id=hf.get('eos_token_id'),
-      init_std=float(field(hf, 'initializer_range', 0.02)))
+  return dict(arch='encoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d,
+              num_heads=int(field(hf, 'num_attention_heads',
+                                  where=where)), num_layers=int(field(hf, 'num_hidden_layers', where=where)),
+              d_ff=int(field(hf, 'intermediate_size', where=where)), embed_dim=None if e == d else e, max_len=max_len,
+              position='learned', type_vocab_size=int(field(hf, 'type_vocab_size',
+                                                            2)), activation=_activation(hf, 'hidden_act', where),
+              norm='layernorm', norm_eps=float(field(hf, 'layer_norm_eps', 1e-12)), pre_norm=False, embed_norm=True,
+              use_bias=True, dropout_rate=float(field(hf, 'hidden_dropout_prob', 0.1)),
+              attention_dropout_rate=float(field(hf, 'attention_probs_dropout_prob',
+                                                 0.1)), tie_embeddings=True, pad_id=pad, bos_id=hf.get('bos_token_id'),
+              eos_id=hf.get('eos_token_id'), init_std=float(field(hf, 'initializer_range', 0.02)))
 
 
 def gpt2_config(hf, where):
@@ -157,15 +161,16 @@ def gpt2_config(hf, where):
   d, n = int(field(hf, 'n_embd', where=where)), int(field(hf, 'n_head', where=where))
   scale = None if field(hf, 'scale_attn_weights', True) else 1.0
   eos = field(hf, 'eos_token_id', 50256)
-  return dict(
-      arch='decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d, num_heads=n,
-      num_layers=int(field(hf, 'n_layer', where=where)), d_ff=int(field(hf, 'n_inner', 4 * d)),
-      max_len=int(field(hf, 'n_positions', where=where)), position='learned',
-      activation=_activation(hf, 'activation_function', where), norm='layernorm',
-      norm_eps=float(field(hf, 'layer_norm_epsilon', 1e-5)), pre_norm=True, use_bias=True, attention_scale=scale,
-      dropout_rate=float(field(hf, 'resid_pdrop', 0.1)), attention_dropout_rate=float(field(hf, 'attn_pdrop', 0.1)),
-      tie_embeddings=bool(field(hf, 'tie_word_embeddings', True)), bos_id=field(hf, 'bos_token_id', 50256),
-      eos_id=eos, pad_id=int(field(hf, 'pad_token_id', eos)), init_std=float(field(hf, 'initializer_range', 0.02)))
+  return dict(arch='decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d, num_heads=n,
+              num_layers=int(field(hf, 'n_layer', where=where)), d_ff=int(field(hf, 'n_inner', 4 * d)),
+              max_len=int(field(hf, 'n_positions', where=where)), position='learned',
+              activation=_activation(hf, 'activation_function',
+                                     where), norm='layernorm', norm_eps=float(field(hf, 'layer_norm_epsilon', 1e-5)),
+              pre_norm=True, use_bias=True, attention_scale=scale, dropout_rate=float(field(hf, 'resid_pdrop', 0.1)),
+              attention_dropout_rate=float(field(hf, 'attn_pdrop',
+                                                 0.1)), tie_embeddings=bool(field(hf, 'tie_word_embeddings', True)),
+              bos_id=field(hf, 'bos_token_id', 50256), eos_id=eos, pad_id=int(field(hf, 'pad_token_id', eos)),
+              init_std=float(field(hf, 'initializer_range', 0.02)))
 
 
 def t5_config(hf, where, tied: bool):
@@ -181,23 +186,24 @@ def t5_config(hf, where, tied: bool):
     raise ConversionError(f'{where}: a T5 whose decoder output is scaled by d_model**-0.5 (scale_decoder_outputs / '
                           'tie_word_embeddings) but whose lm_head.weight differs from shared.weight is not supported.')
   d = int(field(hf, 'd_model', where=where))
-  return dict(
-      arch='encoder_decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d,
-      num_heads=int(field(hf, 'num_heads', where=where)), head_dim=int(field(hf, 'd_kv', where=where)),
-      num_layers=int(field(hf, 'num_layers', where=where)),
-      num_decoder_layers=int(field(hf, 'num_decoder_layers', field(hf, 'num_layers'))),
-      d_ff=int(field(hf, 'd_ff', where=where)), max_len=int(field(hf, 'n_positions', 512)), position='relative',
-      relative_buckets=int(field(hf, 'relative_attention_num_buckets', 32)),
-      relative_max_distance=int(field(hf, 'relative_attention_max_distance', 128)),
-      activation=_ACTIVATIONS[act], gated_mlp=gated, norm='rmsnorm',
-      norm_eps=float(field(hf, 'layer_norm_epsilon', 1e-6)),
-      pre_norm=True, final_norm=True, use_bias=False, attention_scale=1.0,
-      dropout_rate=float(field(hf, 'dropout_rate', 0.1)),
-      attention_dropout_rate=float(field(hf, 'dropout_rate', 0.1)),
-      mlp_dropout_rate=float(field(hf, 'dropout_rate', 0.1)), tie_embeddings=tied, scale_tied_logits=scale and tied,
-      pad_id=int(field(hf, 'pad_token_id', 0)), eos_id=field(hf, 'eos_token_id', 1),
-      decoder_start_id=int(field(hf, 'decoder_start_token_id', 0)),
-      init_std=float(field(hf, 'initializer_factor', 1.0)) / d ** 0.5)
+  return dict(arch='encoder_decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d,
+              num_heads=int(field(hf, 'num_heads', where=where)), head_dim=int(field(hf, 'd_kv', where=where)),
+              num_layers=int(field(hf, 'num_layers', where=where)),
+              num_decoder_layers=int(field(hf, 'num_decoder_layers',
+                                           field(hf, 'num_layers'))), d_ff=int(field(hf, 'd_ff', where=where)),
+              max_len=int(field(hf, 'n_positions', 512)), position='relative', relative_buckets=int(
+                  field(hf, 'relative_attention_num_buckets',
+                        32)), relative_max_distance=int(field(hf, 'relative_attention_max_distance',
+                                                              128)), activation=_ACTIVATIONS[act], gated_mlp=gated,
+              norm='rmsnorm', norm_eps=float(field(hf, 'layer_norm_epsilon', 1e-6)), pre_norm=True, final_norm=True,
+              use_bias=False, attention_scale=1.0, dropout_rate=float(field(hf, 'dropout_rate', 0.1)),
+              attention_dropout_rate=float(field(hf, 'dropout_rate',
+                                                 0.1)), mlp_dropout_rate=float(field(hf, 'dropout_rate',
+                                                                                     0.1)), tie_embeddings=tied,
+              scale_tied_logits=scale and tied, pad_id=int(field(hf, 'pad_token_id',
+                                                                 0)), eos_id=field(hf, 'eos_token_id', 1),
+              decoder_start_id=int(field(hf, 'decoder_start_token_id',
+                                         0)), init_std=float(field(hf, 'initializer_factor', 1.0)) / d ** 0.5)
 
 
 def _rope_theta(hf, where):
@@ -225,17 +231,17 @@ def llama_config(hf, where, tied: Optional[bool] = None):
   eos = hf.get('eos_token_id')
   eos = eos[0] if isinstance(eos, list) else eos
   pad = hf.get('pad_token_id')
-  return dict(
-      arch='decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d, num_heads=n,
-      num_kv_heads=int(field(hf, 'num_key_value_heads', n)), head_dim=None if hd * n == d else hd,
-      num_layers=int(field(hf, 'num_hidden_layers', where=where)),
-      d_ff=int(field(hf, 'intermediate_size', where=where)), max_len=max_len, position='rope',
-      rope_theta=_rope_theta(hf, where), activation=_activation(hf, 'hidden_act', where),
-      gated_mlp=True, norm='rmsnorm', norm_eps=float(field(hf, 'rms_norm_eps', 1e-6)), pre_norm=True, use_bias=False,
-      attention_dropout_rate=float(field(hf, 'attention_dropout', 0.0)), dropout_rate=0.0,
-      tie_embeddings=bool(field(hf, 'tie_word_embeddings', False)) if tied is None else tied,
-      bos_id=hf.get('bos_token_id'), eos_id=eos, pad_id=int(pad if pad is not None else (eos or 0)),
-      init_std=float(field(hf, 'initializer_range', 0.02)))
+  return dict(arch='decoder', vocab_size=int(field(hf, 'vocab_size', where=where)), d_model=d, num_heads=n,
+              num_kv_heads=int(field(hf, 'num_key_value_heads', n)), head_dim=None if hd * n == d else hd,
+              num_layers=int(field(hf, 'num_hidden_layers',
+                                   where=where)), d_ff=int(field(hf, 'intermediate_size',
+                                                                 where=where)), max_len=max_len, position='rope',
+              rope_theta=_rope_theta(hf, where), activation=_activation(hf, 'hidden_act', where), gated_mlp=True,
+              norm='rmsnorm', norm_eps=float(field(hf, 'rms_norm_eps', 1e-6)), pre_norm=True, use_bias=False,
+              attention_dropout_rate=float(field(hf, 'attention_dropout', 0.0)), dropout_rate=0.0,
+              tie_embeddings=bool(field(hf, 'tie_word_embeddings', False)) if tied is None else tied,
+              bos_id=hf.get('bos_token_id'), eos_id=eos, pad_id=int(pad if pad is not None else (eos or 0)),
+              init_std=float(field(hf, 'initializer_range', 0.02)))
 
 
 # ------------------------------------------------------------------------------------------------ rule tables
@@ -243,12 +249,14 @@ def llama_config(hf, where, tied: Optional[bool] = None):
 
 def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]:
   p = prefix
-  r = [Rule('embed/token/embedding', f'{p}embeddings.word_embeddings.weight', _same()),
-       Rule('embed/position/embedding', f'{p}embeddings.position_embeddings.weight', _same())]
+  r = [
+      Rule('embed/token/embedding', f'{p}embeddings.word_embeddings.weight', _same()),
+      Rule('embed/position/embedding', f'{p}embeddings.position_embeddings.weight', _same())
+  ]
   if family == 'roberta':
     off = cfg.pad_id + 1
-    r[1] = Rule('embed/position/embedding', r[1].hf, (lambda w, d, off=off: w[off:],
-                                                      lambda w, d, off=off: w))  # export re-adds the rows
+    r[1] = Rule('embed/position/embedding', r[1].hf,
+                (lambda w, d, off=off: w[off:], lambda w, d, off=off: w))  # export re-adds the rows
   if cfg.type_vocab_size:
     r.append(Rule('embed/token_type/embedding', f'{p}embeddings.token_type_embeddings.weight', _same()))
   r += _norm_rules('embed/norm', f'{p}embeddings.LayerNorm')
@@ -256,10 +264,13 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
     r += _dense_rules('transformer/embed_proj', f'{p}embeddings_project')
   for i in range(cfg.num_layers):
     ours, hf = f'transformer/stack/layers_{i}', f'{p}encoder.layer.{i}'
-    r += _attention_rules(f'{ours}/self_attn', {'query': f'{hf}.attention.self.query',
-                                                'key': f'{hf}.attention.self.key',
-                                                'value': f'{hf}.attention.self.value',
-                                                'out': f'{hf}.attention.output.dense'}, bias=True)
+    r += _attention_rules(
+        f'{ours}/self_attn', {
+            'query': f'{hf}.attention.self.query',
+            'key': f'{hf}.attention.self.key',
+            'value': f'{hf}.attention.self.value',
+            'out': f'{hf}.attention.output.dense'
+        }, bias=True)
     r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.attention.output.LayerNorm')
     r += _dense_rules(f'{ours}/mlp/wi', f'{hf}.intermediate.dense')
     r += _dense_rules(f'{ours}/mlp/wo', f'{hf}.output.dense')
@@ -268,9 +279,11 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
     r += _dense_rules('pooler/dense', f'{p}pooler.dense')
     r += _dense_rules('nsp', 'cls.seq_relationship')
   if 'mlm' in heads:
-    mlm = {'bert': ('cls.predictions.transform.dense', 'cls.predictions.transform.LayerNorm', 'cls.predictions.bias'),
-           'roberta': ('lm_head.dense', 'lm_head.layer_norm', 'lm_head.bias'),
-           'electra': ('generator_predictions.dense', 'generator_predictions.LayerNorm', 'generator_lm_head.bias')}
+    mlm = {
+        'bert': ('cls.predictions.transform.dense', 'cls.predictions.transform.LayerNorm', 'cls.predictions.bias'),
+        'roberta': ('lm_head.dense', 'lm_head.layer_norm', 'lm_head.bias'),
+        'electra': ('generator_predictions.dense', 'generator_predictions.LayerNorm', 'generator_lm_head.bias')
+    }
     dense_, norm_, bias_ = mlm[family]
     r += _dense_rules('mlm/transform', dense_) + _norm_rules('mlm/norm', norm_)
     r.append(Rule('mlm/bias', bias_, _same()))
@@ -282,14 +295,20 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
 
 def _gpt2_rules(cfg, heads, prefix):
   p = prefix
-  r = [Rule('embed/token/embedding', f'{p}wte.weight', _same()),
-       Rule('embed/position/embedding', f'{p}wpe.weight', _same())]
+  r = [
+      Rule('embed/token/embedding', f'{p}wte.weight', _same()),
+      Rule('embed/position/embedding', f'{p}wpe.weight', _same())
+  ]
   for i in range(cfg.num_layers):
     ours, hf = f'transformer/stack/layers_{i}', f'{p}h.{i}'
     r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.ln_1')
     # c_attn is split into virtual q/k/v tensors by _gpt2_split (and fused back on export).
-    r += _attention_rules(f'{ours}/self_attn', {'query': f'{hf}.attn.q', 'key': f'{hf}.attn.k', 'value': f'{hf}.attn.v',
-                                                'out': f'{hf}.attn.c_proj'}, bias=True, conv=True)
+    r += _attention_rules(f'{ours}/self_attn', {
+        'query': f'{hf}.attn.q',
+        'key': f'{hf}.attn.k',
+        'value': f'{hf}.attn.v',
+        'out': f'{hf}.attn.c_proj'
+    }, bias=True, conv=True)
     r += _norm_rules(f'{ours}/mlp_norm', f'{hf}.ln_2')
     r += _dense_rules(f'{ours}/mlp/wi', f'{hf}.mlp.c_fc', layout=_same())
     r += _dense_rules(f'{ours}/mlp/wo', f'{hf}.mlp.c_proj', layout=_same())
@@ -312,13 +331,18 @@ def _t5_rules(cfg, heads):
             + _norm_rules(f'{ours}/mlp_norm', f'{hf}.layer_norm', bias=False))
 
   def att(ours, hf):
-    return _attention_rules(ours, {'query': f'{hf}.q', 'key': f'{hf}.k', 'value': f'{hf}.v', 'out': f'{hf}.o'},
-                            bias=False)
+    return _attention_rules(ours, {
+        'query': f'{hf}.q',
+        'key': f'{hf}.k',
+        'value': f'{hf}.v',
+        'out': f'{hf}.o'
+    }, bias=False)
 
   for side, n in (('encoder', cfg.num_layers), ('decoder', cfg.decoder_layers)):
     base = f'transformer/{side}/stack'
-    r.append(Rule(f'{base}/relative_bias/rel_embedding',
-                  f'{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', _same()))
+    r.append(
+        Rule(f'{base}/relative_bias/rel_embedding',
+             f'{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight', _same()))
     for i in range(n):
       ours, hf = f'{base}/layers_{i}', f'{side}.block.{i}.layer'
       r += att(f'{ours}/self_attn', f'{hf}.0.SelfAttention')
@@ -339,9 +363,13 @@ def _llama_rules(cfg, heads):
   r = [Rule('embed/token/embedding', 'model.embed_tokens.weight', _same())]
   for i in range(cfg.num_layers):
     ours, hf = f'transformer/stack/layers_{i}', f'model.layers.{i}'
-    r += _attention_rules(f'{ours}/self_attn', {'query': f'{hf}.self_attn.q_proj', 'key': f'{hf}.self_attn.k_proj',
-                                                'value': f'{hf}.self_attn.v_proj', 'out': f'{hf}.self_attn.o_proj'},
-                          bias=False)
+    r += _attention_rules(
+        f'{ours}/self_attn', {
+            'query': f'{hf}.self_attn.q_proj',
+            'key': f'{hf}.self_attn.k_proj',
+            'value': f'{hf}.self_attn.v_proj',
+            'out': f'{hf}.self_attn.o_proj'
+        }, bias=False)
     r += _norm_rules(f'{ours}/self_attn_norm', f'{hf}.input_layernorm', bias=False)
     r += _dense_rules(f'{ours}/mlp/wi_0', f'{hf}.mlp.gate_proj', bias=False)
     r += _dense_rules(f'{ours}/mlp/wi_1', f'{hf}.mlp.up_proj', bias=False)
@@ -367,14 +395,37 @@ def rules(family, cfg, heads, prefix='') -> list[Rule]:
 # ---------------------------------------------------------------------------------------- ours -> config.json
 
 _ARCHITECTURES = {
-    'bert': {('mlm', 'nsp'): 'BertForPreTraining', ('mlm',): 'BertForMaskedLM', ('nsp',): 'BertForPreTraining',
-             (): 'BertModel'},
-    'roberta': {('mlm',): 'RobertaForMaskedLM', (): 'RobertaModel'},
-    'electra': {('rtd',): 'ElectraForPreTraining', ('mlm',): 'ElectraForMaskedLM', (): 'ElectraModel'},
-    'gpt2': {('lm',): 'GPT2LMHeadModel', (): 'GPT2Model'},
-    't5': {('lm',): 'T5ForConditionalGeneration', (): 'T5Model'},
-    'llama': {('lm',): 'LlamaForCausalLM', (): 'LlamaModel'},
-    'mistral': {('lm',): 'MistralForCausalLM', (): 'MistralModel'},
+    'bert': {
+        ('mlm', 'nsp'): 'BertForPreTraining',
+        ('mlm',): 'BertForMaskedLM',
+        ('nsp',): 'BertForPreTraining',
+        (): 'BertModel'
+    },
+    'roberta': {
+        ('mlm',): 'RobertaForMaskedLM',
+        (): 'RobertaModel'
+    },
+    'electra': {
+        ('rtd',): 'ElectraForPreTraining',
+        ('mlm',): 'ElectraForMaskedLM',
+        (): 'ElectraModel'
+    },
+    'gpt2': {
+        ('lm',): 'GPT2LMHeadModel',
+        (): 'GPT2Model'
+    },
+    't5': {
+        ('lm',): 'T5ForConditionalGeneration',
+        (): 'T5Model'
+    },
+    'llama': {
+        ('lm',): 'LlamaForCausalLM',
+        (): 'LlamaModel'
+    },
+    'mistral': {
+        ('lm',): 'MistralForCausalLM',
+        (): 'MistralModel'
+    },
 }
 
 

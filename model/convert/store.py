@@ -85,8 +85,12 @@ def save(conv: Converted, out_dir) -> Path:
   flat = {k: np.asarray(v) for k, v in pytree.flatten(jax.tree.map(np.asarray, conv.params)).items()}
   flat.update({f'extras/{k}': np.asarray(v) for k, v in conv.extras.items()})
   save_file(flat, str(out / PARAMS_FILE))
-  meta = {'model_config': conv.cfg.to_dict(), 'heads': list(conv.heads), 'family': conv.family,
-          'hf_config': conv.hf_config}
+  meta = {
+      'model_config': conv.cfg.to_dict(),
+      'heads': list(conv.heads),
+      'family': conv.family,
+      'hf_config': conv.hf_config
+  }
   (out / CONFIG_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
   copy_tokenizer(conv, out)
   return out

@@ -46,8 +46,7 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder):
     return json.loads(self.builder_config.options)
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self,
-                                 features=self._features(self.options),
+    return tfds.core.DatasetInfo(builder=self, features=self._features(self.options),
                                  description=f"lmlab local files: {self.builder_config.description}")
 
   def _split_generators(self, dl_manager):
@@ -150,9 +149,7 @@ class DecodedSource:
   """Random-access view of a TFDS data source: bytes -> str, arrays -> lists, optional renaming of fields
     ({our_key: their_key}); `len()` and `[i]`, which is all grain's MapDataset.source needs."""
 
-  def __init__(self,
-               source,
-               field_map: Mapping[str, str] | None = None,
+  def __init__(self, source, field_map: Mapping[str, str] | None = None,
                transform: Callable[[dict], dict] | None = None):
     self.source = source
     self.field_map = dict(field_map or {})
@@ -215,8 +212,7 @@ def build(kind: str, *, name: str, data_dir: str | os.PathLike, splits: Splits,
   # Label sets come from the first split (normally train) so that every split shares one id mapping.
   first_files = list(file_splits[0][1])
   if kind == "classification" and options.get("label_names") is None:
-    options["label_names"] = readers.infer_labels(first_files,
-                                                  label_column=options.get("label_column", "label"),
+    options["label_names"] = readers.infer_labels(first_files, label_column=options.get("label_column", "label"),
                                                   on_error=options.get("on_error", "raise"))
   if kind == "tagging" and options.get("tag_names") is None:
     tag_kw = {k: options[k] for k in ("token_column", "tag_column", "num_columns", "on_error") if k in options}
@@ -229,9 +225,7 @@ def build(kind: str, *, name: str, data_dir: str | os.PathLike, splits: Splits,
       options[key] = list(options[key])
 
   fingerprint = _fingerprint(kind, file_splits, options)
-  config = LocalFilesConfig(name=name,
-                            splits=file_splits,
-                            options=json.dumps(options, sort_keys=True),
+  config = LocalFilesConfig(name=name, splits=file_splits, options=json.dumps(options, sort_keys=True),
                             description=f"{kind} {fingerprint}")
   builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   stamp = Path(builder.data_dir) / _FINGERPRINT_FILE
@@ -254,18 +248,11 @@ def open_built(path: str | os.PathLike, *, split: str) -> DecodedSource:
   return DecodedSource(tfds.builder_from_directory(os.fspath(path)).as_data_source(split=split))
 
 
-def catalog_source(name: str,
-                   *,
-                   split: str,
-                   data_dir: str | os.PathLike | None = None,
-                   field_map: Mapping[str, str] | None = None,
-                   download: bool = True) -> DecodedSource:
+def catalog_source(name: str, *, split: str, data_dir: str | os.PathLike | None = None,
+                   field_map: Mapping[str, str] | None = None, download: bool = True) -> DecodedSource:
   """Any TFDS catalog dataset (e.g. "glue/sst2") in ArrayRecord form, its fields renamed onto our record keys:
     `field_map={"text_a": "sentence", "label": "label"}` ("a/b" reaches into nested features). Needs the network the
     first time (ArrayRecord is prepared locally, since GCS copies are TFRecord)."""
-  src = tfds.data_source(name,
-                         split=split,
-                         data_dir=None if data_dir is None else os.fspath(data_dir),
-                         download=download,
-                         builder_kwargs={"file_format": "array_record"})
+  src = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
+                         download=download, builder_kwargs={"file_format": "array_record"})
   return DecodedSource(src, field_map=field_map)

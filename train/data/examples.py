@@ -37,16 +37,9 @@ class Specials:
 
   @classmethod
   def from_tokenizer(cls, tok: Tokenizer) -> "Specials":
-    return cls(vocab_size=tok.vocab_size,
-               pad=tok.pad_id if tok.pad_id is not None else 0,
-               cls=tok.cls_id,
-               sep=tok.sep_id,
-               mask=tok.mask_id,
-               eos=tok.eos_id,
-               bos=tok.bos_id,
-               special_ids=tok.special_ids,
-               sentinel_ids=np.array(tok.sentinel_ids, np.int32),
-               word_start=tok.word_start_table())
+    return cls(vocab_size=tok.vocab_size, pad=tok.pad_id if tok.pad_id is not None else 0, cls=tok.cls_id,
+               sep=tok.sep_id, mask=tok.mask_id, eos=tok.eos_id, bos=tok.bos_id, special_ids=tok.special_ids,
+               sentinel_ids=np.array(tok.sentinel_ids, np.int32), word_start=tok.word_start_table())
 
   @property
   def normal_ids(self) -> np.ndarray:
@@ -75,14 +68,8 @@ def _pad(x: Sequence[int] | np.ndarray, length: int, value: int = 0, dtype=np.in
 
 
 # ---- MLM -------------------------------------------------------------------------------------------------------------
-def mask_tokens(tokens: np.ndarray,
-                *,
-                rng: np.random.Generator,
-                specials: Specials,
-                max_predictions: int,
-                mask_rate: float = 0.15,
-                whole_word: bool = False,
-                valid: np.ndarray | None = None,
+def mask_tokens(tokens: np.ndarray, *, rng: np.random.Generator, specials: Specials, max_predictions: int,
+                mask_rate: float = 0.15, whole_word: bool = False, valid: np.ndarray | None = None,
                 random_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """BERT masking of tokens [T]: round(mask_rate * #candidates) positions (capped at max_predictions) among
     non-special (and `valid`) tokens; of those 80% -> [MASK], 10% -> a random non-special id, 10% unchanged.
@@ -128,10 +115,7 @@ def mask_tokens(tokens: np.ndarray,
 
 
 # ---- T5 span corruption ----------------------------------------------------------------------------------------------
-def random_spans_noise_mask(length: int,
-                            *,
-                            rng: np.random.Generator,
-                            noise_density: float = 0.15,
+def random_spans_noise_mask(length: int, *, rng: np.random.Generator, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> np.ndarray:
   """bool [length]: T5's random_spans_noise_mask. round(length * noise_density) noise tokens in
     round(num_noise / mean_noise_span_length) spans; span lengths are random segmentations; never starts with noise."""
@@ -164,28 +148,19 @@ def _spans_to_sentinels(tokens: np.ndarray, noise_mask: np.ndarray, sentinel_ids
   return out[~(noise_mask & prev)]
 
 
-def span_corruption(tokens: np.ndarray,
-                    *,
-                    rng: np.random.Generator,
-                    sentinel_ids: np.ndarray,
-                    eos_id: int,
-                    noise_density: float = 0.15,
-                    mean_noise_span_length: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+def span_corruption(tokens: np.ndarray, *, rng: np.random.Generator, sentinel_ids: np.ndarray, eos_id: int,
+                    noise_density: float = 0.15, mean_noise_span_length: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
   """tokens [L] -> (inputs, targets), each ending in EOS: noise spans become sentinels in inputs; targets list
     each sentinel followed by the span it replaced (T5 span corruption)."""
   tokens = np.asarray(tokens, np.int32)
-  mask = random_spans_noise_mask(len(tokens),
-                                 rng=rng,
-                                 noise_density=noise_density,
+  mask = random_spans_noise_mask(len(tokens), rng=rng, noise_density=noise_density,
                                  mean_noise_span_length=mean_noise_span_length)
   inputs = _spans_to_sentinels(tokens, mask, sentinel_ids)
   targets = _spans_to_sentinels(tokens, ~mask, sentinel_ids)
   return np.append(inputs, eos_id).astype(np.int32), np.append(targets, eos_id).astype(np.int32)
 
 
-def span_corruption_lengths(inputs_length: int,
-                            *,
-                            noise_density: float = 0.15,
+def span_corruption_lengths(inputs_length: int, *, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> tuple[int, int]:
   """(raw tokens per example, targets length) such that corrupted inputs (+EOS) fit inputs_length exactly
     (T5's random_spans_helper)."""
@@ -304,14 +279,8 @@ class MaskedLM:
   """BERT/RoBERTa MLM (and ELECTRA generator input) from windows: [CLS] window [SEP], documents packed with
     segment ids, masked with `mask_tokens`. source = range(num_windows); transform(i, rng)."""
 
-  def __init__(self,
-               stream: TokenStream,
-               specials: Specials,
-               *,
-               seq_len: int,
-               max_predictions: int | None = None,
-               mask_rate: float = 0.15,
-               whole_word: bool = False):
+  def __init__(self, stream: TokenStream, specials: Specials, *, seq_len: int, max_predictions: int | None = None,
+               mask_rate: float = 0.15, whole_word: bool = False):
     if specials.cls is None or specials.sep is None:
       raise ValueError("masked LM windows need cls and sep tokens")
     self.stream, self.specials, self.seq_len = stream, specials, seq_len
@@ -325,15 +294,9 @@ class MaskedLM:
     sp = self.specials
     tokens = np.concatenate([[sp.cls], toks, [sp.sep]]).astype(np.int32)
     segment_ids = np.concatenate([seg[:1], seg, seg[-1:]]).astype(np.int32)
-    out = mask_tokens(tokens,
-                      rng=rng,
-                      specials=sp,
-                      max_predictions=self.max_predictions,
-                      mask_rate=self.mask_rate,
-                      whole_word=self.whole_word,
-                      random_ids=self._random_ids)
-    out.update(segment_ids=segment_ids,
-               positions=segment_positions(segment_ids),
+    out = mask_tokens(tokens, rng=rng, specials=sp, max_predictions=self.max_predictions, mask_rate=self.mask_rate,
+                      whole_word=self.whole_word, random_ids=self._random_ids)
+    out.update(segment_ids=segment_ids, positions=segment_positions(segment_ids),
                token_type_ids=np.zeros(self.seq_len, np.int32))
     return out
 
@@ -342,19 +305,12 @@ class SpanCorruption:
   """T5 span corruption from windows of the raw length that corrupts to exactly `inputs_length` (EOS included).
     Like T5, documents are concatenated (EOS between them) and the whole row is one segment."""
 
-  def __init__(self,
-               stream: TokenStream,
-               specials: Specials,
-               *,
-               inputs_length: int,
-               targets_length: int | None = None,
-               noise_density: float = 0.15,
-               mean_noise_span_length: float = 3.0):
+  def __init__(self, stream: TokenStream, specials: Specials, *, inputs_length: int, targets_length: int | None = None,
+               noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
     if specials.eos is None or not len(specials.sentinel_ids):
       raise ValueError("span corruption needs a tokenizer with EOS and sentinel tokens (kind 'unigram')")
     self.stream, self.specials = stream, specials
-    self.raw_length, needed = span_corruption_lengths(inputs_length,
-                                                      noise_density=noise_density,
+    self.raw_length, needed = span_corruption_lengths(inputs_length, noise_density=noise_density,
                                                       mean_noise_span_length=mean_noise_span_length)
     self.inputs_length, self.targets_length = inputs_length, targets_length or needed
     self.noise_density, self.mean_noise_span_length = noise_density, mean_noise_span_length
@@ -363,16 +319,10 @@ class SpanCorruption:
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     toks, _ = self.stream.window(int(index), self.raw_length)
     sp = self.specials
-    inputs, targets = span_corruption(toks,
-                                      rng=rng,
-                                      sentinel_ids=sp.sentinel_ids,
-                                      eos_id=sp.eos,
+    inputs, targets = span_corruption(toks, rng=rng, sentinel_ids=sp.sentinel_ids, eos_id=sp.eos,
                                       noise_density=self.noise_density,
                                       mean_noise_span_length=self.mean_noise_span_length)
-    return encoder_decoder_arrays(inputs,
-                                  targets,
-                                  inputs_length=self.inputs_length,
-                                  targets_length=self.targets_length,
+    return encoder_decoder_arrays(inputs, targets, inputs_length=self.inputs_length, targets_length=self.targets_length,
                                   pad_id=sp.pad)
 
 
@@ -402,14 +352,8 @@ class NextSentence:
     With probability 1/2 segment B is the text right after A (nsp_label 0), else it is taken from a passage of a
     different document (nsp_label 1). [CLS] A [SEP] B [SEP], token_type_ids 0 for A, 1 for B, then masked."""
 
-  def __init__(self,
-               records: Sequence[Mapping[str, Any]],
-               tokenizer: Tokenizer,
-               *,
-               seq_len: int,
-               max_predictions: int | None = None,
-               mask_rate: float = 0.15,
-               whole_word: bool = False):
+  def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, seq_len: int,
+               max_predictions: int | None = None, mask_rate: float = 0.15, whole_word: bool = False):
     tokenizer.require("cls", "sep", "mask")
     self.specials = Specials.from_tokenizer(tokenizer)
     self.seq_len = seq_len
@@ -459,26 +403,15 @@ class NextSentence:
     tokens = np.concatenate([[sp.cls], a, [sp.sep], b, [sp.sep]]).astype(np.int32)
     n = len(tokens)
     tt = np.concatenate([np.zeros(len(a) + 2, np.int32), np.ones(len(b) + 1, np.int32)])
-    out = mask_tokens(_pad(tokens, self.seq_len, sp.pad),
-                      rng=rng,
-                      specials=sp,
-                      max_predictions=self.max_predictions,
-                      mask_rate=self.mask_rate,
-                      whole_word=self.whole_word,
-                      random_ids=self._random_ids)
+    out = mask_tokens(_pad(tokens, self.seq_len, sp.pad), rng=rng, specials=sp, max_predictions=self.max_predictions,
+                      mask_rate=self.mask_rate, whole_word=self.whole_word, random_ids=self._random_ids)
     seg = (np.arange(self.seq_len) < n).astype(np.int32)
-    out.update(segment_ids=seg,
-               positions=segment_positions(seg),
-               token_type_ids=_pad(tt, self.seq_len),
+    out.update(segment_ids=seg, positions=segment_positions(seg), token_type_ids=_pad(tt, self.seq_len),
                nsp_labels=np.int32(is_random))
     return out
 
 
-def _truncate_pair(a: np.ndarray,
-                   b: np.ndarray,
-                   budget: int,
-                   rng: np.random.Generator | None = None,
-                   *,
+def _truncate_pair(a: np.ndarray, b: np.ndarray, budget: int, rng: np.random.Generator | None = None, *,
                    keep_join: bool = False):
   """BERT's truncate_seq_pair in closed form: tokens come off the longer side until both fit (the shorter side is
     kept whole when it fits in half the budget); with an rng each dropped token is from the front or back at random.
@@ -723,8 +656,5 @@ class Seq2Seq:
   def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
     src = self.tok.encode(record["source"])[:self.inputs_length - 1] + [self.eos]
     tgt = self.tok.encode(record["target"])[:self.targets_length - 1] + [self.eos]
-    return encoder_decoder_arrays(np.array(src),
-                                  np.array(tgt),
-                                  inputs_length=self.inputs_length,
-                                  targets_length=self.targets_length,
-                                  pad_id=self.pad)
+    return encoder_decoder_arrays(np.array(src), np.array(tgt), inputs_length=self.inputs_length,
+                                  targets_length=self.targets_length, pad_id=self.pad)

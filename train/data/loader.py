@@ -27,17 +27,9 @@ class Loader:
     forever. State: `get_state()` -> {"seed", "step"}; `set_state(state)` resumes at that step in O(1).
     prefetch > 0 computes that many batches ahead on a thread pool (order and contents unchanged)."""
 
-  def __init__(self,
-               source: Sequence[Any],
-               transform: Transform,
-               *,
-               batch_size: int,
-               seed: int = 0,
-               shuffle: bool = True,
-               num_epochs: int | None = None,
-               process_index: int | None = None,
-               process_count: int | None = None,
-               prefetch: int = 0):
+  def __init__(self, source: Sequence[Any], transform: Transform, *, batch_size: int, seed: int = 0,
+               shuffle: bool = True, num_epochs: int | None = None, process_index: int | None = None,
+               process_count: int | None = None, prefetch: int = 0):
     if process_index is None or process_count is None:
       import jax  # only here: tests and tools can use the loader without touching jax
       process_index = jax.process_index() if process_index is None else process_index
@@ -118,7 +110,6 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, A
     {key: Sharding}. The global batch is the hosts' local batches concatenated in process order."""
   import jax
   return {
-      k:
-          jax.make_array_from_process_local_data(sharding[k] if isinstance(sharding, Mapping) else sharding,
-                                                 np.asarray(v)) for k, v in local_batch.items()
+      k: jax.make_array_from_process_local_data(sharding[k] if isinstance(sharding, Mapping) else sharding,
+                                                np.asarray(v)) for k, v in local_batch.items()
   }

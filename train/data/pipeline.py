@@ -26,7 +26,7 @@ class PretrainingData:
   tokenizer: toks.Tokenizer
   train: Loader
   eval: Optional[Loader]
-  kind: str                    # the record whose example builder made the batches: 'mlm' | 'nsp' | 'clm' | ...
+  kind: str  # the record whose example builder made the batches: 'mlm' | 'nsp' | 'clm' | ...
   tokens_per_example: int
 
 
@@ -74,14 +74,20 @@ def _records(data, workdir: str) -> dict[str, Any]:
     records = built['corpus']  # not 'all': TFDS reserves that split name
     n_eval = max(1, int(len(records) * data.eval_fraction)) if data.eval_fraction > 0 else 0
     # The last passages are held out: whole documents mostly, and stable when the file grows at the end.
-    return {'train': _Slice(records, 0, len(records) - n_eval),
-            'validation': _Slice(records, len(records) - n_eval, len(records))}
+    return {
+        'train': _Slice(records, 0,
+                        len(records) - n_eval),
+        'validation': _Slice(records,
+                             len(records) - n_eval, len(records))
+    }
   from train.data import builders
   field_map = dict(data.tfds_field_map) if data.tfds_field_map else {'text': 'text'}
-  return {'train': builders.catalog_source(data.tfds_name, split=data.tfds_train_split, data_dir=data.tfds_data_dir,
-                                           field_map=field_map),
-          'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split,
-                                                data_dir=data.tfds_data_dir, field_map=field_map)}
+  return {
+      'train': builders.catalog_source(data.tfds_name, split=data.tfds_train_split, data_dir=data.tfds_data_dir,
+                                       field_map=field_map),
+      'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split, data_dir=data.tfds_data_dir,
+                                            field_map=field_map)
+  }
 
 
 class _Slice:

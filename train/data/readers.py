@@ -149,13 +149,8 @@ def passages(paragraphs: Sequence[str], *, max_chars: int) -> Iterator[list[str]
   return pack_pieces((sent for para in paragraphs for sent in split_sentences(para)), max_chars=max_chars)
 
 
-def text_records(paths: PathLike | Sequence[PathLike],
-                 *,
-                 document_split: str = "file",
-                 max_chars: int = 4000,
-                 pattern: str = "*.txt",
-                 on_error: str = "raise",
-                 quiet: bool = False) -> Iterator[dict]:
+def text_records(paths: PathLike | Sequence[PathLike], *, document_split: str = "file", max_chars: int = 4000,
+                 pattern: str = "*.txt", on_error: str = "raise", quiet: bool = False) -> Iterator[dict]:
   """Text files -> passage records {"text", "sentences", "document_id", "passage_index"}.
 
     document_split: "file" (each file is a document: books), "blank_line" (each blank-line separated block),
@@ -236,12 +231,8 @@ def infer_labels(paths: PathLike | Sequence[PathLike], *, label_column: str, on_
   return sorted(labels)
 
 
-def classification_records(paths: PathLike | Sequence[PathLike],
-                           *,
-                           text_columns: Sequence[str] = ("sentence",),
-                           label_column: str = "label",
-                           label_names: Sequence[str],
-                           on_error: str = "raise",
+def classification_records(paths: PathLike | Sequence[PathLike], *, text_columns: Sequence[str] = ("sentence",),
+                           label_column: str = "label", label_names: Sequence[str], on_error: str = "raise",
                            quiet: bool = False) -> Iterator[dict]:
   """Rows -> {"text_a", "text_b" ("" for single sentences), "label" (a string in label_names), "idx"}."""
   if not 1 <= len(text_columns) <= 2:
@@ -261,12 +252,8 @@ def classification_records(paths: PathLike | Sequence[PathLike],
   problems.report()
 
 
-def seq2seq_records(paths: PathLike | Sequence[PathLike],
-                    *,
-                    source_column: str = "source",
-                    target_column: str = "target",
-                    on_error: str = "raise",
-                    quiet: bool = False) -> Iterator[dict]:
+def seq2seq_records(paths: PathLike | Sequence[PathLike], *, source_column: str = "source",
+                    target_column: str = "target", on_error: str = "raise", quiet: bool = False) -> Iterator[dict]:
   """Rows -> {"source", "target", "idx"}; an empty source or target is a bad record."""
   problems = Problems(on_error, "seq2seq data", quiet=quiet)
   idx = 0
@@ -282,13 +269,8 @@ def seq2seq_records(paths: PathLike | Sequence[PathLike],
 
 
 # ---- CoNLL -----------------------------------------------------------------------------------------------------------
-def conll_records(paths: PathLike | Sequence[PathLike],
-                  *,
-                  token_column: int = 0,
-                  tag_column: int = -1,
-                  num_columns: int | None = 2,
-                  tag_names: Sequence[str] | None = None,
-                  on_error: str = "raise",
+def conll_records(paths: PathLike | Sequence[PathLike], *, token_column: int = 0, tag_column: int = -1,
+                  num_columns: int | None = 2, tag_names: Sequence[str] | None = None, on_error: str = "raise",
                   quiet: bool = False) -> Iterator[dict]:
   """CoNLL files (one token per line, whitespace- or tab-separated columns, blank line between sentences,
     -DOCSTART- lines ignored) -> {"tokens", "tags", "idx"}. num_columns=None takes the first line's count."""
@@ -332,9 +314,7 @@ def infer_tags(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise",
 
 
 # ---- SQuAD -----------------------------------------------------------------------------------------------------------
-def squad_records(paths: PathLike | Sequence[PathLike],
-                  *,
-                  on_error: str = "raise",
+def squad_records(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise",
                   quiet: bool = False) -> Iterator[dict]:
   """SQuAD v1.1/v2 JSON -> one record per question: {"id", "title", "context", "question", "answer_text",
     "answer_start" (-1 when unanswerable), "answers_text", "answers_start"}. Each answer must occur in its context at

@@ -171,9 +171,7 @@ class Tokenizer:
     if p.is_dir():
       if (p / _META_FILE).exists() and (p / _HF_FILE).exists():
         meta = json.loads((p / _META_FILE).read_text())
-        return cls(hf.Tokenizer.from_file(str(p / _HF_FILE)),
-                   kind=meta["kind"],
-                   special_tokens=meta["special_tokens"],
+        return cls(hf.Tokenizer.from_file(str(p / _HF_FILE)), kind=meta["kind"], special_tokens=meta["special_tokens"],
                    sentinels=meta.get("sentinels", ()))
       for name in (_HF_FILE, "vocab.txt"):
         if (p / name).exists():
@@ -207,10 +205,7 @@ def _specials_in_order(kind: str, num_sentinels: int) -> tuple[list[str], list[s
   return [pad] + seen, sentinels
 
 
-def train_wordpiece(texts: Iterable[str],
-                    *,
-                    vocab_size: int = 8000,
-                    lowercase: bool = True,
+def train_wordpiece(texts: Iterable[str], *, vocab_size: int = 8000, lowercase: bool = True,
                     min_frequency: int = 2) -> Tokenizer:
   """A BERT WordPiece tokenizer ([PAD]=0, [UNK], [CLS], [SEP], [MASK]) trained on `texts`."""
   specials, _ = _specials_in_order("wordpiece", 0)
@@ -218,18 +213,16 @@ def train_wordpiece(texts: Iterable[str],
   tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=None, clean_text=True)
   tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   tok.decoder = decoders.WordPiece(prefix="##")
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size,
-                                      min_frequency=min_frequency,
-                                      special_tokens=specials,
-                                      continuing_subword_prefix="##",
-                                      show_progress=False)
+  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      continuing_subword_prefix="##", show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
   # The trainer numbers its initial alphabet in hash-map order, which changes from process to process; renumber
   # (specials first, then by string) so the same text always gives the same ids.
   vocab = tok.get_vocab()
   ordered = specials + sorted(t for t in vocab if t not in set(specials))
-  tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token="[UNK]",
-                               max_input_chars_per_word=100)
+  tok.model = models.WordPiece(vocab={
+      t: i for i, t in enumerate(ordered)
+  }, unk_token="[UNK]", max_input_chars_per_word=100)
   _bert_post_processor(tok, "[CLS]", "[SEP]")
   return Tokenizer(tok, kind="wordpiece", special_tokens=_SPECIALS["wordpiece"])
 
@@ -240,21 +233,15 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int = 8000, min_frequency: in
   tok = hf.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size,
-                                min_frequency=min_frequency,
-                                special_tokens=specials,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
   tok.train_from_iterator(texts, trainer=trainer)
   # Offsets in raw-text characters (not counting the Ġ marker) so QA spans map back onto the context.
   tok.post_processor = processors.ByteLevel(trim_offsets=True)
   return Tokenizer(tok, kind="bpe", special_tokens=_SPECIALS["bpe"])
 
 
-def train_unigram(texts: Iterable[str],
-                  *,
-                  vocab_size: int = 8000,
-                  num_sentinels: int = 100,
+def train_unigram(texts: Iterable[str], *, vocab_size: int = 8000, num_sentinels: int = 100,
                   byte_fallback: bool = True) -> Tokenizer:
   """A T5-style SentencePiece Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, <extra_id_0..n-1>) trained on `texts`
     by the `sentencepiece` trainer (C++, seconds on a few MB; the Rust Unigram trainer is ~5x slower here), then
@@ -264,21 +251,11 @@ def train_unigram(texts: Iterable[str],
   import sentencepiece as spm
   sentinels = [_SENTINEL.format(i) for i in range(num_sentinels)]
   proto = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts),
-                                 model_writer=proto,
-                                 vocab_size=vocab_size,
-                                 model_type="unigram",
-                                 pad_id=0,
-                                 eos_id=1,
-                                 unk_id=2,
-                                 bos_id=-1,
-                                 user_defined_symbols=sentinels,
-                                 byte_fallback=byte_fallback,
-                                 num_threads=os.cpu_count() or 1,
-                                 minloglevel=2,
-                                 max_sentence_length=1 << 20,
-                                 hard_vocab_limit=False,
-                                 train_extremely_large_corpus=False)
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size,
+                                 model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                 user_defined_symbols=sentinels, byte_fallback=byte_fallback,
+                                 num_threads=os.cpu_count() or 1, minloglevel=2, max_sentence_length=1 << 20,
+                                 hard_vocab_limit=False, train_extremely_large_corpus=False)
   return _from_spm_proto(proto.getvalue(), special_tokens=_SPECIALS["unigram"])
 
 
@@ -301,8 +278,7 @@ def _from_spm_proto(data: bytes, *, special_tokens: dict[str, str] | None) -> To
   wrapped = _wrap_foreign(tok, special_tokens)
   if wrapped.eos_id is not None:
     eos = wrapped.special_tokens["eos"]
-    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}",
-                                                       pair=f"$A {eos} $B:1 {eos}:1",
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",
                                                        special_tokens=[(eos, wrapped.eos_id)])
   return wrapped
 
@@ -316,10 +292,9 @@ def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 8000, 
 
 
 def _bert_post_processor(tok: hf.Tokenizer, cls: str, sep: str) -> None:
-  tok.post_processor = processors.TemplateProcessing(single=f"{cls} $A {sep}",
-                                                     pair=f"{cls} $A {sep} $B:1 {sep}:1",
-                                                     special_tokens=[(cls, tok.token_to_id(cls)),
-                                                                     (sep, tok.token_to_id(sep))])
+  tok.post_processor = processors.TemplateProcessing(
+      single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1", special_tokens=[(cls, tok.token_to_id(cls)),
+                                                                                     (sep, tok.token_to_id(sep))])
 
 
 # ---- loading other formats -----------------------------------------------------------------------------------------
