@@ -8,6 +8,7 @@ import pytest
 
 from model.attention import segment_mask
 from train.data import examples as E
+from train.data import task_examples as TE
 from train.data import tokenizers as T
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -219,7 +220,7 @@ def test_pack_sequences_keeps_each_sequence_whole_and_separate():
 def test_tagging_labels_the_first_subword_of_each_word(tok):
   words = ["w1", "w2abc", "w3", "w4ab"]  # w2abc -> w2 ##a ##b ##c
   record = {"tokens": words, "tags": [3, 1, 0, 2]}
-  ex = E.Tagging(tok, seq_len=16)(record)
+  ex = TE.Tagging(tok, seq_len=16)(record)
   weighted = np.flatnonzero(ex["tag_weights"])
   assert len(weighted) == len(words)
   np.testing.assert_array_equal(ex["tag_labels"][weighted], record["tags"])
@@ -231,7 +232,7 @@ def test_tagging_labels_the_first_subword_of_each_word(tok):
 
 def test_qa_maps_the_answer_span_to_tokens(tok):
   context = "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10"
-  qa = E.QuestionAnswering(tok, seq_len=32)
+  qa = TE.QuestionAnswering(tok, seq_len=32)
   for answer in ["w4 w5", "w9", "w1 w2 w3"]:
     start = context.index(answer)
     ex = qa({"question": "w20 w21", "context": context, "answer_text": answer, "answer_start": start})
@@ -239,7 +240,7 @@ def test_qa_maps_the_answer_span_to_tokens(tok):
     assert tok.decode(ex["tokens"][s:e + 1]) == answer
     assert context[ex["offsets"][s, 0]:ex["offsets"][e, 1]] == answer
   # Cut off by truncation: points at [CLS].
-  ex = E.QuestionAnswering(tok, seq_len=10)({
+  ex = TE.QuestionAnswering(tok, seq_len=10)({
       "question": "w20",
       "context": context,
       "answer_text": "w9",
@@ -249,7 +250,11 @@ def test_qa_maps_the_answer_span_to_tokens(tok):
 
 
 def test_classification_pairs_have_token_types(tok):
-  ex = E.Classification(tok, seq_len=16, label_names=["no", "yes"])({"text_a": "w1 w2", "text_b": "w3", "label": "yes"})
+  ex = TE.Classification(tok, seq_len=16, label_names=["no", "yes"])({
+      "text_a": "w1 w2",
+      "text_b": "w3",
+      "label": "yes"
+  })
   assert ex["label"] == 1
   assert [tok.id_to_token(t) for t in ex["tokens"][:6]] == ["[CLS]", "w1", "w2", "[SEP]", "w3", "[SEP]"]
   np.testing.assert_array_equal(ex["token_type_ids"][:7], [0, 0, 0, 0, 1, 1, 0])
@@ -262,7 +267,7 @@ CONTEXT = " ".join(WORDS) + " ."  # 41 tokens, one per word: token j of the cont
 
 def _strided(tok, **kw):
   # room = 16 - 2 (question) - 3 = 11 context tokens a window; doc_stride 4 -> windows start every 7 tokens.
-  return E.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=4, **kw)
+  return TE.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=4, **kw)
 
 
 def _window_tokens(ex):
@@ -291,8 +296,11 @@ def test_qa_windows_cover_the_context_with_the_stride_overlap(tok):
     assert ex["offsets"].shape == (16, 2)
     np.testing.assert_array_equal(ex["offsets"][:4], -1)  # [CLS] question [SEP] are not context
   # Without doc_stride: the one truncated window of a plain call.
-  single = E.QuestionAnswering(tok, seq_len=16, max_query_length=4).windows({"question": "w20 w21", "context": CONTEXT})
-  plain = E.QuestionAnswering(tok, seq_len=16, max_query_length=4)({"question": "w20 w21", "context": CONTEXT})
+  single = TE.QuestionAnswering(tok, seq_len=16, max_query_length=4).windows({
+      "question": "w20 w21",
+      "context": CONTEXT
+  })
+  plain = TE.QuestionAnswering(tok, seq_len=16, max_query_length=4)({"question": "w20 w21", "context": CONTEXT})
   assert len(single) == 1 and all(np.array_equal(single[0][k], plain[k]) for k in plain)
   assert all(np.array_equal(wins[0][k], plain[k]) for k in plain)
 
@@ -320,7 +328,7 @@ def test_qa_postprocess_recovers_the_answer_text_from_peaked_logits(tok):
   qa = _strided(tok)
   answer = "w30 w31"
   record = {"question": "w20 w21", "context": CONTEXT, "answer_text": answer, "answer_start": CONTEXT.index(answer)}
-  feats = E.qa_windows(qa, [record])
+  feats = TE.qa_windows(qa, [record])
   w = int(np.flatnonzero(feats["start_positions"] > 0)[0])
   s, e = int(feats["start_positions"][w]), int(feats["end_positions"][w])
   rng = np.random.default_rng(0)
@@ -335,10 +343,10 @@ def test_qa_postprocess_recovers_the_answer_text_from_peaked_logits(tok):
   start[w, 4:s] -= 100.0
   start[0, 4] += 8.0
   end[0, 4 + 5] += 8.0  # a 6-token span, longer than max_answer_length=5
-  got = E.postprocess_qa(start_logits=start, end_logits=end, offsets=feats["offsets"],
-                         example_index=feats["example_index"], contexts=[CONTEXT], max_answer_length=5)
+  got = TE.postprocess_qa(start_logits=start, end_logits=end, offsets=feats["offsets"],
+                          example_index=feats["example_index"], contexts=[CONTEXT], max_answer_length=5)
   assert got == [answer]
-  span = E.best_answer_span(start_logits=start[w], end_logits=end[w], offsets=feats["offsets"][w], max_answer_length=5)
+  span = TE.best_answer_span(start_logits=start[w], end_logits=end[w], offsets=feats["offsets"][w], max_answer_length=5)
   assert CONTEXT[span[0]:span[1]] == answer
 
 
@@ -358,15 +366,15 @@ def test_qa_postprocess_of_oracle_logits_gives_every_gold_answer(tok):
         "answer_text": "  ".join(words[a:b]),
         "answer_start": start
     })
-  feats = E.qa_windows(qa, records)
+  feats = TE.qa_windows(qa, records)
   assert len(feats["tokens"]) > len(records)
   onehot = lambda pos: 10.0 * (np.arange(16)[None] == pos[:, None])
-  got = E.postprocess_qa(start_logits=onehot(feats["start_positions"]), end_logits=onehot(feats["end_positions"]),
-                         offsets=feats["offsets"], example_index=feats["example_index"],
-                         contexts=[r["context"] for r in records])
+  got = TE.postprocess_qa(start_logits=onehot(feats["start_positions"]), end_logits=onehot(feats["end_positions"]),
+                          offsets=feats["offsets"], example_index=feats["example_index"],
+                          contexts=[r["context"] for r in records])
   assert got == [r["answer_text"] for r in records]
 
 
 def test_qa_doc_stride_must_leave_a_window_room_to_advance(tok):
   with pytest.raises(ValueError, match="doc_stride=9 must be in"):
-    E.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=9)
+    TE.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=9)

@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from model.heads import HEADS, Electra, LanguageModel
 from train import objectives as losses
 from train.data import examples as ex
+from train.data import task_examples as tex
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
@@ -122,19 +123,19 @@ def _names(data, field):
 
 
 def _classification_examples(records, tokenizer, data):
-  return ex.Classification(tokenizer, seq_len=data.seq_len, label_names=_names(data, 'label_names')), records
+  return tex.Classification(tokenizer, seq_len=data.seq_len, label_names=_names(data, 'label_names')), records
 
 
 def _tagging_examples(records, tokenizer, data):
-  return ex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
+  return tex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
 
 
 def _qa_examples(records, tokenizer, data):
-  return ex.QuestionAnswering(tokenizer, seq_len=data.seq_len), records
+  return tex.QuestionAnswering(tokenizer, seq_len=data.seq_len), records
 
 
 def _seq2seq_examples(records, tokenizer, data):
-  return ex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
+  return tex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
 
 
 # --------------------------------------------------------------------------------------------------- losses
