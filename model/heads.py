@@ -244,15 +244,17 @@ def init_params(module: nn.Module, rng, batch, **kwargs):
   return nn.meta.unbox(module.init({'params': rng, 'dropout': rng}, batch, **kwargs)['params'])
 
 
-def abstract_params(cfg, heads: Sequence[str]):
-  """Shapes and dtypes of LanguageModel(cfg, heads)'s params (jax.ShapeDtypeStruct leaves), allocating nothing."""
+def abstract_params(cfg, heads: Sequence[str], **module_kw):
+  """Shapes and dtypes of LanguageModel(cfg, heads, **module_kw)'s params (ShapeDtypeStruct leaves), allocating
+  nothing; module_kw: num_labels, num_tags, classifier_pooling."""
   rows = {
       'encoder_tokens': jnp.zeros((1, 2), jnp.int32),
       'decoder_tokens': jnp.zeros((1, 2), jnp.int32)
   } if (cfg.arch == 'encoder_decoder') else {
       'tokens': jnp.zeros((1, 2), jnp.int32)
   }
-  return jax.eval_shape(lambda: init_params(LanguageModel(cfg, heads=tuple(heads)), jax.random.key(0), rows))
+  module = LanguageModel(cfg, heads=tuple(heads), **module_kw)
+  return jax.eval_shape(lambda: init_params(module, jax.random.key(0), rows))
 
 
 def logical_axes(module: nn.Module, batch, **kwargs):

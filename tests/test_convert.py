@@ -1,8 +1,8 @@
 """model/convert/ against transformers: random-init HF models of every family, built offline from small configs and
-saved with save_pretrained, are imported and must give the same logits (and MLM / NSP / RTD outputs) on padded inputs to
-<= 1e-4 in float32; exported back, transformers loads them with no missing or unexpected tensors and the same logits.
-Bad files (truncated safetensors, an unsupported model_type, a shape mismatch) raise one ConversionError naming the
-file, field or tensor."""
+saved with save_pretrained, are imported and must give the same logits (and MLM / NSP / RTD / pooler outputs) on padded
+inputs to <= 1e-4 in float32; exported back, transformers loads them with no missing or unexpected tensors and the same
+logits. Bad files (truncated safetensors, an unsupported model_type, a shape mismatch) raise one ConversionError
+naming the file, field or tensor."""
 import json
 import os
 import subprocess
@@ -121,17 +121,56 @@ def test_bert_pretraining(tmp_path, scan):
                  'prediction_logits', REAL))
 
 
-def test_bert_base_model_hidden_states(tmp_path):
+def _pooled(conv, hidden):
+  from model.heads import Pooler
+  return Pooler(conv.cfg).apply({'params': conv.params['pooler']}, hidden)
+
+
+def test_bert_base_model_hidden_states_and_pooler(tmp_path):
+  """BertModel's pooler is imported (params['pooler'], with no head that builds it) and exported back: transformers'
+  pooler_output is the same before and after, not a fresh random pooler."""
   torch.manual_seed(1)
   hf = _save(transformers.BertModel(transformers.BertConfig(**_bert_cfg(hidden_act='gelu_new'))), tmp_path / 'hf')
   conv = convert.import_hf(hf)
   assert conv.heads == () and conv.cfg.activation == 'gelu_tanh'
-  assert any('pooler' in u for u in conv.unused)
+  assert set(pytree.flatten(conv.params['pooler'])) == {'dense/kernel', 'dense/bias'}
+  assert not any('pooler' in u for u in conv.unused), conv.unused
   ids = _ids(np.random.default_rng(1), 0)
+  inputs = dict(input_ids=_torch(ids), attention_mask=_torch(REAL))
   with torch.no_grad():
-    ref = transformers.BertModel.from_pretrained(hf).eval()(input_ids=_torch(ids), attention_mask=_torch(REAL))
+    ref = transformers.BertModel.from_pretrained(hf).eval()(**inputs)
   out = _apply(conv, {'tokens': ids, 'segment_ids': REAL})
   _record('bert hidden', _diff(out['hidden'], ref.last_hidden_state, REAL))
+  _record('bert pooler', _diff(_pooled(conv, out['hidden']), ref.pooler_output))
+  # Through our own layout and back out: the exported BertModel holds the same pooler (nothing missing, unexpected).
+  convert.save(conv, tmp_path / 'ours')
+  d = _roundtrip(convert.load(tmp_path / 'ours'), tmp_path, transformers.BertModel, inputs, ref.pooler_output.numpy(),
+                 'pooler_output', None)
+  _record('bert pooler export', d)
+
+
+def test_bert_classifier_checkpoint_pooler_merges(tmp_path):
+  """BertForSequenceClassification ('bert.'-prefixed): the pooler is kept; a LanguageModel with a 'cls'-pooled
+  classifier takes it via merge_params, only the classifier stays fresh, and its pooled output equals transformers'."""
+  from model.heads import init_params
+  from train import pretrained
+  torch.manual_seed(17)
+  hf = _save(transformers.BertForSequenceClassification(transformers.BertConfig(**_bert_cfg(num_labels=3))),
+             tmp_path / 'hf')
+  conv = convert.import_hf(hf, scan_layers=False)
+  assert conv.heads == () and 'pooler' in conv.params
+  assert sorted(conv.unused) == ['classifier.bias', 'classifier.weight'], conv.unused
+  module = LanguageModel(conv.cfg, heads=('classifier',), num_labels=3, classifier_pooling='cls')
+  ids = _ids(np.random.default_rng(17), 0)
+  batch = {'tokens': jnp.asarray(ids), 'segment_ids': jnp.asarray(REAL)}
+  initial = init_params(module, jax.random.key(0), batch)
+  merged, report = pretrained.merge_params(initial, conv.params, where=str(hf), report=True)
+  assert report.fresh == ['classifier/bias', 'classifier/kernel'] and not report.unused
+  assert 'pooler/dense/kernel' in report.loaded and len(report.loaded) == len(pytree.flatten(conv.params))
+  with torch.no_grad():
+    ref = transformers.BertModel.from_pretrained(hf).eval()(input_ids=_torch(ids), attention_mask=_torch(REAL))
+  hidden = module.apply({'params': merged}, batch)['hidden']
+  _record('bert classifier pooler', _diff(_pooled(conv, hidden), ref.pooler_output))
 
 
 def test_roberta_mlm(tmp_path):

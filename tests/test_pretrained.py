@@ -7,7 +7,8 @@ reference implementations on this machine:
   the same file with `gguf_file=` (<= 1e-3), the GGUF tokenizer equals transformers', and greedy generation is the same
   32 tokens.
 
-Each module skips when its package (or torch/transformers) is missing.
+Each module skips when its package (or torch/transformers) is missing. The starting-point helpers of train/pretrained.py
+(merge_params' report, adopt_tokenizer) are tested here too, on tiny trees and tokenizers.
 """
 import importlib.util
 import os
@@ -51,6 +52,11 @@ def test_minilm_sentence_embeddings():
   from train.data.tokenizers import Tokenizer
   conv = convert.import_hf(model_dir)
   assert conv.family == 'bert' and conv.heads == () and conv.cfg.num_layers == 6
+  # The checkpoint is a BertModel with its pooler (unprefixed 'pooler.dense.*'), which the import keeps.
+  state = convert.read_hf_weights(model_dir)
+  np.testing.assert_array_equal(conv.params['pooler']['dense']['kernel'], state['pooler.dense.weight'].T)
+  np.testing.assert_array_equal(conv.params['pooler']['dense']['bias'], state['pooler.dense.bias'])
+  assert not conv.unused, conv.unused
   tok = Tokenizer.load(model_dir)
   tok.backend.no_padding()  # this tokenizer.json pads every encoding to 128; we pad below
   ids = tok.encode_batch(SENTENCES, add_special_tokens=True)
@@ -200,3 +206,67 @@ def test_smollm2_greedy_generation(smollm2):
     ours = _greedy_full_forward(conv, ids, NEW_TOKENS)
   print('SmolLM2 greedy:', hf_tok.decode(ref))
   assert ours == ref, (hf_tok.decode(ours), hf_tok.decode(ref))
+
+
+# ------------------------------------------------------------------------------------- merge_params, adopt_tokenizer
+
+
+def test_merge_params_report():
+  from train import pretrained
+  f32 = np.float32
+  initial = {
+      'embed': {
+          'table': np.zeros((4, 2), f32)
+      },
+      'classifier': {
+          'kernel': np.zeros((2, 3), f32),
+          'bias': np.zeros(3, f32)
+      }
+  }
+  loaded = {'embed': {'table': np.ones((4, 2), np.float16)}, 'mlm': {'bias': np.ones(4, f32)}}
+  merged = pretrained.merge_params(initial, loaded, where='ckpt')  # the default: just the tree, as before
+  assert isinstance(merged, dict) and np.all(np.asarray(merged['embed']['table']) == 1)
+  merged, report = pretrained.merge_params(initial, loaded, where='ckpt', report=True)
+  assert np.asarray(merged['embed']['table']).dtype == np.float32  # the model's dtype, not the checkpoint's
+  assert np.all(np.asarray(merged['classifier']['kernel']) == 0)
+  assert report == pretrained.MergeReport(loaded=['embed/table'], fresh=['classifier/bias', 'classifier/kernel'],
+                                          unused=['mlm/bias'])
+  assert report.summary('ckpt') == (
+      'loaded 1 tensors from ckpt; initialized fresh: classifier/bias, classifier/kernel; '
+      'not used from the checkpoint: mlm/bias')
+  with pytest.raises(ValueError, match=r'ckpt: parameter embed/table has shape \(4, 3\)'):
+    pretrained.merge_params(initial, {'embed': {'table': np.ones((4, 3))}}, where='ckpt', report=True)
+
+
+def _vocab(path):
+  path.write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'hello', 'world', '##s']) + '\n')
+  return path
+
+
+def test_adopt_tokenizer(tmp_path):
+  from train import pretrained
+  from train.data.tokenizers import Tokenizer
+  src = tmp_path / 'ckpt'
+  src.mkdir()
+  _vocab(src / 'vocab.txt')
+  workdir = tmp_path / 'run'
+  out = pretrained.adopt_tokenizer(str(src), str(workdir))
+  assert out == str(workdir / 'tokenizer')
+  assert sorted(os.listdir(workdir)) == ['tokenizer']  # no temporary folder left behind
+  tok = Tokenizer.load(out)
+  assert (Path(out) / 'lmlab_tokenizer.json').exists()  # lmlab's own format, roles included
+  assert tok.encode('hello worlds') == Tokenizer.load(src).encode('hello worlds') == [5, 6, 7]
+  assert tok.mask_id == 4 and tok.pad_id == 0
+  # A no-op once the run has one: another source does not replace it.
+  other = tmp_path / 'other.txt'
+  other.write_text('\n'.join(['[PAD]', '[UNK]', 'x']) + '\n')
+  stamp = (Path(out) / 'tokenizer.json').stat().st_mtime_ns
+  assert pretrained.adopt_tokenizer(str(other), str(workdir)) == out
+  assert (Path(out) / 'tokenizer.json').stat().st_mtime_ns == stamp and Tokenizer.load(out).vocab_size == 8
+  # A single tokenizer.json file is accepted as well.
+  tok.backend.save(str(tmp_path / 'tokenizer.json'))
+  second = pretrained.adopt_tokenizer(str(tmp_path / 'tokenizer.json'), str(tmp_path / 'run2'))
+  assert Tokenizer.load(second).encode('hello worlds') == [5, 6, 7]
+  with pytest.raises(FileNotFoundError, match='missing.*does not exist'):
+    pretrained.adopt_tokenizer(str(tmp_path / 'missing'), str(tmp_path / 'run3'))
+  assert not (tmp_path / 'run3' / 'tokenizer').exists()

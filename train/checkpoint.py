@@ -31,6 +31,10 @@ class Checkpoints:
   def all_steps(self):
     return list(self.manager.all_steps())
 
+  def best_step(self) -> Optional[int]:
+    """The step with the best saved metric (config.train.best_metric), or None when none was saved with one."""
+    return self.manager.best_step()
+
   def save(self, step: int, state, *, loader_state: Mapping[str, Any], config: Mapping[str, Any],
            metrics: Optional[Mapping[str, float]] = None, force: bool = True) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(dict(loader_state)),

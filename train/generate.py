@@ -1,8 +1,10 @@
 """Generate text from any checkpoint: `python -m train.generate --from=PATH --prompt="Once upon a time"`.
 
 PATH is an lmlab workdir, a converted checkpoint, a Hugging Face model directory or a .gguf file (train/pretrained.py).
-Decoder-only models continue the prompt; encoder-decoder models read it as the encoder input.
+Decoder-only models continue the prompt; encoder-decoder models read it as the encoder input. A run's tokenizer is
+<workdir>/tokenizer (where the trainer adopts an init_from checkpoint's), else the config.data.tokenizer_path it used.
 """
+import os
 import sys
 import tempfile
 
@@ -37,10 +39,19 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2
-    if ckpt.tokenizer_dir is None:
-      print(f'error: {_FROM.value} has no tokenizer files next to it.', file=sys.stderr)
+    # A run reads <workdir>/tokenizer (pretrained.adopt_tokenizer puts an init_from checkpoint's there), else the
+    # config.data.tokenizer_path it trained with, which may since have moved.
+    if ckpt.tokenizer_dir is None or not os.path.exists(ckpt.tokenizer_dir):
+      where = 'no tokenizer files' if ckpt.tokenizer_dir is None else f'tokenizer {ckpt.tokenizer_dir}, which is gone'
+      fix = (f'copy the tokenizer it was trained with into it: train.pretrained.adopt_tokenizer(TOKENIZER, '
+             f'{_FROM.value!r})' if ckpt.source == 'lmlab-run' else 'put its tokenizer.json or vocab.txt next to it')
+      print(f'error: {_FROM.value} has {where}; {fix}.', file=sys.stderr)
       return 2
-    tok = tokenizers.Tokenizer.load(ckpt.tokenizer_dir)
+    try:
+      tok = tokenizers.Tokenizer.load(ckpt.tokenizer_dir)
+    except (ValueError, FileNotFoundError) as e:
+      print(f'error: {_FROM.value}: cannot read its tokenizer: {e}', file=sys.stderr)
+      return 2
   if ckpt.cfg.arch == 'encoder':
     print('error: an encoder-only model does not generate text; use a decoder or encoder-decoder.', file=sys.stderr)
     return 2

@@ -230,8 +230,10 @@ def scale_by_layerwise_decay(decay: float) -> optax.GradientTransformation:
 # ------------------------------------------------------------------------------------------------- the chain
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-  """The optax chain for cfg (fields: default_config). Pass params to its update: weight decay reads them."""
+def make_optimizer(cfg, schedule: Optional[optax.Schedule] = None) -> optax.GradientTransformation:
+  """The optax chain for cfg (fields: default_config). Pass params to its update: weight decay reads them.
+
+  schedule: learning_rate_fn(cfg) when the caller has built it already (it is built from cfg otherwise)."""
   c = _config(cfg)
   parts = []
   if c['clip_norm']:
@@ -251,7 +253,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     parts.append(optax.add_decayed_weights(c['weight_decay'], mask=decay_mask))
   if c['layerwise_lr_decay'] != 1.0:
     parts.append(scale_by_layerwise_decay(c['layerwise_lr_decay']))
-  parts.append(optax.scale_by_learning_rate(learning_rate_fn(c)))
+  parts.append(optax.scale_by_learning_rate(schedule if schedule is not None else learning_rate_fn(c)))
   tx = optax.chain(*parts)
   if c['grad_accum_steps'] > 1:
     # Inside the freezing split below, so accumulators exist for trainable leaves only.

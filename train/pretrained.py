@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from model import convert
 from model import heads as heads_lib
@@ -33,26 +34,57 @@ class Pretrained:
   source: str  # 'lmlab-run' | 'converted' | 'huggingface' | 'gguf'
 
 
-def _from_run(workdir: str, step: Optional[int]) -> Pretrained:
+@dataclasses.dataclass
+class LoadedRun:
+  """An lmlab run as its own jobs use it (the evaluate job, generation): its config, the module it trained, the
+  restored checkpoint and its step."""
+  config: ml_collections.ConfigDict
+  model: Any
+  pretrained: Pretrained
+  step: int
+
+
+def _step_of(ckpts: ckpt_lib.Checkpoints, step, workdir: str) -> int:
+  """'latest' | 'best' | a step number (None: latest) -> a step that is on disk."""
+  steps = ckpts.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'{workdir}: no checkpoint under checkpoints/; train the run first.')
+  if step in (None, 'latest'):
+    return max(steps)
+  if step == 'best':
+    best = ckpts.best_step()
+    return max(steps) if best is None else best  # a run without a best_metric: its latest
+  if int(step) not in steps:
+    raise ValueError(f'{workdir}: no checkpoint at step {step}; it has steps {sorted(steps)}.')
+  return int(step)
+
+
+def load_run(workdir: str, *, step=None) -> LoadedRun:
+  """A run's config.json, the module its objectives build (label counts and pooling included) and its params at
+  `step` ('latest' | 'best' | N)."""
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
-  cfg = ModelConfig(**saved['model'])
-  objectives = saved['config'].get('objectives', {})
+  cfg, config = ModelConfig(**saved['model']), ml_collections.ConfigDict(saved['config'])
+  objectives = dict(config.objectives)
   own = [n for n in objectives if tasks.get(n).model is not None]
   if own:  # ELECTRA: a generator and a discriminator, not one LanguageModel
     raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model (for rtd a generator and a discriminator); '
                      'export the part to start from with model.convert.')
   heads = tasks.heads_for(objectives)
-  shapes = heads_lib.abstract_params(cfg, heads)
+  shapes = heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False)
+  tc = config.get('train', {})
+  ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), async_save=False, best_metric=tc.get('best_metric')
+                               or None, best_mode=tc.get('best_mode', 'min'))
   try:
-    params = ckpts.restore_params(abstract, step)
+    at = _step_of(ckpts, step, workdir)
+    params = ckpts.restore_params(abstract, at)
   finally:
     ckpts.close()
   tok = os.path.join(workdir, 'tokenizer')
-  return Pretrained(cfg, params, heads, tok if os.path.exists(tok) else None, 'lmlab-run')
+  tok = tok if os.path.exists(tok) else (config.data.get('tokenizer_path') or None)
+  return LoadedRun(config, tasks.build_model(config, cfg), Pretrained(cfg, params, heads, tok, 'lmlab-run'), at)
 
 
 def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
@@ -60,7 +92,7 @@ def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
   """Any supported checkpoint -> Pretrained. A GGUF's tokenizer lives in its metadata: give save_dir to write it out."""
   kind = convert.checkpoint_kind(path)  # FileNotFoundError / ValueError naming the path and what it accepts
   if kind == 'lmlab-run':
-    return _from_run(path, step)
+    return load_run(path, step=step).pretrained
   conv = convert.import_any(path, scan_layers=scan_layers)
   tokenizer_dir = conv.tokenizer_dir
   if conv.tokenizer is not None or (tokenizer_dir is None and save_dir):
@@ -73,19 +105,93 @@ def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
   return Pretrained(conv.cfg, conv.params, tuple(conv.heads), tokenizer_dir, kind)
 
 
-def merge_params(initial, loaded, *, where: str):
-  """`initial` with every leaf that `loaded` has replaced by it; shapes must agree (heads absent in `loaded` stay)."""
+@dataclasses.dataclass
+class MergeReport:
+  """What merge_params took from a checkpoint, as '/'-joined param paths ('classifier/kernel', model.pytree style)."""
+  loaded: list[str]  # the model's leaves that now hold the checkpoint's values
+  fresh: list[str]  # the model's leaves the checkpoint has no tensor for: they keep their fresh initialization
+  unused: list[str]  # the checkpoint's leaves the model has no place for (a head it does not build)
+
+  def summary(self, where: str) -> str:
+    """'loaded N tensors from WHERE; initialized fresh: a, b; not used from the checkpoint: c', for the run's log."""
+    parts = [f'loaded {len(self.loaded)} tensors from {where}']
+    if self.fresh:
+      parts.append('initialized fresh: ' + ', '.join(self.fresh))
+    if self.unused:
+      parts.append('not used from the checkpoint: ' + ', '.join(self.unused))
+    return '; '.join(parts)
+
+
+def merge_params(initial, loaded, *, where: str, report: bool = False):
+  """`initial` with every leaf that `loaded` has replaced by it; shapes must agree (heads absent in `loaded` stay).
+
+  report=True returns `(merged, MergeReport)` instead: which leaves came from the checkpoint, which kept their fresh
+  initialization (a new classifier) and which of the checkpoint's had no place in the model.
+  """
+  rep = MergeReport([], [], [])
+
+  def leaves(tree, path):
+    if not isinstance(tree, dict):
+      return [path]
+    return [p for key, value in tree.items() for p in leaves(value, f'{path}/{key}' if path else key)]
 
   def walk(init, new, path):
     if not isinstance(init, dict):
+      if isinstance(new, dict):
+        raise ValueError(f'{where}: parameter {path} is one tensor in the model but a group of '
+                         f'{len(leaves(new, path))} in the checkpoint; make config.model match the checkpoint.')
       if tuple(init.shape) != tuple(new.shape):
         raise ValueError(f'{where}: parameter {path} has shape {tuple(new.shape)} in the checkpoint but '
                          f'{tuple(init.shape)} in the model; make config.model match the checkpoint.')
+      rep.loaded.append(path)
       return jnp.asarray(new, init.dtype)
+    if not isinstance(new, dict):  # a tensor where the model has a group: nothing of it is loaded
+      rep.fresh.extend(leaves(init, path))
+      rep.unused.append(path)
+      return dict(init)
     out = dict(init)
     for key, value in init.items():
-      if isinstance(new, dict) and key in new:
-        out[key] = walk(value, new[key], f'{path}/{key}' if path else key)
+      sub = f'{path}/{key}' if path else key
+      if key in new:
+        out[key] = walk(value, new[key], sub)
+      else:
+        rep.fresh.extend(leaves(value, sub))
+    for key in new.keys() - init.keys():
+      rep.unused.extend(leaves(new[key], f'{path}/{key}' if path else key))
     return out
 
-  return walk(initial, loaded, '')
+  merged = walk(initial, loaded, '')
+  if not report:
+    return merged
+  return merged, MergeReport(sorted(rep.loaded), sorted(rep.fresh), sorted(rep.unused))
+
+
+def adopt_tokenizer(tokenizer_dir: str, workdir: str) -> str:
+  """Copies a checkpoint's tokenizer (a folder, or a tokenizer.json / vocab.txt / *.model file) into
+  `<workdir>/tokenizer` in lmlab's own format, so that a run started from the checkpoint carries its vocabulary: a
+  resumed run and `python -m train.generate --from=WORKDIR` find it there even once the source is gone (a GGUF's
+  tokenizer lives only in the file's metadata). Written to a temporary folder and renamed, so a crash leaves no
+  half-written tokenizer; a no-op when `<workdir>/tokenizer` exists. Returns `<workdir>/tokenizer`."""
+  import shutil
+  import tempfile
+
+  from train.data import tokenizers
+
+  dst = os.path.join(workdir, 'tokenizer')
+  if os.path.exists(dst):
+    return dst
+  if not tokenizer_dir or not os.path.exists(tokenizer_dir):
+    raise FileNotFoundError(f'tokenizer {tokenizer_dir!r} does not exist; give the checkpoint\'s tokenizer folder '
+                            '(tokenizer.json, vocab.txt or *.model), or set config.data.tokenizer_path.')
+  tok = tokenizers.Tokenizer.load(tokenizer_dir)  # names the path when it holds no tokenizer
+  os.makedirs(workdir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tokenizer-', dir=workdir)
+  try:
+    tok.save(tmp)
+    os.rename(tmp, dst)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(dst):  # another process (host) adopted it first
+      return dst
+    raise
+  return dst

@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from model import config as model_config
 from model.config import ModelConfig
 from model.heads import HEADS, Electra, LanguageModel
+from train import evaluate
 from train import objectives as losses
 from train.data import examples as ex
+from train.data import readers
 from train.data import task_examples as tex
 
 Metrics = dict[str, jax.Array]
@@ -46,6 +48,12 @@ class Task:
   (tasks); data is config.data. A task that runs its own forward pass (ELECTRA samples from a generator between two)
   gives `step_loss(params, batch, rng, *, model, deterministic, opts)` and `model(config, model_cfg)` instead, and
   trains alone.
+
+  Downstream tasks also read labeled files and are scored on them: read(paths, data) -> records (the validating
+  readers of train/data/readers.py); labels(paths, data) -> the label or tag names found there, stored in
+  config.data.<label_field>; eval_examples(records, tokenizer, data) -> the examples scored, in order (QA: every
+  doc-stride window); score(outputs, examples, records, data) -> (metrics, predictions) from the model `outputs`
+  named (train/evaluate.py's scorers).
   """
   name: str
   archs: tuple[str, ...]
@@ -61,6 +69,13 @@ class Task:
   model: Optional[Callable] = None
   step_loss: Optional[Callable] = None
   check_model: Optional[Callable] = None  # check_model(model) -> an error message, or None when it can serve
+  read: Optional[Callable] = None
+  labels: Optional[Callable] = None
+  label_field: str = ''
+  eval_examples: Optional[Callable] = None
+  outputs: tuple[str, ...] = ()
+  score: Optional[Callable] = None
+  columns: tuple[str, ...] = ()  # the record's default text columns and label column (classification readers)
 
 
 REGISTRY: dict[str, Task] = {}
@@ -130,12 +145,63 @@ def _tagging_examples(records, tokenizer, data):
   return tex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
 
 
+def _qa(data, tokenizer):
+  return tex.QuestionAnswering(tokenizer, seq_len=data.seq_len, max_query_length=int(data.get('max_query_length', 64)),
+                               doc_stride=data.get('doc_stride'))
+
+
+def _qa_windows(records, tokenizer, data):
+  qa = _qa(data, tokenizer)
+  return [w for i, r in enumerate(records) for w in qa.windows(r, example_index=i)]
+
+
 def _qa_examples(records, tokenizer, data):
-  return tex.QuestionAnswering(tokenizer, seq_len=data.seq_len), records
+  return (lambda window, rng=None: window), _qa_windows(records, tokenizer, data)
+
+
+def _each_record(records, tokenizer, data, task_name):
+  transform, _ = REGISTRY[task_name].examples(records, tokenizer, data)
+  return [transform(r) for r in records]
 
 
 def _seq2seq_examples(records, tokenizer, data):
   return tex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
+
+
+# ------------------------------------------------------------------------------------------------- readers
+
+
+def _columns(task_columns, data):
+  """(text columns, label column): config.data's when set, else the task's own."""
+  text = tuple(data.get('text_columns') or ()) or task_columns[:-1]
+  return text, data.get('label_column') or task_columns[-1]
+
+
+def _read_classification(columns):
+
+  def read(paths, data):
+    text, label = _columns(columns, data)
+    return list(
+        readers.classification_records(paths, text_columns=text, label_column=label,
+                                       label_names=list(data.label_names)))
+
+  return read
+
+
+def _classification_labels(columns):
+  return lambda paths, data: readers.infer_labels(paths, label_column=_columns(columns, data)[1])
+
+
+def _read_conll(paths, data):
+  return list(readers.conll_records(paths, tag_names=list(data.tag_names), num_columns=None))
+
+
+def _conll_tags(paths, data):
+  return readers.infer_tags(paths, num_columns=None)
+
+
+def _read_squad(paths, data):
+  return list(readers.squad_records(paths))
 
 
 # --------------------------------------------------------------------------------------------------- losses
@@ -233,19 +299,44 @@ _BUILTIN = (
          _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task'),
     Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
          "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples, _ENCODER +
-         ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
+         ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_classification(
+             ('sentence', 'label')), labels=_classification_labels(('sentence', 'label')), label_field='label_names',
+         eval_examples=lambda r, t, d: _each_record(r, t, d, 'classification'), outputs=('cls_logits',),
+         score=evaluate.score_classification, columns=('sentence', 'label')),
     Task('regression', ('encoder', 'decoder'), ('classifier',), ('label',), _regression,
          "encoder-decoders regress with 'seq2seq' on the value as text", None, (), 'wordpiece', kind='task',
          check_model=_needs_one_label),
     Task('tagging', ('encoder', 'decoder'), ('tagger',), ('tag_labels', 'tag_weights'), _tagging,
          'use an encoder for token classification', _tagging_examples, _ENCODER + ('tag_labels', 'tag_weights'),
-         'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task'),
+         'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_conll, labels=_conll_tags,
+         label_field='tag_names', eval_examples=lambda r, t, d: _each_record(r, t, d, 'tagging'),
+         outputs=('tag_logits',), score=evaluate.score_tagging),
     Task('qa', ('encoder', 'decoder'), ('qa',), ('start_positions', 'end_positions'), _qa,
          "use an encoder for extractive QA, or 'seq2seq' for generative QA", _qa_examples, _ENCODER +
          ('start_positions', 'end_positions', 'offsets'), 'wordpiece',
-         ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task'),
+         ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task', read=_read_squad,
+         eval_examples=_qa_windows, outputs=('start_logits', 'end_logits'), score=evaluate.score_qa),
 )
 for _task in _BUILTIN:
+  register(_task)
+
+
+def _dataset(base: str, name: str, columns: tuple[str, ...] = ()) -> Task:
+  """A dataset's record: its base kind's, under its own name (metrics are logged as '<name>/...'), with its columns."""
+  task = REGISTRY[base]
+  if columns:
+    task = dataclasses.replace(task, read=_read_classification(columns), labels=_classification_labels(columns),
+                               columns=columns)
+  return dataclasses.replace(task, name=name)
+
+
+# The datasets in ../shared/data (and their public originals): TSV columns as those files have them.
+for _task in (_dataset('classification', 'sst2',
+                       ('sentence', 'label')), _dataset('classification', 'trec', ('question', 'coarse_label')),
+              _dataset('classification', 'trec_fine', ('question', 'fine_label')),
+              _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label')),
+              _dataset('classification', 'snli', ('premise', 'hypothesis', 'label')), _dataset('tagging', 'wnut17'),
+              _dataset('qa', 'squad'), _dataset('qa', 'xquad')):
   register(_task)
 
 # --------------------------------------------------------------------------------------------- reading records
@@ -307,13 +398,44 @@ def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
   return tuple(h for h in HEADS if h in needed)
 
 
+def model_kwargs(config) -> dict[str, Any]:
+  """LanguageModel's task arguments from config: label and tag counts (resolved from the data), classifier pooling."""
+  kw = {}
+  if config.data.get('label_names'):
+    kw['num_labels'] = len(config.data.label_names)
+  if config.data.get('tag_names'):
+    kw['num_tags'] = len(config.data.tag_names)
+  if config.model.get('classifier_pooling'):
+    kw['classifier_pooling'] = config.model.classifier_pooling
+  return kw
+
+
 def build_model(config, model_cfg: ModelConfig):
   """The module config.objectives trains: the record's own model (ELECTRA) or a LanguageModel with their heads."""
   objectives = dict(config.objectives)
   for name in objectives:
     if REGISTRY[name].model is not None:
       return REGISTRY[name].model(config, model_cfg)
-  return LanguageModel(model_cfg, heads=heads_for(objectives))
+  return LanguageModel(model_cfg, heads=heads_for(objectives), **model_kwargs(config))
+
+
+def task_of(config) -> Optional[Task]:
+  """The downstream task among config.objectives (a fine-tuning run trains one), or None for pre-training."""
+  found = [REGISTRY[n] for n in config.objectives if n in REGISTRY and REGISTRY[n].kind == 'task']
+  if len(found) > 1:
+    raise ValueError(f'config.objectives={sorted(config.objectives)} names several downstream tasks '
+                     f'({[t.name for t in found]}); fine-tune one task per run.')
+  return found[0] if found else None
+
+
+def pretraining_task(objectives: Mapping[str, float]) -> Task:
+  """The record that builds pre-training examples from text; downstream tasks read labeled files instead."""
+  task = example_task(objectives)
+  if task.kind != 'pretrain':
+    raise ValueError(f'config.objectives={sorted(objectives)}: {task.name!r} is a downstream task, trained on labeled '
+                     'files (configs/finetune.py), not on pre-training text; pre-train with one of '
+                     f'{sorted(n for n, t in REGISTRY.items() if t.kind == "pretrain")}.')
+  return task
 
 
 def example_task(objectives: Mapping[str, float]) -> Task:

@@ -27,6 +27,8 @@ import optax
 from model import heads as heads_lib
 from model.config import ModelConfig, preset, set_fields
 from train import checkpoint as ckpt_lib
+from train import evaluate
+from train import finetune
 from train import optim
 from train import partitioning as part
 from train import pretrained
@@ -39,15 +41,32 @@ State = dict
 # ------------------------------------------------------------------------------------------------ the pure steps
 
 
+def _frozen_as_constants(loss_fn, trainable):
+  """loss_fn whose frozen leaves are stop_gradient'ed: JAX then linearizes nothing that only they feed (a frozen
+  backbone gets no backward pass at all)."""
+
+  def wrapped(params, *args, **kw):
+    params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
+    return loss_fn(params, *args, **kw)
+
+  return wrapped
+
+
 def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.GradientTransformation,
-               lr_fn: Optional[Callable] = None):
-  """One optimizer (micro-)step: -> (new state, metrics). Non-finite loss or gradients leave the state unchanged."""
+               lr_fn: Optional[Callable] = None, trainable=None):
+  """One optimizer (micro-)step: -> (new state, metrics). Non-finite loss or gradients leave the state unchanged.
+
+  trainable: None (everything trains) or a bool pytree like the params; False leaves are not differentiated and come
+  out bitwise unchanged."""
   step = state['step']
   rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, deterministic=False), has_aux=True)
+  loss_of = loss_fn if trainable is None else _frozen_as_constants(loss_fn, trainable)
+  grad_fn = jax.value_and_grad(functools.partial(loss_of, model=model, deterministic=False), has_aux=True)
   (loss, metrics), grads = grad_fn(state['params'], batch, rng)
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
+  if trainable is not None:
+    params = jax.tree.map(lambda t, new, old: new if t else old, trainable, params, state['params'])
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -126,20 +145,31 @@ class Parts:
   lr_fn: Callable
   mesh: jax.sharding.Mesh
   rules: Any
+  train_patterns: tuple = ((), ())  # config.optim (trainable, frozen) path patterns; both empty: all trains
 
 
-def _config_parts(config, devices=None) -> dict[str, Any]:
-  """What config alone determines: the mesh (checked against the devices and the batch), optimizer, schedule, rules."""
+def _train_patterns(config) -> tuple:
+  return tuple(config.optim.get('trainable') or ()), tuple(config.optim.get('frozen') or ())
+
+
+def _mesh_parts(config, devices=None) -> dict[str, Any]:
+  """The mesh (checked against the devices and the batch) and the logical-axis rules."""
   mesh = part.make_mesh(tuple(config.mesh.shape), devices)
   part.check_batch_size(int(config.data.batch_size), mesh)
-  return dict(optimizer=optim.make_optimizer(config.optim), lr_fn=optim.learning_rate_fn(config.optim), mesh=mesh,
-              rules=_rules(config))
+  return dict(mesh=mesh, rules=_rules(config))
+
+
+def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]:
+  """The optax chain, its learning-rate schedule (reused when given) and what trains."""
+  lr_fn = lr_fn or optim.learning_rate_fn(config.optim)
+  return dict(optimizer=optim.make_optimizer(config.optim, lr_fn), lr_fn=lr_fn, train_patterns=_train_patterns(config))
 
 
 def build_parts(config, model_cfg: ModelConfig, devices=None) -> Parts:
   """Model (from the objectives' records), loss, optimizer, learning-rate schedule, mesh and rules for config."""
   loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), **dict(config.get('loss', {})))
-  return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_config_parts(config, devices))
+  return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_mesh_parts(config, devices),
+               **_optimizer_parts(config))
 
 
 @dataclasses.dataclass
@@ -149,6 +179,7 @@ class Setup(Parts):
   abstract_state: Any = None
   batch_sharding: Any = None
   init_fn: Callable = None
+  trainable: Any = None  # bool pytree like the params (None: every leaf trains); frozen leaves are not differentiated
 
 
 def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
@@ -188,7 +219,7 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
 def jit_steps(setup: Setup):
   """(jitted train_step(state, batch), jitted eval_step(params, batch, rng)) under the setup's mesh and rules."""
   step = functools.partial(train_step, model=setup.model, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
-                           lr_fn=setup.lr_fn)
+                           lr_fn=setup.lr_fn, trainable=setup.trainable)
   rep = part.replicated(setup.mesh)
 
   def with_rules(fn):
@@ -297,11 +328,43 @@ class Run:
   config: Any
   workdir: str
   init: Optional[pretrained.Pretrained]
-  data: pipeline.PretrainingData
+  data: pipeline.RunData
   setup: Setup
   train_fn: Callable
   eval_fn: Callable
   log: Callable
+  task: tasks.Task  # the record that made the batches; a downstream task's scorer evaluates the dev records
+  forward: Optional[Callable] = None  # jitted params, batch -> the outputs task.score reads (downstream tasks)
+
+
+def _with(config, **fields):
+  """A copy of config with 'section.field'-style fields set, passed as section__field=value."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in fields.items():
+    section, field = key.split('__')
+    config[section][field] = value
+  return config
+
+
+def _steps_from_epochs(config, train_size: int, log):
+  """config.train.epochs > 0 -> train.steps, optim.total_steps and optim.warmup_steps for that many passes."""
+  epochs = float(config.train.get('epochs') or 0)
+  if epochs <= 0:
+    return config
+  steps = max(1, int(np.ceil(epochs * train_size / int(config.data.batch_size))))
+  warmup = int(round(float(config.train.get('warmup_fraction', 0.0)) * steps))
+  log(f'{epochs:g} epochs of {train_size} examples in batches of {config.data.batch_size}: {steps} steps, '
+      f'{warmup} of warmup')
+  return _with(config, train__steps=steps, optim__total_steps=steps, optim__warmup_steps=warmup)
+
+
+def _labeled(config, task: tasks.Task):
+  """A downstream task's records (read and validated now) and config with the label names they resolve."""
+  if task.kind != 'task':
+    return None, config
+  labeled = pipeline.read_labeled(config.data, task)
+  config = _with(config, **{f'data__{k}': v for k, v in labeled.names.items()}) if labeled.names else config
+  return labeled, finetune.apply_strategy(config, task.heads)
 
 
 def _start_from(config, workdir: str, log):
@@ -318,28 +381,39 @@ def _start_from(config, workdir: str, log):
 
 
 def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
-  """Stage 1: config -> Run. Everything that can be wrong with the config is checked before a file is written or a
-  step compiled (a GGUF init_from writes its tokenizer under <workdir>/init once the config has passed)."""
+  """Stage 1: config -> Run. Everything that can be wrong with the config and the labeled data is checked before a
+  file is written or a step compiled (a GGUF init_from writes its tokenizer under <workdir>/init once it passed)."""
   objectives = dict(config.objectives)
-  pipeline.check_config(config.data, objectives)
-  early = _config_parts(config, devices)
+  task = tasks.task_of(config) or tasks.pretraining_task(objectives)
+  pipeline.check_config(config.data, task)
+  labeled, config = _labeled(config, task)
+  mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
   init, config = _start_from(config, workdir, log)
   arch_cfg = arch_config(config, init)
   loss_fn = tasks.build_loss_fn(arch_cfg, objectives, **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
-  data = pipeline.build(config.data, objectives, workdir=workdir, seed=int(config.seed))
+  if init is not None and init.tokenizer_dir and jax.process_index() == 0:
+    # The run carries its checkpoint's tokenizer: generate, evaluate and a later init_from read <workdir>/tokenizer.
+    pretrained.adopt_tokenizer(config.data.tokenizer_path or init.tokenizer_dir, workdir)
+  data = pipeline.build(config.data, task, workdir=workdir, seed=int(config.seed), labeled=labeled)
+  if config.train.get('epochs'):
+    config, lr_fn = _steps_from_epochs(config, data.train_size, log), None
   model_cfg = arch_cfg if init is not None else with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
   too_long = data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder'
   if model_cfg.position == 'learned' and too_long:
     raise ValueError(f'config.data.seq_len={config.data.seq_len} exceeds the model\'s max_len={model_cfg.max_len}; '
                      'lower seq_len or raise config.model.overrides.max_len.')
-  parts = Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **early)
+  parts = Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **mesh, **_optimizer_parts(config, lr_fn))
   setup = make_setup(parts, data.train[0])
   train_fn, eval_fn = jit_steps(setup)
+  forward = None
+  if task.score is not None and data.dev_records:
+    forward = evaluate.forward_fn(setup.model, task.outputs, params_sharding=setup.state_shardings['params'],
+                                  batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump({'config': _config_dict(config), 'model': model_cfg.to_dict()}, f, indent=2)
-  return Run(config, workdir, init, data, setup, train_fn, eval_fn, log)
+  return Run(config, workdir, init, data, setup, train_fn, eval_fn, log, task, forward)
 
 
 def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
@@ -354,7 +428,9 @@ def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
     return state, start
   state = setup.init_fn(int(run.config.seed))
   if run.init is not None:
-    merged = pretrained.merge_params(jax.device_get(state['params']), run.init.params, where=run.config.model.init_from)
+    merged, report = pretrained.merge_params(jax.device_get(state['params']), run.init.params,
+                                             where=run.config.model.init_from, report=True)
+    run.log(report.summary(run.config.model.init_from))
     state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
   return state, 0
 
@@ -374,6 +450,7 @@ class _Loop:
     self.tc = run.config.train
     self.history, self.first_loss, self.last_train, self.last_eval = [], None, None, None
     self.t_window, self.steps_window = time.time(), 0
+    self.eval_at, self.best, self.since_best, self.stop = None, None, 0, False
 
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
@@ -387,20 +464,54 @@ class _Loop:
     self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(), config=_config_dict(self.run.config),
                     metrics=metrics)
 
+  def can_evaluate(self) -> bool:
+    return self.run.forward is not None or (self.run.data.eval is not None and bool(self.tc.eval_steps))
+
   def evaluate(self, state, step):
     run = self.run
-    if run.data.eval is None:
+    if not self.can_evaluate():
       return None
-    rng = jax.random.key(int(run.config.seed) + 7)
-    history = [
-        run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
-        for i in range(int(self.tc.eval_steps))
-    ]
-    values = summarize(history)
+    if run.forward is not None:  # a downstream task: every dev record, scored with the task's metrics
+      values, _ = evaluate.score(run.task, run.forward, state['params'], run.data.dev_records, run.data.tokenizer,
+                                 run.config.data, batch_size=int(run.config.data.batch_size),
+                                 batch_sharding=run.setup.batch_sharding)
+      run.log(f'step {step}: dev ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(values.items())))
+    else:
+      rng = jax.random.key(int(run.config.seed) + 7)
+      values = summarize([
+          run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
+          for i in range(int(self.tc.eval_steps))
+      ])
+      run.log(f'step {step}: eval loss {values["loss"]:.4f}')
     self.writer.write(step, 'eval', values)
-    run.log(f'step {step}: eval loss {values["loss"]:.4f}')
-    self.last_eval = values
+    self.last_eval, self.eval_at = values, step
+    self._track_best(values)
     return values
+
+  def _track_best(self, values):
+    """Early stopping: config.train.early_stopping evaluations in a row without a better best_metric stop the run."""
+    name = (self.tc.get('best_metric') or '').split('/', 1)[-1]
+    if name not in values:
+      return
+    better = self.best is None or (values[name] > self.best
+                                   if self.tc.get('best_mode') == 'max' else values[name] < self.best)
+    self.best, self.since_best = (values[name], 0) if better else (self.best, self.since_best + 1)
+    patience = int(self.tc.get('early_stopping') or 0)
+    if patience and self.since_best >= patience:
+      self.stop = True
+      self.run.log(f'early stopping: {patience} evaluations without a better {self.tc.best_metric} '
+                   f'(best {self.best:.4f})')
+
+  def checkpoint_metrics(self, step):
+    """{best_metric: value} when this step was evaluated (the checkpoint manager keeps the best by it)."""
+    best = self.tc.get('best_metric')
+    if not best or self.eval_at != step:
+      return None
+    name = best.split('/', 1)[-1]
+    if name not in self.last_eval:
+      raise ValueError(f'config.train.best_metric={best!r}: the evaluation reports {sorted(self.last_eval)}; '
+                       "name one of them as 'eval/<metric>'.")
+    return {best: self.last_eval[name]}
 
   def log_window(self, state, step, total):
     self.check_finite(state)
@@ -422,13 +533,12 @@ class _Loop:
     tc = self.tc
     if step % int(tc.log_every) == 0 or step == total:
       self.log_window(state, step, total)
-    if tc.eval_every and step % int(tc.eval_every) == 0:
+    # A downstream task's last step is always scored, so the final checkpoint competes for best.
+    last_scored = step == total and self.run.forward is not None
+    if (tc.eval_every and step % int(tc.eval_every) == 0) or last_scored:
       self.evaluate(state, step)
-    if step % int(tc.checkpoint_every) == 0 or step == total:
-      best = tc.get('best_metric')
-      self.save(state, step, metrics=({
-          best: self.last_eval[best.split('/', 1)[-1]]
-      } if best and self.last_eval else None))
+    if step % int(tc.checkpoint_every) == 0 or step == total or self.stop:
+      self.save(state, step, metrics=self.checkpoint_metrics(step))
 
 
 def train_loop(run: Run, state, start: int, loop: _Loop):
@@ -444,7 +554,9 @@ def train_loop(run: Run, state, start: int, loop: _Loop):
           loop.save(state, step)
         run.log(f'SIGTERM: saved step {step}, exiting')
         return state, step, 'preempted'
-  if run.config.train.eval_steps and run.data.eval is not None and loop.last_eval is None:
+      if loop.stop:
+        return state, step, 'early_stopped'
+  if loop.can_evaluate() and loop.last_eval is None:
     loop.evaluate(state, step)  # before the writer closes: a closed TensorBoard writer opens a second file
   return state, step, status
 
@@ -460,7 +572,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
     writer = MetricsWriter(workdir, resume_step=start)
     n_params = heads_lib.count_params(run.setup.abstract_state['params'])
     c = run.config
-    log(f'model {c.model.init_from or c.model.preset} ({n_params / 1e6:.2f}M params), objectives '
+    mc = run.setup.model_cfg
+    log(f'model {c.model.init_from or c.model.preset}: {mc.arch}, {mc.num_layers} layers, d_model {mc.d_model}, '
+        f'vocab {mc.vocab_size} ({n_params / 1e6:.2f}M params), objectives '
         f'{dict(c.objectives)}, mesh {dict(run.setup.mesh.shape)}, {int(c.train.steps)} steps of '
         f'{c.data.batch_size} x {run.data.tokens_per_example} tokens')
     loop, t_start = _Loop(run, ckpts, writer), time.time()

@@ -63,14 +63,18 @@ def _to_float(a: np.ndarray, name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ the engine
 
 
-def _expected_shapes(cfg: ModelConfig, heads) -> dict[str, tuple]:
-  """Flat {our path: shape} of LanguageModel(cfg, heads) with unrolled layers, computed without allocating."""
-  shapes = abstract_params(cfg.replace(scan_layers=False), heads)
-  return {pytree.path_str(path): tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+def _expected_shapes(cfg: ModelConfig, heads, pooler: bool = False) -> dict[str, tuple]:
+  """Flat {our path: shape} of LanguageModel(cfg, heads) with unrolled layers, computed without allocating; pooler:
+  with the pooler's params too (the model builds one for NSP, so its shapes are those of an NSP model's)."""
+  shapes = abstract_params(cfg.replace(scan_layers=False), (*heads, 'nsp') if pooler and 'nsp' not in heads else heads)
+  flat = {pytree.path_str(path): tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  if pooler and 'nsp' not in heads:
+    flat = {k: v for k, v in flat.items() if not k.startswith('nsp/')}
+  return flat
 
 
-def _apply_rules(rules, state, cfg, heads, where) -> tuple[dict, list]:
-  expected = _expected_shapes(cfg, heads)
+def _apply_rules(rules, state, cfg, heads, where, pooler: bool = False) -> tuple[dict, list]:
+  expected = _expected_shapes(cfg, heads, pooler)
   dims = {'n': cfg.num_heads, 'k': cfg.kv_heads, 'h': cfg.head_width}
   flat, used = {}, set()
   for rule in rules:
@@ -192,12 +196,16 @@ def import_state(family, hf, state, *, where, scan_layers, param_dtype, tokenize
   """A checkpoint's config.json (as a dict) and its HF-named tensors -> Converted; where names the source in errors."""
   prefix = _strip_prefix(state, family) if family in ('bert', 'roberta', 'electra', 'gpt2') else ''
   heads = _heads_present(family, state, prefix)
+  # A base model's pooler (BertModel, BertForSequenceClassification, sentence encoders) is kept in params['pooler'],
+  # so a LanguageModel that builds one (NSP, classifier_pooling='cls') starts from it and export writes it back.
+  pooler = family in layouts.POOLER_FAMILIES and f'{prefix}pooler.dense.weight' in state
   fields, state, extras = _config_fields(family, hf, state, prefix, heads, where)
   try:
     cfg = ModelConfig(**fields, scan_layers=False, param_dtype=param_dtype)
   except ValueError as e:
     raise ConversionError(f'{where}: the config converts to an invalid ModelConfig: {e}') from None
-  flat, unused = _apply_rules(layouts.rules(family, cfg, heads, prefix), state, cfg, heads, where)
+  flat, unused = _apply_rules(layouts.rules(family, cfg, heads, prefix, pooler=pooler), state, cfg, heads, where,
+                              pooler)
   # Tensors that are tied copies or buffers rather than weights are not "unused".
   ignore = re.compile(r'(\.attn\.(masked_)?bias$|rotary_emb\.inv_freq$|position_ids$|lm_head\.weight$|'
                       r'decoder\.weight$|decoder\.bias$|embed_tokens\.weight$)')
@@ -228,7 +236,10 @@ def to_hf_state(conv: Converted) -> dict[str, np.ndarray]:
     prefix = ''  # a bare base model saves its tensors unprefixed
   dims = {'n': cfg.num_heads, 'k': cfg.kv_heads, 'h': cfg.head_width}
   state = {}
-  for rule in layouts.rules(conv.family, cfg, conv.heads, prefix):
+  # The pooler goes back whenever the params have one (an imported BertModel's, or one trained for a classifier):
+  # transformers would otherwise initialize BertModel's pooler at random. ELECTRA has no place for it.
+  pooler = 'pooler/dense/kernel' in flat
+  for rule in layouts.rules(conv.family, cfg, conv.heads, prefix, pooler=pooler):
     if rule.ours not in flat:
       raise ConversionError(f'params have no {rule.ours!r}, which the {conv.family} checkpoint needs for {rule.hf!r}.')
     state[rule.hf] = np.ascontiguousarray(rule.layout[1](flat[rule.ours], dims), dtype=np.float32)

@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.convert.store import ConversionError, Converted
 
 FAMILIES = ('bert', 'roberta', 'electra', 'gpt2', 't5', 'llama', 'mistral')
+POOLER_FAMILIES = ('bert', 'roberta')  # whose base models have a pooler: '[bert.]pooler.dense.{weight,bias}'
 
 # ------------------------------------------------------------------------------------------------ tensor layouts
 # Each layout is a pair (HF -> ours, ours -> HF) of numpy functions; `dims` is the ModelConfig-derived shape info.
@@ -247,7 +248,7 @@ def llama_config(hf, where, tied: Optional[bool] = None):
 # ------------------------------------------------------------------------------------------------ rule tables
 
 
-def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]:
+def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str, pooler: bool) -> list[Rule]:
   p = prefix
   r = [
       Rule('embed/token/embedding', f'{p}embeddings.word_embeddings.weight', _same()),
@@ -275,8 +276,10 @@ def _bert_like_rules(family, cfg: ModelConfig, heads, prefix: str) -> list[Rule]
     r += _dense_rules(f'{ours}/mlp/wi', f'{hf}.intermediate.dense')
     r += _dense_rules(f'{ours}/mlp/wo', f'{hf}.output.dense')
     r += _norm_rules(f'{ours}/mlp_norm', f'{hf}.output.LayerNorm')
-  if 'nsp' in heads:
+  # BertModel and RobertaModel carry a pooler without an NSP head (sentence encoders, classifiers); ELECTRA has none.
+  if 'nsp' in heads or (pooler and family in POOLER_FAMILIES):
     r += _dense_rules('pooler/dense', f'{p}pooler.dense')
+  if 'nsp' in heads:
     r += _dense_rules('nsp', 'cls.seq_relationship')
   if 'mlm' in heads:
     mlm = {
@@ -381,10 +384,11 @@ def _llama_rules(cfg, heads):
   return r
 
 
-def rules(family, cfg, heads, prefix='') -> list[Rule]:
-  """Every tensor of `family`'s checkpoint of LanguageModel(cfg, heads) (unrolled layers); prefix: 'bert.', ..."""
+def rules(family, cfg, heads, prefix='', *, pooler: bool = False) -> list[Rule]:
+  """Every tensor of `family`'s checkpoint of LanguageModel(cfg, heads) (unrolled layers); prefix: 'bert.', ...;
+  pooler: the checkpoint has BERT's pooler ('pooler/dense') without an NSP head (only POOLER_FAMILIES hold one)."""
   if family in ('bert', 'roberta', 'electra'):
-    return _bert_like_rules(family, cfg, heads, prefix)
+    return _bert_like_rules(family, cfg, heads, prefix, pooler)
   if family == 'gpt2':
     return _gpt2_rules(cfg, heads, prefix)
   if family == 't5':

@@ -35,9 +35,11 @@ class ConversionError(ValueError):
 class Converted:
   """A converted checkpoint: LanguageModel(cfg, heads=heads) applies `params`.
 
+  params may hold a 'pooler' that `heads` do not build (a BertModel's): applying ignores it, and a model that builds
+  one (NSP, classifier_pooling='cls') takes it when train/pretrained.py merges the params in.
   family: one of hf_layouts.FAMILIES; hf_config: the checkpoint's config.json (export starts from it); extras: numpy
   arrays that have no place in our params but that export puts back (RoBERTa's unused position rows); unused: HF
-  tensors that were not mapped (e.g. BERT's pooler when there is no NSP head); tokenizer: a `tokenizers.Tokenizer`
+  tensors that were not mapped (e.g. BertForSequenceClassification's classifier); tokenizer: a `tokenizers.Tokenizer`
   built from GGUF metadata, tokenizer_dir: the directory whose tokenizer files (tokenizer.json / vocab.txt / ...) came
   with the weights.
   """

@@ -1,47 +1,72 @@
-"""From `config.data` to a tokenizer and train/eval loaders for pre-training: the glue the trainer calls.
+"""From `config.data` to a tokenizer and train/eval data for a run: the glue the trainer calls.
 
 Text comes from the embedded stdlib corpus (no files), local text files (through the TFDS text builder, built once
 into `<workdir>/tfds`), or a TFDS catalog dataset by name. The tokenizer is loaded from `data.tokenizer_path` or
 trained on the training text and saved to `<workdir>/tokenizer`, so a checkpoint is usable without the run. The
-example builder and the default tokenizer kind come from the objectives' records in train/tasks.py (mlm/rtd ->
-MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span -> SpanCorruption, or a registered one). Every path and field
-is checked here, before anything compiles.
+example builder and the default tokenizer kind come from the record the trainer passes (train/tasks.py: mlm/rtd ->
+MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span -> SpanCorruption, or a registered one). A downstream task
+reads its labeled train and dev files through its record's validating reader instead (`read_labeled`), with the
+checkpoint's tokenizer.
+Every path and field is checked here, before anything compiles.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from train import tasks
+import ml_collections
+
 from train.data import embedded
 from train.data import tokenizers as toks
 from train.data.loader import Loader
+
+if TYPE_CHECKING:  # the records are train/tasks.py's, which builds on this package; the trainer passes one in
+  from train import tasks
 
 SOURCES = ('embedded', 'files', 'tfds')
 
 
 @dataclasses.dataclass
-class PretrainingData:
+class RunData:
   tokenizer: toks.Tokenizer
   train: Loader
-  eval: Optional[Loader]
-  kind: str  # the record whose example builder made the batches: 'mlm' | 'nsp' | 'clm' | ...
+  eval: Optional[Loader]  # pre-training: held-out batches whose loss is averaged
+  kind: str  # the record whose example builder made the batches: 'mlm' | 'nsp' | 'clm' | 'sst2' | ...
   tokens_per_example: int
+  dev_records: Optional[list] = None  # downstream tasks: every dev record, scored with the task's metrics
+  train_size: int = 0  # examples in one pass over the training data (QA: windows)
 
 
-def example_task(objectives: Mapping[str, float]) -> tasks.Task:
-  """The record that builds the examples from text; downstream tasks read labeled files instead."""
-  task = tasks.example_task(objectives)
-  if task.kind != 'pretrain':
-    raise ValueError(f'config.objectives={sorted(objectives)}: {task.name!r} is a downstream task, trained on '
-                     'labeled files, not on pre-training text; pre-train with one of '
-                     f'{sorted(n for n, t in tasks.REGISTRY.items() if t.kind == "pretrain")}.')
-  return task
+@dataclasses.dataclass
+class Labeled:
+  """A downstream task's records, read and validated, and the label (or tag) names found in the training file."""
+  train: list
+  dev: Optional[list]
+  names: dict[str, tuple[str, ...]]  # {'label_names': (...)} or {'tag_names': (...)}; {} for QA
 
 
-def check_config(data, objectives: Mapping[str, float]):
+def _paths(value) -> list[str]:
+  return [p for p in (value.split(',') if isinstance(value, str) else list(value or ())) if p]
+
+
+def check_config(data, task: tasks.Task):
   """Raises ValueError naming the config.data field and the fix (missing files included)."""
+  for field in ('seq_len', 'batch_size'):
+    if int(data[field]) <= 0:
+      raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
+  if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
+    raise FileNotFoundError(f'config.data.tokenizer_path: {data.tokenizer_path} does not exist; point it at a saved '
+                            'tokenizer folder, tokenizer.json or vocab.txt, or leave it empty to train one.')
+  if task.kind == 'task':
+    if not _paths(data.get('train')):
+      raise ValueError(f'config.data.train is empty: task {task.name!r} trains on a labeled file; give '
+                       '--config.data.train=FILE (and --config.data.dev=FILE to evaluate).')
+    for field in ('train', 'dev'):
+      for p in _paths(data.get(field)):
+        if not os.path.exists(p):
+          raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file.')
+    return
   if data.source not in SOURCES:
     raise ValueError(f'config.data.source={data.source!r}: use one of {SOURCES}.')
   if data.source == 'files':
@@ -54,13 +79,29 @@ def check_config(data, objectives: Mapping[str, float]):
         raise FileNotFoundError(f'config.data.path: {p} does not exist; give an existing text file or folder.')
   if data.source == 'tfds' and not data.tfds_name:
     raise ValueError('config.data.tfds_name is empty: name a TFDS catalog dataset, e.g. "wikipedia/20230601.en".')
-  if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
-    raise FileNotFoundError(f'config.data.tokenizer_path: {data.tokenizer_path} does not exist; point it at a saved '
-                            'tokenizer folder, tokenizer.json or vocab.txt, or leave it empty to train one.')
-  for field in ('seq_len', 'batch_size'):
-    if int(data[field]) <= 0:
-      raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
-  example_task(objectives)
+
+
+def read_labeled(data, task: tasks.Task) -> Labeled:
+  """The task's train and dev records through its validating reader, with the label names it resolves: those of
+  config.data.<label_field> when given (a record with another label is an error naming its file and line), else the
+  sorted set found in the training file."""
+  names = {}
+  if task.label_field:
+    given = tuple(data.get(task.label_field) or ())
+    names[task.label_field] = given or tuple(task.labels(_paths(data.train), data))
+    data = _with(data, **names)
+  train = task.read(_paths(data.train), data)
+  if not train:
+    raise ValueError(f'config.data.train={data.train}: no records for task {task.name!r}.')
+  dev = task.read(_paths(data.dev), data) if _paths(data.get('dev')) else None
+  return Labeled(train, dev, names)
+
+
+def _with(data, **fields):
+  data = ml_collections.ConfigDict(data.to_dict() if hasattr(data, 'to_dict') else dict(data))
+  for k, v in fields.items():
+    data[k] = v
+  return data
 
 
 def _records(data, workdir: str) -> dict[str, Any]:
@@ -118,9 +159,13 @@ def _tokenizer(data, task: tasks.Task, train_records, workdir: str) -> toks.Toke
   return tok
 
 
-def build(data, objectives: Mapping[str, float], *, workdir: str, seed: int) -> PretrainingData:
-  """Tokenizer + train loader (+ eval loader when a validation split exists); check_config(data) has passed."""
-  task = example_task(objectives)
+def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[Labeled] = None) -> RunData:
+  """Tokenizer + train loader (+ eval loader when a validation split exists); check_config(data) has passed.
+
+  A downstream task passes its `read_labeled` records (and needs a tokenizer: the checkpoint's, config.data.
+  tokenizer_path); pre-training reads its text here."""
+  if labeled is not None:
+    return _build_labeled(data, task, labeled, seed)
   records = _records(data, workdir)
   tokenizer = _tokenizer(data, task, records['train'], workdir)
 
@@ -141,4 +186,17 @@ def build(data, objectives: Mapping[str, float], *, workdir: str, seed: int) -> 
   except ValueError:
     evaluation = None  # a validation split too small for one batch: no eval rather than no run
   tokens = data.seq_len + (data.targets_len or 0)
-  return PretrainingData(tokenizer, train, evaluation, task.name, tokens)
+  return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source))
+
+
+def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int) -> RunData:
+  if not data.tokenizer_path:
+    raise ValueError(f'task {task.name!r} fine-tunes a checkpoint: set config.model.init_from (its tokenizer comes '
+                     'with it) or config.data.tokenizer_path.')
+  tokenizer = toks.Tokenizer.load(data.tokenizer_path)
+  transform, source = task.examples(labeled.train, tokenizer, data)
+  if len(source) < data.batch_size:
+    raise ValueError(f'config.data.train gives {len(source)} examples, fewer than one batch of {data.batch_size}; '
+                     'lower config.data.batch_size.')
+  train = Loader(source, transform, batch_size=data.batch_size, seed=seed, shuffle=True, prefetch=data.prefetch)
+  return RunData(tokenizer, train, None, task.name, data.seq_len, dev_records=labeled.dev, train_size=len(source))

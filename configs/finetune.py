@@ -1,0 +1,95 @@
+"""Fine-tuning a checkpoint on a downstream task; the task and the strategy are config arguments.
+
+Run from the repository root (data paths are relative to the current directory):
+
+  python -m train.main --config=configs/finetune.py:task=sst2,strategy=full --workdir=/tmp/sst2 \
+      --config.model.init_from=CKPT \
+      --config.data.train=../shared/data/sst2/train.tsv --config.data.dev=../shared/data/sst2/dev.tsv
+  python -m train.evaluate --from=/tmp/sst2 --data=../shared/data/sst2/dev.tsv --out=/tmp/sst2/dev
+
+CKPT is an lmlab run's workdir, a converted or Hugging Face model directory, or a .gguf file; its tokenizer and
+architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
+
+  task       the record in train/tasks.py the run trains, its reader and its dev metric:
+               sst2, trec (coarse labels), trec_fine, rte, snli      classification (accuracy)
+               classification                                       any TSV/CSV/JSONL: set data.text_columns and
+                                                                    data.label_column (one or two text columns)
+               wnut17, tagging                                      CoNLL token tags, BIO (entity F1, seqeval)
+               squad, xquad, qa                                     SQuAD JSON, doc stride (exact match, F1)
+  strategy   full        every parameter trains (optim.layerwise_lr_decay < 1 decays the lower layers' rates)
+             head        the backbone is frozen and not differentiated; only the task head trains (mean pooling
+                         for classification unless model.classifier_pooling says otherwise)
+  runlocal   seconds on a CPU: short sequences, small batches, a few steps (tests use it)
+
+Every task works with every strategy; sentence pairs, tags and spans need an encoder (or a decoder, pooled at its
+last token). Labels come from the training file (data.label_names fixes their order and refuses others). The run
+evaluates the dev file every train.eval_every steps with the task's metrics, keeps the best checkpoint by
+train.best_metric and stops early after train.early_stopping evaluations without improvement.
+"""
+import ml_collections
+
+from configs import common
+
+# task -> (best metric, text columns, label column) for the classification datasets in ../shared/data.
+TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa')
+_BEST = {'wnut17': 'eval/f1', 'tagging': 'eval/f1', 'squad': 'eval/f1', 'xquad': 'eval/f1', 'qa': 'eval/f1'}
+
+
+def finetune_fields(c: ml_collections.ConfigDict) -> None:
+  """The fields a fine-tuning run reads beyond base()'s, with their defaults and meanings."""
+  # yapf: disable (a table: one field per line, its meaning aligned beside it)
+  c.finetune = ml_collections.ConfigDict(dict(
+      strategy='full',          # 'full' | 'head' (train/finetune.py)
+      train_pooler=False,       # head: also train the [CLS] pooler (with model.classifier_pooling='cls')
+  ))
+  c.model.classifier_pooling = ''  # '' (cls for encoders, last for decoders) | 'cls' | 'mean' | 'last'
+  c.data.source = 'files'
+  c.data.train = ''             # training file(s), comma-separated; TSV/CSV/JSONL, CoNLL or SQuAD JSON by task
+  c.data.dev = ''               # dev file(s) scored during training; '' : no dev evaluation
+  c.data.text_columns = ()      # classification: the one or two text columns; (): the task's own
+  c.data.label_column = ''      # classification: the label column; '': the task's own
+  c.data.label_names = ()       # class names in id order; (): the sorted set found in data.train
+  c.data.tag_names = ()         # tagging: tag names in id order; (): found in data.train ('O' first)
+  c.data.doc_stride = 64        # QA: context tokens shared by consecutive windows of a long context
+  c.data.max_query_length = 64  # QA: question tokens kept
+  c.data.max_answer_length = 30  # QA: longest answer span, in tokens, at prediction time
+  c.train.epochs = 3.0          # passes over data.train; > 0 sets train.steps and optim.total_steps from it
+  c.train.warmup_fraction = 0.06  # share of the steps with linear warmup (with epochs > 0)
+  c.train.early_stopping = 0    # stop after this many dev evaluations without a better best_metric; 0: off
+  # yapf: enable
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, task='sst2', strategy='full')
+  if args.task not in TASKS:
+    raise ValueError(f'config argument task={args.task!r} is unknown; known tasks: {", ".join(TASKS)}.')
+  c = common.base()
+  finetune_fields(c)
+  c.objectives = {args.task: 1.0}
+  c.finetune.strategy = args.strategy
+  c.data.seq_len = 128
+  c.data.batch_size = 32
+  c.data.prefetch = 0
+  c.optim.learning_rate = 5e-5 if args.strategy == 'full' else 1e-3
+  c.optim.weight_decay = 0.01
+  c.optim.decay = 'linear'
+  c.optim.clip_norm = 1.0
+  if args.strategy == 'head':
+    c.train.epochs = 10.0
+    c.model.classifier_pooling = 'mean'
+  c.train.log_every = 50
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 1
+  c.train.best_metric = _BEST.get(args.task, 'eval/accuracy')
+  c.train.best_mode = 'max'
+  if args.runlocal:
+    c.data.seq_len = 32
+    c.data.batch_size = 8
+    c.train.epochs = 0.0
+    c.optim.total_steps = c.train.steps = 30
+    c.optim.warmup_steps = 3
+    c.optim.learning_rate = 1e-3 if args.strategy == 'full' else 1e-2
+    c.train.log_every = 10
+    c.train.eval_every = c.train.checkpoint_every = 30
+  return c
