@@ -16,6 +16,10 @@ architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
                                                                     data.label_column (one or two text columns)
                wnut17, tagging                                      CoNLL token tags, BIO (entity F1, seqeval)
                squad, xquad, qa                                     SQuAD JSON, doc stride (exact match, F1)
+               translation (en -> de columns), seq2seq              text-to-text TSV/CSV/JSONL on an encoder-decoder,
+                                                                    KV-cache decoding (BLEU, chrF by sacrebleu);
+                                                                    from init_from or from scratch (model.preset and a
+                                                                    tokenizer trained on the task's text)
   strategy   full        every parameter trains (optim.layerwise_lr_decay < 1 decays the lower layers' rates)
              head        the backbone is frozen and not differentiated; only the task head trains (mean pooling
                          for classification unless model.classifier_pooling says otherwise)
@@ -31,8 +35,17 @@ import ml_collections
 from configs import common
 
 # task -> (best metric, text columns, label column) for the classification datasets in ../shared/data.
-TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa')
-_BEST = {'wnut17': 'eval/f1', 'tagging': 'eval/f1', 'squad': 'eval/f1', 'xquad': 'eval/f1', 'qa': 'eval/f1'}
+TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa',
+         'translation', 'seq2seq')
+_BEST = {
+    'wnut17': 'eval/f1',
+    'tagging': 'eval/f1',
+    'squad': 'eval/f1',
+    'xquad': 'eval/f1',
+    'qa': 'eval/f1',
+    'translation': 'eval/bleu',
+    'seq2seq': 'eval/bleu'
+}
 
 
 def finetune_fields(c: ml_collections.ConfigDict) -> None:
@@ -53,6 +66,9 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   c.data.doc_stride = 64        # QA: context tokens shared by consecutive windows of a long context
   c.data.max_query_length = 64  # QA: question tokens kept
   c.data.max_answer_length = 30  # QA: longest answer span, in tokens, at prediction time
+  c.data.source_column = ''     # seq2seq: the input column; '': the task's own ('en' for translation, 'source')
+  c.data.target_column = ''     # seq2seq: the output column; '': the task's own ('de' for translation, 'target')
+  c.data.num_beams = 1          # seq2seq: 1 = greedy decoding at evaluation; more = beam search
   c.train.epochs = 3.0          # passes over data.train; > 0 sets train.steps and optim.total_steps from it
   c.train.warmup_fraction = 0.06  # share of the steps with linear warmup (with epochs > 0)
   c.train.early_stopping = 0    # stop after this many dev evaluations without a better best_metric; 0: off
@@ -66,6 +82,7 @@ def get_config(arg=None):
   c = common.base()
   finetune_fields(c)
   c.objectives = {args.task: 1.0}
+  c.model.preset = 't5-small' if args.task in ('translation', 'seq2seq') else ''  # without init_from: from scratch
   c.finetune.strategy = args.strategy
   c.data.seq_len = 128
   c.data.batch_size = 32
@@ -92,4 +109,6 @@ def get_config(arg=None):
     c.optim.learning_rate = 1e-3 if args.strategy == 'full' else 1e-2
     c.train.log_every = 10
     c.train.eval_every = c.train.checkpoint_every = 30
+    if args.task in ('translation', 'seq2seq'):
+      c.model.preset, c.data.vocab_size, c.data.targets_len = 't5-tiny', 1000, 32
   return c

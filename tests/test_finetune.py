@@ -183,3 +183,122 @@ def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_
     assert frozen == (strategy == 'head'), strategy
   # The backward through the backbone costs about twice its forward: head's step must be well under full's.
   assert flops['head'] < 0.6 * flops['full'], flops
+
+
+def _squad(rng, n):
+  """SQuAD JSON: long contexts of filler words holding one city; 'which city ?' is answered by it (often beyond the
+  first 32-token window)."""
+  paragraphs = []
+  for i in range(n):
+    words = [str(w) for w in rng.choice(FILLER, size=int(rng.integers(20, 40)))]
+    at = int(rng.integers(len(words)))
+    city = str(rng.choice(CITIES))
+    words.insert(at, city)
+    context = ' '.join(words)
+    start = len(' '.join(words[:at])) + (1 if at else 0)
+    paragraphs.append({
+        'context': context,
+        'qas': [{
+            'id': f'q{i}',
+            'question': 'which city is named ?',
+            'answers': [{
+                'text': city,
+                'answer_start': start
+            }]
+        }]
+    })
+  return json.dumps({'version': '1.1', 'data': [{'title': 'cities', 'paragraphs': paragraphs}]})
+
+
+def test_qa_with_doc_stride_finds_answers_beyond_the_first_window(tiny_bert, tmp_path):
+  rng = np.random.default_rng(4)
+  (tmp_path / 'train.json').write_text(_squad(rng, 200))
+  (tmp_path / 'dev.json').write_text(_squad(rng, 40))
+  workdir = tmp_path / 'run'
+  proc = _main('xquad', 'full', workdir, tiny_bert, tmp_path / 'train.json', tmp_path / 'dev.json',
+               '--config.train.steps=80', '--config.optim.total_steps=80', '--config.train.eval_every=80',
+               '--config.train.checkpoint_every=80', '--config.data.max_query_length=8', '--config.data.doc_stride=8')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = _evals(workdir)[-1]
+  # Copying the first context word would almost never be the city: exact match near 0.
+  assert final['exact_match'] > 50 and final['f1'] >= final['exact_match'], final
+
+
+def test_a_killed_finetuning_run_resumes_bitwise(tiny_bert, tmp_path):
+  import signal
+  import time
+  import orbax.checkpoint as ocp
+  rng = np.random.default_rng(5)
+  train = _write_tsv(tmp_path / 'train.tsv', ('sentence', 'label'), _sentences(rng, 200))
+  dev = _write_tsv(tmp_path / 'dev.tsv', ('sentence', 'label'), _sentences(rng, 30))
+  n = 8
+
+  def command(workdir):
+    return [
+        sys.executable, '-m', 'train.main', '--config=configs/finetune.py:task=sst2,strategy=full,runlocal',
+        f'--workdir={workdir}', f'--config.model.init_from={tiny_bert}', f'--config.data.train={train}',
+        f'--config.data.dev={dev}', f'--config.train.steps={2 * n}', f'--config.optim.total_steps={2 * n}',
+        f'--config.train.checkpoint_every={n}', '--config.train.eval_every=0', '--config.train.best_metric=',
+        '--config.train.keep_checkpoints=3', '--config.train.log_every=1'
+    ]
+
+  straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+  done = subprocess.run(command(straight), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  proc = subprocess.Popen(command(resumed), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    while proc.poll() is None and not (resumed / 'checkpoints' / str(n)).is_dir():
+      time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, f'the run ended (rc {proc.returncode}) before it could be killed'
+  again = subprocess.run(command(resumed), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f'resumed from step {n}' in again.stdout
+  timing = ('steps_per_sec', 'tokens_per_sec')
+  rows = [[{
+      k: v for k, v in json.loads(line).items() if k not in timing
+  } for line in (w / 'metrics.jsonl').read_text().splitlines()] for w in (straight, resumed)]
+  assert rows[0] == rows[1] and rows[0][-1]['split'] == 'eval'
+  a, b = (ocp.StandardCheckpointer().restore(w / 'checkpoints' / str(2 * n) / 'state') for w in (straight, resumed))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_translation_from_scratch_beats_copying_the_source(tmp_path):
+  """A word-for-word 'translation' ('the' -> 'der', ...): a t5-tiny trained from scratch on it for 600 steps decodes
+  (KV cache, greedy) text closer to the targets than the source is, and the evaluate job scores the same."""
+  rng = np.random.default_rng(6)
+  lexicon = dict(
+      zip(FILLER + CITIES, ('der', 'kino', 'war', 'ein', 'bericht', 'von', 'und', 'es', 'handlung', 'leute', 'streifen',
+                            'sehr', 'ziemlich', 'dies', 'lutetia', 'londinium', 'kiez', 'roma', 'mantua', 'edo')))
+
+  def pairs(n):
+    rows = []
+    for _ in range(n):
+      words = [str(w) for w in rng.choice(list(lexicon), size=int(rng.integers(2, 5)))]
+      rows.append((' '.join(words), ' '.join(lexicon[w] for w in words)))
+    return rows
+
+  train = _write_tsv(tmp_path / 'train.tsv', ('en', 'de'), pairs(600))
+  dev_rows = pairs(40)
+  dev = _write_tsv(tmp_path / 'dev.tsv', ('en', 'de'), dev_rows)
+  workdir = tmp_path / 'run'
+  proc = subprocess.run([
+      sys.executable, '-m', 'train.main', '--config=configs/finetune.py:task=translation,runlocal',
+      f'--workdir={workdir}', f'--config.data.train={train}', f'--config.data.dev={dev}', '--config.train.steps=600',
+      '--config.optim.total_steps=600', '--config.train.eval_every=600', '--config.train.checkpoint_every=600',
+      '--config.optim.learning_rate=3e-3', '--config.data.targets_len=16', '--config.data.seq_len=16',
+      '--config.data.batch_size=16'
+  ], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  from train import metrics
+  copied = metrics.generation_metrics(predictions=[s for s, _ in dev_rows], references=[t for _, t in dev_rows])
+  final = _evals(workdir)[-1]
+  assert final['chrf'] > copied['chrf'] + 10 and final['bleu'] >= copied['bleu'], (final, copied)
+  out = tmp_path / 'scored'
+  job = subprocess.run([sys.executable, '-m', 'train.evaluate', f'--from={workdir}', f'--data={dev}', f'--out={out}'],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+  assert job.returncode == 0, job.stderr[-3000:]
+  assert json.loads((out / 'metrics.json').read_text())['bleu'] == pytest.approx(final['bleu'], abs=1e-9)

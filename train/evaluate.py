@@ -90,7 +90,7 @@ def _names(data, field) -> list[str]:
   return names
 
 
-def score_classification(outputs, examples, records, data) -> Scored:
+def score_classification(outputs, examples, records, data, tokenizer=None) -> Scored:
   """accuracy, macro_f1 (and f1 of label 1 with two classes) over argmax(cls_logits)."""
   names = _names(data, 'label_names')
   logits = outputs['cls_logits'].astype(np.float64)
@@ -112,7 +112,7 @@ def score_classification(outputs, examples, records, data) -> Scored:
   return scores, rows
 
 
-def score_tagging(outputs, examples, records, data) -> Scored:
+def score_tagging(outputs, examples, records, data, tokenizer=None) -> Scored:
   """Entity-level precision/recall/F1 (seqeval, conlleval rules) of the per-word tags read off first sub-words."""
   names = _names(data, 'tag_names')
   weights = np.stack([e['tag_weights'] for e in examples])
@@ -128,7 +128,7 @@ def score_tagging(outputs, examples, records, data) -> Scored:
   return scores, rows
 
 
-def score_qa(outputs, examples, records, data) -> Scored:
+def score_qa(outputs, examples, records, data, tokenizer=None) -> Scored:
   """SQuAD exact match and F1 of the best span over every doc-stride window of each question."""
   answers = tex.postprocess_qa(start_logits=outputs['start_logits'], end_logits=outputs['end_logits'],
                                offsets=np.stack([e['offsets'] for e in examples]),
@@ -146,6 +146,47 @@ def score_qa(outputs, examples, records, data) -> Scored:
   return scores, rows
 
 
+def generate_fn(model, data):
+  """jit(params, batch) -> {'generated': [B, L] token ids}: greedy (or config.data.num_beams > 1: beam) KV-cache
+  decoding from the batch's encoder input, up to config.data.targets_len tokens."""
+  from model import decode  # pylint: disable=g-import-not-at-top
+  beams = int(data.get('num_beams') or 1)
+  config = decode.DecodeConfig(method='beam' if beams > 1 else 'greedy', num_beams=max(beams, 1),
+                               max_new_tokens=int(data.get('targets_len') or data.seq_len))
+
+  def fwd(params, batch):
+    tokens, _ = decode.generate(model, params, encoder_tokens=batch['encoder_tokens'],
+                                encoder_segment_ids=batch['encoder_segment_ids'], config=config)
+    return {'generated': tokens}
+
+  return jax.jit(fwd)
+
+
+def score_generation(outputs, examples, records, data, tokenizer=None) -> Scored:
+  """Corpus BLEU and chrF (sacrebleu) of the decoded outputs against the targets."""
+  stop = {i for i in (tokenizer.eos_id, tokenizer.pad_id) if i is not None}
+  texts = []
+  for row in outputs['generated']:
+    ids = [int(t) for t in row]
+    ids = ids[:next((j for j, t in enumerate(ids) if t in stop), len(ids))]
+    texts.append(tokenizer.decode(ids).strip())
+  scores = metrics_lib.generation_metrics(predictions=texts, references=[r['target'] for r in records])
+  rows = [{
+      'idx': r.get('idx', i),
+      'source': r['source'],
+      'target': r['target'],
+      'prediction': t
+  } for i, (r, t) in enumerate(zip(records, texts))]
+  return scores, rows
+
+
+def task_forward(task, model, data, **shardings) -> Callable:
+  """What a task's scorer reads, as one jitted function: the model outputs it names, or generated tokens."""
+  if task.outputs == ('generated',):
+    return generate_fn(model, data)
+  return forward_fn(model, task.outputs, **shardings)
+
+
 def score(task, fwd: Callable, params, records: Sequence[Mapping[str, Any]], tokenizer, data, *, batch_size: int,
           batch_sharding=None, log: Optional[Callable] = None) -> Scored:
   """(metrics, predictions) of `task` on `records`: its evaluation examples through `fwd`, then its scorer."""
@@ -153,7 +194,7 @@ def score(task, fwd: Callable, params, records: Sequence[Mapping[str, Any]], tok
     raise ValueError(f'task {task.name!r} has no scorer; evaluate it by its loss (config.train.eval_steps).')
   examples = task.eval_examples(records, tokenizer, data)
   outputs = run_forward(fwd, params, examples, batch_size=batch_size, batch_sharding=batch_sharding, log=log)
-  return task.score(outputs, examples, records, data)
+  return task.score(outputs, examples, records, data, tokenizer)
 
 
 def write(out_dir: str, scores: Mapping[str, float], predictions: Sequence[Mapping[str, Any]], **about) -> None:
@@ -188,7 +229,7 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
     raise FileNotFoundError(f'--data={data_path} does not exist; give a file in the format of task {task.name!r}.')
   records = task.read([data_path], config.data)
   tokenizer = tokenizers.Tokenizer.load(loaded.pretrained.tokenizer_dir)
-  fwd = forward_fn(loaded.model, task.outputs)
+  fwd = task_forward(task, loaded.model, config.data)
   t0 = time.time()
   scores, rows = score(task, fwd, loaded.pretrained.params, records, tokenizer, config.data, batch_size=batch_size
                        or int(config.data.batch_size), log=log)

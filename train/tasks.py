@@ -145,13 +145,13 @@ def _tagging_examples(records, tokenizer, data):
   return tex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
 
 
-def _qa(data, tokenizer):
+def _qa_builder(data, tokenizer):
   return tex.QuestionAnswering(tokenizer, seq_len=data.seq_len, max_query_length=int(data.get('max_query_length', 64)),
                                doc_stride=data.get('doc_stride'))
 
 
 def _qa_windows(records, tokenizer, data):
-  qa = _qa(data, tokenizer)
+  qa = _qa_builder(data, tokenizer)
   return [w for i, r in enumerate(records) for w in qa.windows(r, example_index=i)]
 
 
@@ -198,6 +198,16 @@ def _read_conll(paths, data):
 
 def _conll_tags(paths, data):
   return readers.infer_tags(paths, num_columns=None)
+
+
+def _read_seq2seq(columns):
+
+  def read(paths, data):
+    return list(
+        readers.seq2seq_records(paths, source_column=data.get('source_column') or columns[0],
+                                target_column=data.get('target_column') or columns[1]))
+
+  return read
 
 
 def _read_squad(paths, data):
@@ -296,7 +306,9 @@ _BUILTIN = (
         'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
     Task('seq2seq', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
          "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a decoder with source and target concatenated",
-         _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task'),
+         _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task', read=_read_seq2seq(
+             ('source', 'target')), eval_examples=lambda r, t, d: _each_record(r, t, d, 'seq2seq'),
+         outputs=('generated',), score=evaluate.score_generation, columns=('source', 'target')),
     Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
          "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples, _ENCODER +
          ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_classification(
@@ -336,7 +348,9 @@ for _task in (_dataset('classification', 'sst2',
               _dataset('classification', 'trec_fine', ('question', 'fine_label')),
               _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label')),
               _dataset('classification', 'snli', ('premise', 'hypothesis', 'label')), _dataset('tagging', 'wnut17'),
-              _dataset('qa', 'squad'), _dataset('qa', 'xquad')):
+              _dataset('qa', 'squad'), _dataset('qa', 'xquad'),
+              dataclasses.replace(_dataset('seq2seq', 'translation'), read=_read_seq2seq(('en', 'de')),
+                                  columns=('en', 'de'))):
   register(_task)
 
 # --------------------------------------------------------------------------------------------- reading records

@@ -27,6 +27,7 @@ import optax
 from model import heads as heads_lib
 from model.config import ModelConfig, preset, set_fields
 from train import checkpoint as ckpt_lib
+from train.writers import MetricsWriter
 from train import evaluate
 from train import finetune
 from train import optim
@@ -41,15 +42,22 @@ State = dict
 # ------------------------------------------------------------------------------------------------ the pure steps
 
 
-def _frozen_as_constants(loss_fn, trainable):
-  """loss_fn whose frozen leaves are stop_gradient'ed: JAX then linearizes nothing that only they feed (a frozen
-  backbone gets no backward pass at all)."""
+def _grads_of_trainable(loss_fn, trainable, params, *args, **kw):
+  """value_and_grad of loss_fn over the trainable leaves only: the frozen ones enter as constants, so JAX builds no
+  backward pass for what only they feed (a frozen backbone). -> ((loss, aux), grads like params, 0 where frozen)."""
+  leaves, treedef = jax.tree.flatten(params)
+  flags = jax.tree.leaves(trainable)
 
-  def wrapped(params, *args, **kw):
-    params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
-    return loss_fn(params, *args, **kw)
+  def of_trainable(train_leaves, frozen_leaves):
+    it_train, it_frozen = iter(train_leaves), iter(frozen_leaves)
+    merged = [next(it_train) if f else next(it_frozen) for f in flags]
+    return loss_fn(jax.tree.unflatten(treedef, merged), *args, **kw)
 
-  return wrapped
+  train_leaves = [x for x, f in zip(leaves, flags) if f]
+  frozen_leaves = [x for x, f in zip(leaves, flags) if not f]
+  out, train_grads = jax.value_and_grad(of_trainable, has_aux=True)(train_leaves, frozen_leaves)
+  it = iter(train_grads)
+  return out, jax.tree.unflatten(treedef, [next(it) if f else jnp.zeros_like(x) for x, f in zip(leaves, flags)])
 
 
 def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.GradientTransformation,
@@ -60,9 +68,11 @@ def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.Gradient
   out bitwise unchanged."""
   step = state['step']
   rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-  loss_of = loss_fn if trainable is None else _frozen_as_constants(loss_fn, trainable)
-  grad_fn = jax.value_and_grad(functools.partial(loss_of, model=model, deterministic=False), has_aux=True)
-  (loss, metrics), grads = grad_fn(state['params'], batch, rng)
+  loss_of = functools.partial(loss_fn, model=model, deterministic=False)
+  if trainable is None:
+    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'], batch, rng)
+  else:
+    (loss, metrics), grads = _grads_of_trainable(loss_of, trainable, state['params'], batch, rng)
   updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   if trainable is not None:
@@ -211,9 +221,10 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
 
   abstract = jax.eval_shape(init, 0)
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
+  trainable = optim.trainable_mask(params_shapes, *parts.train_patterns) if any(parts.train_patterns) else None
   return Setup(**vars(parts), state_shardings=state_sh, abstract_state=abstract,
-               batch_sharding=part.batch_sharding(mesh), init_fn=jax.jit(init, static_argnums=0,
-                                                                         out_shardings=state_sh))
+               batch_sharding=part.batch_sharding(mesh),
+               init_fn=jax.jit(init, static_argnums=0, out_shardings=state_sh), trainable=trainable)
 
 
 def jit_steps(setup: Setup):
@@ -240,55 +251,6 @@ def jit_steps(setup: Setup):
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-
-
-class MetricsWriter:
-  """metrics.jsonl (one JSON object per logged step) and TensorBoard, on process 0 only."""
-
-  def __init__(self, workdir: str, *, resume_step: int = 0):
-    self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tb = None
-    if not self.active:
-      return
-    self._truncate_after(resume_step)
-    try:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    except ImportError:  # TensorBoard output is a convenience; metrics.jsonl is the record.
-      self.tb = None
-
-  def _truncate_after(self, step: int):
-    """A resumed run redoes steps after its checkpoint: drop their lines (and a line cut by a kill) atomically."""
-    if not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if rec.get('step', 0) <= step:
-          kept.append(json.dumps(rec))
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.write(''.join(k + '\n' for k in kept))
-    os.replace(tmp, self.path)
-
-  def write(self, step: int, split: str, values: Mapping[str, float]):
-    if not self.active:
-      return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': int(step), 'split': split, **values}) + '\n')
-    if self.tb is not None:
-      for k, v in values.items():
-        self.tb.add_scalar(f'{split}/{k}', v, step)
-      self.tb.flush()
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -408,8 +370,8 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
   train_fn, eval_fn = jit_steps(setup)
   forward = None
   if task.score is not None and data.dev_records:
-    forward = evaluate.forward_fn(setup.model, task.outputs, params_sharding=setup.state_shardings['params'],
-                                  batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
+    forward = evaluate.task_forward(task, setup.model, config.data, params_sharding=setup.state_shardings['params'],
+                                    batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump({'config': _config_dict(config), 'model': model_cfg.to_dict()}, f, indent=2)

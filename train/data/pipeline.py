@@ -146,28 +146,44 @@ class _Slice:
     return self.source[self.start + i]
 
 
-def _tokenizer(data, task: tasks.Task, train_records, workdir: str) -> toks.Tokenizer:
+def _tokenizer(data, task: tasks.Task, texts, workdir: str) -> toks.Tokenizer:
+  """config.data.tokenizer_path's, the run's own (a resumed run keeps the one its checkpoints were trained with), or
+  one trained on `texts` (a callable: only called when training) and saved to <workdir>/tokenizer."""
   saved = os.path.join(workdir, 'tokenizer')
   if data.tokenizer_path:
     return toks.Tokenizer.load(data.tokenizer_path)
   if os.path.exists(saved):
-    return toks.Tokenizer.load(saved)  # a resumed run keeps the tokenizer its checkpoints were trained with
-  texts = [train_records[i]['text'] for i in range(min(len(train_records), data.tokenizer_train_records))]
-  tok = toks.train_tokenizer(data.tokenizer_kind or task.tokenizer_kind, texts, vocab_size=data.vocab_size)
+    return toks.Tokenizer.load(saved)
+  tok = toks.train_tokenizer(data.tokenizer_kind or task.tokenizer_kind, texts(), vocab_size=data.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   tok.save(saved)
   return tok
 
 
+_TEXT_FIELDS = ('text_a', 'text_b', 'source', 'target', 'question', 'context')
+
+
+def _record_texts(records, limit: int) -> list[str]:
+  """The text of labeled records (both sides of pairs and translations, a tagged sentence's words) for a tokenizer."""
+  out = []
+  for r in records[:limit]:
+    out += [r[k] for k in _TEXT_FIELDS if r.get(k)]
+    if r.get('tokens'):
+      out.append(' '.join(r['tokens']))
+  return out
+
+
 def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[Labeled] = None) -> RunData:
   """Tokenizer + train loader (+ eval loader when a validation split exists); check_config(data) has passed.
 
-  A downstream task passes its `read_labeled` records (and needs a tokenizer: the checkpoint's, config.data.
-  tokenizer_path); pre-training reads its text here."""
+  A downstream task passes its `read_labeled` records; pre-training reads its text here."""
   if labeled is not None:
-    return _build_labeled(data, task, labeled, seed)
+    return _build_labeled(data, task, labeled, seed, workdir)
   records = _records(data, workdir)
-  tokenizer = _tokenizer(data, task, records['train'], workdir)
+  train_records = records['train']
+  tokenizer = _tokenizer(
+      data, task,
+      lambda: [train_records[i]['text'] for i in range(min(len(train_records), data.tokenizer_train_records))], workdir)
 
   def loader(split, split_seed, shuffle):
     recs = records.get(split)
@@ -189,11 +205,9 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
   return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source))
 
 
-def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int) -> RunData:
-  if not data.tokenizer_path:
-    raise ValueError(f'task {task.name!r} fine-tunes a checkpoint: set config.model.init_from (its tokenizer comes '
-                     'with it) or config.data.tokenizer_path.')
-  tokenizer = toks.Tokenizer.load(data.tokenizer_path)
+def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int, workdir: str) -> RunData:
+  # Usually the init_from checkpoint's tokenizer; a model trained from scratch on the task gets one of its own.
+  tokenizer = _tokenizer(data, task, lambda: _record_texts(labeled.train, data.tokenizer_train_records), workdir)
   transform, source = task.examples(labeled.train, tokenizer, data)
   if len(source) < data.batch_size:
     raise ValueError(f'config.data.train gives {len(source)} examples, fewer than one batch of {data.batch_size}; '
