@@ -223,8 +223,8 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh)
   trainable = optim.trainable_mask(params_shapes, *parts.train_patterns) if any(parts.train_patterns) else None
   return Setup(**vars(parts), state_shardings=state_sh, abstract_state=abstract,
-               batch_sharding=part.batch_sharding(mesh),
-               init_fn=jax.jit(init, static_argnums=0, out_shardings=state_sh), trainable=trainable)
+               batch_sharding=part.batch_sharding(mesh), init_fn=jax.jit(init, static_argnums=0,
+                                                                         out_shardings=state_sh), trainable=trainable)
 
 
 def jit_steps(setup: Setup):
