@@ -34,7 +34,7 @@ import ml_collections
 
 from configs import common
 
-# task -> (best metric, text columns, label column) for the classification datasets in ../shared/data.
+# The task records of train/tasks.py this config offers, and the dev metric each keeps its best checkpoint by.
 TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa',
          'translation', 'seq2seq')
 _BEST = {

@@ -174,6 +174,9 @@ def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_
     ckpts.close()
     batch = global_batch(next(run.data.train), run.setup.batch_sharding)
     flops[strategy] = run.train_fn.lower(state, batch).compile().cost_analysis()['flops']
+    if strategy == 'head':  # the loss alone (forward with dropout): what a step with no backbone backward costs
+      loss = jax.jit(lambda p, b, run=run: run.setup.loss_fn(p, b, jax.random.key(0), model=run.setup.model)[0])
+      flops['forward'] = loss.lower(state['params'], batch).compile().cost_analysis()['flops']
     before = jax.tree.map(np.asarray, state['params'])
     for _ in range(3):
       state, _ = run.train_fn(state, batch)
@@ -183,6 +186,8 @@ def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_
     assert frozen == (strategy == 'head'), strategy
   # The backward through the backbone costs about twice its forward: head's step must be well under full's.
   assert flops['head'] < 0.6 * flops['full'], flops
+  # A frozen optimizer alone (no mask in the step) gives about 3x the forward here: the backward must be absent.
+  assert flops['head'] < 1.2 * flops['forward'], flops
 
 
 def _squad(rng, n):

@@ -89,19 +89,12 @@ def read_labeled(data, task: tasks.Task) -> Labeled:
   if task.label_field:
     given = tuple(data.get(task.label_field) or ())
     names[task.label_field] = given or tuple(task.labels(_paths(data.train), data))
-    data = _with(data, **names)
+    data = ml_collections.ConfigDict({**data.to_dict(), **names})  # the reader checks records against them
   train = task.read(_paths(data.train), data)
   if not train:
     raise ValueError(f'config.data.train={data.train}: no records for task {task.name!r}.')
   dev = task.read(_paths(data.dev), data) if _paths(data.get('dev')) else None
   return Labeled(train, dev, names)
-
-
-def _with(data, **fields):
-  data = ml_collections.ConfigDict(data.to_dict() if hasattr(data, 'to_dict') else dict(data))
-  for k, v in fields.items():
-    data[k] = v
-  return data
 
 
 def _records(data, workdir: str) -> dict[str, Any]:
