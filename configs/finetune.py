@@ -54,6 +54,7 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   c.finetune = ml_collections.ConfigDict(dict(
       strategy='full',          # 'full' | 'head' (train/finetune.py)
       train_pooler=False,       # head: also train the [CLS] pooler (with model.classifier_pooling='cls')
+      backbone_dropout=False,   # head: keep dropout inside the frozen backbone (default: eval mode, a linear probe)
   ))
   c.model.classifier_pooling = ''  # '' (cls for encoders, last for decoders) | 'cls' | 'mean' | 'last'
   c.data.source = 'files'

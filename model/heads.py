@@ -102,6 +102,9 @@ class LanguageModel(nn.Module):
   num_labels: int = 2
   num_tags: int = 2
   classifier_pooling: Optional[str] = None  # None: 'cls' for encoders, 'last' for decoders
+  # A frozen backbone used as a feature extractor runs in eval mode (no dropout inside it), as a linear probe does;
+  # the heads keep their dropout.
+  backbone_deterministic: bool = False
 
   def setup(self):
     cfg = self.cfg
@@ -165,7 +168,7 @@ class LanguageModel(nn.Module):
     return hidden, encoded
 
   def __call__(self, batch, *, deterministic: bool = True, decode: bool = False):
-    hidden, encoded = self.backbone(batch, deterministic=deterministic, decode=decode)
+    hidden, encoded = self.backbone(batch, deterministic=deterministic or self.backbone_deterministic, decode=decode)
     out = {'hidden': hidden}
     if encoded is not None:
       out['encoded'] = encoded

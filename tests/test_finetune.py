@@ -184,6 +184,7 @@ def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_
     assert not _same(before['classifier'], after['classifier']), strategy
     frozen = _same(before['transformer'], after['transformer']) and _same(before['embed'], after['embed'])
     assert frozen == (strategy == 'head'), strategy
+    assert run.setup.model.backbone_deterministic == (strategy == 'head')  # a frozen backbone runs without dropout
   # The backward through the backbone costs about twice its forward: head's step must be well under full's.
   assert flops['head'] < 0.6 * flops['full'], flops
   # A frozen optimizer alone (no mask in the step) gives about 3x the forward here: the backward must be absent.

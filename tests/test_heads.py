@@ -168,6 +168,22 @@ def test_classifier_pooling(name, pooling):
   np.testing.assert_allclose(out['cls_logits'], want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('frozen', [False, True])
+def test_backbone_deterministic_keeps_dropout_in_the_head_only(frozen):
+  # The head strategy's frozen backbone is a feature extractor in eval mode; the classifier's dropout still acts.
+  cfg = preset('bert-tiny', vocab_size=V, dropout_rate=0.3, attention_dropout_rate=0.3, max_len=64)
+  module = LanguageModel(cfg, heads=('classifier',), num_labels=3, classifier_pooling='mean',
+                         backbone_deterministic=frozen)
+  batch = {'tokens': jnp.asarray(TOKENS), 'segment_ids': jnp.asarray(SEGS)}
+  params = random_params(module, batch, cfg.init_std)
+  run = lambda seed: module.apply({'params': params}, batch, deterministic=False, rngs=
+                                  {'dropout': jax.random.key(seed)})
+  (a, b), evaluated = (run(1), run(2)), module.apply({'params': params}, batch)
+  assert np.array_equal(a['hidden'], b['hidden']) == frozen
+  assert np.array_equal(a['hidden'], evaluated['hidden']) == frozen
+  assert not np.allclose(a['cls_logits'], b['cls_logits'])
+
+
 # ---------------------------------------------------------------------------------------------------- ELECTRA
 
 

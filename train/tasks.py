@@ -413,7 +413,8 @@ def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
 
 
 def model_kwargs(config) -> dict[str, Any]:
-  """LanguageModel's task arguments from config: label and tag counts (resolved from the data), classifier pooling."""
+  """LanguageModel's task arguments from config: label and tag counts (resolved from the data), classifier pooling,
+  and whether a frozen backbone runs without dropout (the head strategy, unless config.finetune.backbone_dropout)."""
   kw = {}
   if config.data.get('label_names'):
     kw['num_labels'] = len(config.data.label_names)
@@ -421,6 +422,9 @@ def model_kwargs(config) -> dict[str, Any]:
     kw['num_tags'] = len(config.data.tag_names)
   if config.model.get('classifier_pooling'):
     kw['classifier_pooling'] = config.model.classifier_pooling
+  ft = config.get('finetune') or {}
+  if ft.get('strategy') == 'head' and not ft.get('backbone_dropout', False):
+    kw['backbone_deterministic'] = True
   return kw
 
 
