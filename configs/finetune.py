@@ -16,9 +16,12 @@ architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
                                                                     data.label_column (one or two text columns)
                wnut17, tagging                                      CoNLL token tags, BIO (entity F1, seqeval)
                squad, xquad, qa                                     SQuAD JSON, doc stride (exact match, F1)
-               translation (en -> de columns), seq2seq              text-to-text TSV/CSV/JSONL on an encoder-decoder,
-                                                                    KV-cache decoding (BLEU, chrF by sacrebleu);
-                                                                    from init_from or from scratch (model.preset and a
+               translation (en -> de columns), seq2seq              text-to-text TSV/CSV/JSONL, KV-cache decoding
+                                                                    (BLEU, chrF by sacrebleu). An encoder-decoder reads
+                                                                    the source; a decoder continues the prompt
+                                                                    data.source_template and learns only the target
+                                                                    (data.targets_len tokens, default seq_len / 2).
+                                                                    From init_from or from scratch (model.preset and a
                                                                     tokenizer trained on the task's text)
   strategy   full        every parameter trains (optim.layerwise_lr_decay < 1 decays the lower layers' rates)
              head        the backbone is frozen and not differentiated; only the task head trains (mean pooling
@@ -70,6 +73,7 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   c.data.source_column = ''     # seq2seq: the input column; '': the task's own ('en' for translation, 'source')
   c.data.target_column = ''     # seq2seq: the output column; '': the task's own ('de' for translation, 'target')
   c.data.num_beams = 1          # seq2seq: 1 = greedy decoding at evaluation; more = beam search
+  c.data.source_template = '{source}\n'  # seq2seq on a decoder: the prompt holding the source; the target follows
   c.train.epochs = 3.0          # passes over data.train; > 0 sets train.steps and optim.total_steps from it
   c.train.warmup_fraction = 0.06  # share of the steps with linear warmup (with epochs > 0)
   c.train.early_stopping = 0    # stop after this many dev evaluations without a better best_metric; 0: off

@@ -378,3 +378,28 @@ def test_qa_postprocess_of_oracle_logits_gives_every_gold_answer(tok):
 def test_qa_doc_stride_must_leave_a_window_room_to_advance(tok):
   with pytest.raises(ValueError, match="doc_stride=9 must be in"):
     TE.QuestionAnswering(tok, seq_len=16, max_query_length=4, doc_stride=9)
+
+
+def test_prompt_completion_learns_only_the_target_and_prompts_match_training():
+  # Decoder-only seq2seq: [BOS] head source tail target EOS; the loss weights cover the target and EOS only.
+  words = WORDS[:6]
+  tok = T.train_tokenizer("bpe", [" ".join(WORDS)] * 20, vocab_size=300)
+  pc = TE.PromptCompletion(tok, seq_len=24, targets_length=8, template=f"{words[0]} {{source}} {words[1]}")
+  ex = pc({"source": " ".join(words[2:4]), "target": " ".join(words[4:6])})
+  prompt = pc.prompt({"source": " ".join(words[2:4])})
+  target = tok.encode(" ".join(words[4:6])) + [tok.eos_id]
+  assert len(target) <= 8
+  seq = prompt + target
+  n = len(seq) - 1
+  np.testing.assert_array_equal(ex["tokens"][:n], seq[:-1])
+  np.testing.assert_array_equal(ex["targets"][:n], seq[1:])
+  np.testing.assert_array_equal(ex["targets"][np.flatnonzero(ex["weights"])], target)  # exactly the target tokens
+  assert ex["segment_ids"].sum() == n and ex["weights"].sum() == len(target)
+  p = pc.prompt_example({"source": " ".join(words[2:4])})
+  assert p["prompt"].shape == (24 + 1 - 8,) and p["prompt_mask"].sum() == len(prompt)
+  np.testing.assert_array_equal(p["prompt"][:len(prompt)], ex["tokens"][:len(prompt)])  # what generation continues
+  # A long source is cut to leave the target its room; the template stays whole.
+  long = pc({"source": " ".join(WORDS * 3), "target": " ".join(words[4:6])})
+  assert long["weights"].sum() == len(target) and long["targets"][np.flatnonzero(long["weights"])][-1] == tok.eos_id
+  with pytest.raises(ValueError, match="source_template"):
+    TE.PromptCompletion(tok, seq_len=24, targets_length=8, template="no placeholder")

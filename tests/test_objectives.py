@@ -294,9 +294,9 @@ def test_span_runs_end_to_end():
     ('encoder', {
         'span': 1.0
     }, ['span', 'encoder', 'encoder_decoder']),
-    ('decoder', {
+    ('encoder', {
         'seq2seq': 1.0
-    }, ['seq2seq', 'decoder', 'encoder_decoder']),
+    }, ['seq2seq', 'encoder', 'decoder']),
     ('decoder', {
         'rtd': 1.0
     }, ['rtd', 'decoder', 'Electra']),

@@ -148,15 +148,22 @@ def score_qa(outputs, examples, records, data, tokenizer=None) -> Scored:
 
 def generate_fn(model, data):
   """jit(params, batch) -> {'generated': [B, L] token ids}: greedy (or config.data.num_beams > 1: beam) KV-cache
-  decoding from the batch's encoder input, up to config.data.targets_len tokens."""
+  decoding, up to the task's target length, from the batch's encoder input (encoder-decoder) or from its prompt
+  (decoder: batch['prompt'] right-padded, batch['prompt_mask'])."""
   from model import decode  # pylint: disable=g-import-not-at-top
   beams = int(data.get('num_beams') or 1)
-  config = decode.DecodeConfig(method='beam' if beams > 1 else 'greedy', num_beams=max(beams, 1),
-                               max_new_tokens=int(data.get('targets_len') or data.seq_len))
+  decoder = model.cfg.arch == 'decoder'
+  length = tex.completion_length(data.seq_len,
+                                 data.get('targets_len') or 0) if decoder else int(
+                                     data.get('targets_len') or data.seq_len)
+  config = decode.DecodeConfig(method='beam' if beams > 1 else 'greedy', num_beams=max(beams, 1), max_new_tokens=length)
 
   def fwd(params, batch):
-    tokens, _ = decode.generate(model, params, encoder_tokens=batch['encoder_tokens'],
-                                encoder_segment_ids=batch['encoder_segment_ids'], config=config)
+    if decoder:
+      tokens, _ = decode.generate(model, params, batch['prompt'], prompt_mask=batch['prompt_mask'], config=config)
+    else:
+      tokens, _ = decode.generate(model, params, encoder_tokens=batch['encoder_tokens'],
+                                  encoder_segment_ids=batch['encoder_segment_ids'], config=config)
     return {'generated': tokens}
 
   return jax.jit(fwd)
@@ -221,7 +228,7 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   from train import tasks  # pylint: disable=g-import-not-at-top
   from train.data import tokenizers  # pylint: disable=g-import-not-at-top
   loaded = pretrained.load_run(run_dir, step=step)
-  config, task = loaded.config, tasks.task_of(loaded.config)
+  config, task = loaded.config, tasks.for_arch(tasks.task_of(loaded.config), loaded.model.cfg.arch)
   if task.read is None:
     raise ValueError(f'{run_dir}: its objectives {sorted(config.objectives)} are pre-training objectives; the '
                      'evaluate job scores fine-tuning runs (configs/finetune.py).')

@@ -76,6 +76,9 @@ class Task:
   outputs: tuple[str, ...] = ()
   score: Optional[Callable] = None
   columns: tuple[str, ...] = ()  # the record's default text columns and label column (classification readers)
+  # Fields that differ on one architecture, e.g. seq2seq on a decoder: {'decoder': {'examples': ..., 'loss': ...}};
+  # `for_arch` applies them once the model's architecture is known.
+  arch_fields: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 REGISTRY: dict[str, Task] = {}
@@ -95,6 +98,12 @@ def get(name: str) -> Task:
   if name not in REGISTRY:
     raise ValueError(f'unknown objective {name!r}; known objectives: {sorted(REGISTRY)}.')
   return REGISTRY[name]
+
+
+def for_arch(task: Task, arch: str) -> Task:
+  """The record as it runs on `arch`: its arch_fields for that architecture applied (the record itself otherwise)."""
+  fields = task.arch_fields.get(arch)
+  return dataclasses.replace(task, **fields) if fields else task
 
 
 # ------------------------------------------------------------------------------------------- example builders
@@ -166,6 +175,22 @@ def _each_record(records, tokenizer, data, task_name):
 
 def _seq2seq_examples(records, tokenizer, data):
   return tex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
+
+
+def _completion_builder(tokenizer, data):
+  return tex.PromptCompletion(tokenizer, seq_len=data.seq_len,
+                              targets_length=tex.completion_length(data.seq_len,
+                                                                   data.get('targets_len') or 0),
+                              template=data.get('source_template') or '{source}\n')
+
+
+def _completion_examples(records, tokenizer, data):
+  return _completion_builder(tokenizer, data), records
+
+
+def _completion_prompts(records, tokenizer, data):
+  builder = _completion_builder(tokenizer, data)
+  return [builder.prompt_example(r) for r in records]
 
 
 # ------------------------------------------------------------------------------------------------- readers
@@ -304,11 +329,15 @@ _BUILTIN = (
         'span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
         "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
         'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
-    Task('seq2seq', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
-         "use an encoder-decoder (arch='encoder_decoder'), or 'clm' on a decoder with source and target concatenated",
-         _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task', read=_read_seq2seq(
-             ('source', 'target')), eval_examples=lambda r, t, d: _each_record(r, t, d, 'seq2seq'),
-         outputs=('generated',), score=evaluate.score_generation, columns=('source', 'target')),
+    Task(
+        'seq2seq', ('encoder_decoder', 'decoder'), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
+        "use an encoder-decoder (source in, target out) or a decoder (source in a prompt, target after it)",
+        _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task', read=_read_seq2seq(
+            ('source', 'target')), eval_examples=lambda r, t, d: _each_record(r, t, d, 'seq2seq'),
+        outputs=('generated',), score=evaluate.score_generation, columns=('source', 'target'), arch_fields={
+            'decoder': dict(batch_keys=('targets', 'weights'), loss=_clm, examples=_completion_examples,
+                            provides=_CAUSAL, tokenizer_kind='bpe', eval_examples=_completion_prompts)
+        }),
     Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
          "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples, _ENCODER +
          ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_classification(
@@ -485,9 +514,9 @@ def _check_model(model, objectives, heads):
       raise ValueError(problem)
 
 
-def _check_batch(batch, objectives):
-  for name in objectives:
-    missing = [k for k in REGISTRY[name].batch_keys if k not in batch]
+def _check_batch(batch, records: Mapping[str, Task]):
+  for name, task in records.items():
+    missing = [k for k in task.batch_keys if k not in batch]
     if missing:
       raise ValueError(f'objective {name!r} needs batch key(s) {missing}; the batch has {sorted(batch)} '
                        '(see the batch contract in train/data/__init__.py).')
@@ -507,23 +536,24 @@ def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str,
   objectives = dict(objectives)
   opts = LossOptions(**options)
   heads = heads_for(objectives)
-  own = [REGISTRY[n] for n in objectives if REGISTRY[n].step_loss is not None]
+  records = {n: for_arch(REGISTRY[n], _arch(cfg_or_arch)) for n in objectives}
+  own = [t for t in records.values() if t.step_loss is not None]
 
   def loss_fn(params, batch, rng, *, model, deterministic: bool = False):
     if own:
-      _check_batch(batch, objectives)
+      _check_batch(batch, records)
       loss, m = own[0].step_loss(params, batch, rng, model=model, deterministic=deterministic, opts=opts)
       total = objectives[own[0].name] * loss
       return total, {'loss': total, **{f'{own[0].name}/{k}': v for k, v in m.items()}}
     _check_model(model, objectives, heads)
-    _check_batch(batch, objectives)
+    _check_batch(batch, records)
     # rng may be None for deterministic evaluation of non-sampling objectives.
     out = model.apply({'params': params}, batch, deterministic=deterministic,
                       rngs={} if rng is None else {'dropout': rng})
     total = jnp.zeros((), jnp.float32)
     metrics = {}
     for name, weight in objectives.items():
-      loss, m = REGISTRY[name].loss(out, batch, opts)
+      loss, m = records[name].loss(out, batch, opts)
       total = total + weight * loss
       metrics.update({f'{name}/{k}': v for k, v in m.items()})
     metrics['loss'] = total

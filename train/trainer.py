@@ -352,6 +352,7 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
   mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
   init, config = _start_from(config, workdir, log)
   arch_cfg = arch_config(config, init)
+  task = tasks.for_arch(task, arch_cfg.arch)  # e.g. seq2seq on a decoder: prompt + completion examples
   loss_fn = tasks.build_loss_fn(arch_cfg, objectives, **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
   if init is not None and init.tokenizer_dir and jax.process_index() == 0:

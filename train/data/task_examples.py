@@ -1,7 +1,7 @@
 """Examples for downstream tasks from labeled records, as pure numpy functions of (record, rng): `Classification` (single
 texts or pairs), `Tagging` (word tags aligned to first sub-words), `QuestionAnswering` (character answer spans -> token
 start/end, with doc-stride windows over long contexts and `postprocess_qa` mapping span logits back to text) and
-`Seq2Seq`. Each returns a dict of fixed-shape numpy arrays following the batch contract in `train/data/__init__.py`."""
+`Seq2Seq` (encoder-decoder) or `PromptCompletion` (the same pairs on a decoder). Each returns a dict of fixed-shape numpy arrays following the batch contract in `train/data/__init__.py`."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -236,3 +236,58 @@ class Seq2Seq:
     tgt = self.tok.encode(record["target"])[:self.targets_length - 1] + [self.eos]
     return encoder_decoder_arrays(np.array(src), np.array(tgt), inputs_length=self.inputs_length,
                                   targets_length=self.targets_length, pad_id=self.pad)
+
+
+def completion_length(seq_len: int, targets_len: int = 0) -> int:
+  """Target tokens (EOS included) a decoder-only seq2seq example holds: data.targets_len, else half of seq_len."""
+  return int(targets_len) if targets_len else max(1, int(seq_len) // 2)
+
+
+class PromptCompletion:
+  """Source/target pairs ({"source", "target"}) for decoder-only models: one sequence [BOS] prompt target EOS, where
+  the prompt is the source written into `template` ("{source}" marks where); the loss reads only the target's
+  tokens. `prompt_example` gives the prompt alone, right-padded with its mask, for KV-cache generation.
+
+  The sequence holds seq_len + 1 tokens (inputs and shifted targets are seq_len long): the target keeps at most
+  targets_length of them, the source is cut to fit the rest."""
+
+  def __init__(self, tokenizer: Tokenizer, *, seq_len: int, targets_length: int, template: str = "{source}\n"):
+    tokenizer.require("eos")
+    if template.count("{source}") != 1:
+      raise ValueError(f"config.data.source_template={template!r} must contain '{{source}}' exactly once: the place "
+                       "of the source text in the decoder's prompt, e.g. 'English: {source}\\nGerman:'")
+    head, tail = template.split("{source}")
+    self.tok, self.seq_len, self.targets_length = tokenizer, int(seq_len), int(targets_length)
+    self.eos, self.pad = tokenizer.eos_id, tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    self.head, self.tail = bos + (tokenizer.encode(head) if head else []), tokenizer.encode(tail) if tail else []
+    self.prompt_length = self.seq_len + 1 - self.targets_length
+    if self.prompt_length < len(self.head) + len(self.tail) + 1:
+      raise ValueError(f"config.data.seq_len={seq_len} leaves {self.prompt_length} prompt tokens after "
+                       f"targets_len={targets_length}, fewer than the template's {len(self.head) + len(self.tail)} "
+                       "plus one source token; raise seq_len or lower data.targets_len.")
+
+  def prompt(self, record: Mapping[str, Any]) -> list[int]:
+    room = self.prompt_length - len(self.head) - len(self.tail)
+    return self.head + self.tok.encode(record["source"])[:room] + self.tail
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    prompt = self.prompt(record)
+    seq = prompt + self.tok.encode(record["target"])[:self.targets_length - 1] + [self.eos]
+    n = len(seq) - 1  # input positions: each predicts the next token
+    at = np.arange(self.seq_len)
+    seg = (at < n).astype(np.int32)
+    return {
+        "tokens": pad_to(seq[:-1], self.seq_len, self.pad),
+        "targets": pad_to(seq[1:], self.seq_len, self.pad),
+        "weights": ((at >= len(prompt) - 1) & (at < n)).astype(np.float32),  # the target tokens and EOS
+        "segment_ids": seg,
+        "positions": segment_positions(seg)
+    }
+
+  def prompt_example(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    prompt = self.prompt(record)
+    return {
+        "prompt": pad_to(prompt, self.prompt_length, self.pad),
+        "prompt_mask": (np.arange(self.prompt_length) < len(prompt)).astype(np.int32)
+    }
