@@ -86,6 +86,21 @@ def test_save_and_load_give_the_same_tokenizer(trained, kind, tmp_path):
   assert bare.encode(TEXT) == tok.encode(TEXT) and bare.pad_id == tok.pad_id
 
 
+def test_a_tokenizer_json_saved_with_padding_and_truncation_encodes_unpadded(trained, tmp_path):
+  # sentence-transformers checkpoints (all-MiniLM-L6-v2) ship tokenizer.json padded to 128 and truncated there;
+  # the example builders place [SEP] and padding themselves, so encode must return the text's ids only.
+  import tokenizers as hf
+  tok = trained["wordpiece"]
+  backend = hf.Tokenizer.from_str(tok.backend.to_str())
+  backend.enable_padding(length=128, pad_id=tok.pad_id, pad_token="[PAD]")
+  backend.enable_truncation(max_length=4)
+  (tmp_path / "tokenizer.json").write_text(backend.to_str())
+  assert len(hf.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(TEXT).ids) == 128
+  loaded = T.Tokenizer.load(tmp_path / "tokenizer.json")
+  assert loaded.encode(TEXT) == tok.encode(TEXT) and len(tok.encode(TEXT)) > 4
+  assert loaded.encode_batch([TEXT, "a"]) == [tok.encode(TEXT), tok.encode("a")]
+
+
 def test_unknown_kind_is_an_error(corpus):
   with pytest.raises(ValueError, match="not one of"):
     T.train_tokenizer("bytes", corpus)

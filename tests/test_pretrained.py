@@ -57,14 +57,15 @@ def test_minilm_sentence_embeddings():
   np.testing.assert_array_equal(conv.params['pooler']['dense']['kernel'], state['pooler.dense.weight'].T)
   np.testing.assert_array_equal(conv.params['pooler']['dense']['bias'], state['pooler.dense.bias'])
   assert not conv.unused, conv.unused
-  tok = Tokenizer.load(model_dir)
-  tok.backend.no_padding()  # this tokenizer.json pads every encoding to 128; we pad below
-  ids = tok.encode_batch(SENTENCES, add_special_tokens=True)
-  width = max(map(len, ids))
-  tokens = np.zeros((len(ids), width), np.int32)
-  mask = np.zeros_like(tokens)
-  for i, row in enumerate(ids):
-    tokens[i, :len(row)], mask[i, :len(row)] = row, 1
+  # The fine-tuning example builder's batch (this tokenizer.json pads every encoding to 128 unless told not to).
+  from train.data import task_examples
+  rows = [
+      task_examples.Classification(Tokenizer.load(model_dir), seq_len=64)({
+          'text_a': s,
+          'label': 0
+      }) for s in SENTENCES
+  ]
+  tokens, mask = (np.stack([r[k] for r in rows]) for k in ('tokens', 'segment_ids'))
   hidden = LanguageModel(conv.cfg).apply({'params': conv.params}, {
       'tokens': jnp.asarray(tokens),
       'segment_ids': jnp.asarray(mask)
@@ -89,7 +90,7 @@ def test_minilm_sentence_embeddings():
     ref = (h * m).sum(1) / m.sum(1)
     ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
     hf_tok_ids = hf_tok(SENTENCES)['input_ids']
-  assert [list(r) for r in ids] == [list(r) for r in hf_tok_ids]
+  assert [list(t[m > 0]) for t, m in zip(tokens, mask)] == [list(r) for r in hf_tok_ids]
   cos = (ours * np.asarray(ref)).sum(1)
   print('MiniLM cosine min', cos.min(), 'max abs diff', np.abs(ours - ref).max())
   assert cos.min() >= 0.9999, cos

@@ -60,6 +60,10 @@ class Tokenizer:
                sentinels: Sequence[str] = ()):
     if kind not in KINDS:
       raise ValueError(f"tokenizer kind {kind!r} is not one of {KINDS}")
+    # A tokenizer.json saved with padding or truncation (sentence-transformers checkpoints pad every text to 128)
+    # would hand back padded ids; the example builders pad and truncate themselves, so both are turned off.
+    backend.no_padding()
+    backend.no_truncation()
     self.backend = backend
     self.kind = kind
     self.special_tokens = {r: t for r, t in special_tokens.items() if t is not None}
