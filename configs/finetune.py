@@ -61,10 +61,14 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   ))
   c.model.classifier_pooling = ''  # '' (cls for encoders, last for decoders) | 'cls' | 'mean' | 'last'
   c.data.source = 'files'
-  c.data.train = ''             # training file(s), comma-separated; TSV/CSV/JSONL, CoNLL or SQuAD JSON by task
-  c.data.dev = ''               # dev file(s) scored during training; '' : no dev evaluation
+  c.data.train = ''             # training file(s), comma-separated; TSV/CSV/JSONL, CoNLL or SQuAD JSON by task,
+  #                               or a TFDS split tfds:NAME:SPLIT (prepared under data.tfds_data_dir), e.g.
+  #                               tfds:glue/sst2:train with text_columns=('sentence',), label_column='label'
+  c.data.dev = ''               # dev file(s) or TFDS split scored during training; '' : no dev evaluation
   c.data.text_columns = ()      # classification: the one or two text columns; (): the task's own
+  #                               (TFDS tagging: the token feature, default 'tokens')
   c.data.label_column = ''      # classification: the label column; '': the task's own
+  #                               (TFDS tagging: the tag feature, default 'ner_tags')
   c.data.label_names = ()       # class names in id order; (): the sorted set found in data.train
   c.data.tag_names = ()         # tagging: tag names in id order; (): found in data.train ('O' first)
   c.data.doc_stride = 64        # QA: context tokens shared by consecutive windows of a long context

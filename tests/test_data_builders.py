@@ -188,3 +188,82 @@ def test_real_glue_tsv_builds_with_every_row(tmp_path):
   for split, f in [("train", "train.tsv"), ("dev", "dev.tsv")]:
     rows = (SHARED / "sst2" / f).read_text(encoding="utf-8").strip().split("\n")[1:]
     assert len(src[split]) == len(rows)
+
+
+# ---- TFDS splits read as labeled tables (tfds:NAME:SPLIT in config.data.train / dev) ---------------------------------
+def _no_idx(records):
+  return sorted((json.dumps({k: v for k, v in r.items() if k != "idx"}, sort_keys=True) for r in records))
+
+
+def test_tfds_splits_read_like_the_files_they_were_built_from(tmp_path):
+  from train.data import readers as R
+  tsv = _write(tmp_path / "cls.tsv", "sentence\tlabel\n" + "".join(f"text {i}\t{'ab'[i % 2]}\n" for i in range(9)))
+  conll = _write(tmp_path / "ner.conll", "Paris\tB-LOC\nis\tO\n\nBob\tB-PER\nran\tO\n")
+  d = tmp_path / "tfds"
+  B.build("classification", name="cls", data_dir=d, splits={"train": tsv}, label_column="label")
+  B.build("tagging", name="ner", data_dir=d, splits={"train": conll}, num_columns=None)
+  cls = B.CatalogSplit.parse("tfds:lmlab_classification/cls:train", str(d))
+  from_tfds = R.classification_records([cls], text_columns=["text_a"], label_column="label", label_names=["a", "b"])
+  from_file = R.classification_records([tsv], text_columns=["sentence"], label_column="label", label_names=["a", "b"])
+  assert _no_idx(from_tfds) == _no_idx(from_file)  # ClassLabel ids come back as their names
+  assert R.infer_labels([cls], label_column="label") == ["a", "b"]
+  ner = B.CatalogSplit.parse("tfds:lmlab_tagging/ner:train", str(d))
+  assert _no_idx(R.conll_records([ner], tag_feature="tags",
+                                 num_columns=None)) == _no_idx(R.conll_records([conll], num_columns=None))
+  with pytest.raises(DataError, match=r"tfds:lmlab_classification/cls:train: has no feature\(s\) \['sentence'\]"):
+    list(R.classification_records([cls], text_columns=["sentence"], label_column="label", label_names=["a", "b"]))
+  with pytest.raises(DataError, match="tfds:lmlab_tagging/ner:train:[0-9]+: tag"):
+    list(R.conll_records([ner], tag_feature="tags", tag_names=["O", "B-LOC"]))
+  with pytest.raises(DataError, match="tfds:no_such_dataset:train: cannot open"):
+    list(R.classification_records([B.CatalogSplit.parse("tfds:no_such_dataset:train", str(d))], label_names=["a"]))
+
+
+def test_a_squad_layout_tfds_split_gives_squad_records(tmp_path):
+  # TFDS's squad / xquad features: answers is a Sequence of {text, answer_start} (dict of lists once decoded).
+  import tensorflow_datasets as tfds
+  from train.data import readers as R
+  rows = [("q1", "Paris is in France.", "where is paris ?", "France", 12),
+          ("q2", "Bob ran home.", "who ran ?", "Bob", 0), ("q3", "A b c.", "bad ?", "zzz", 2)]
+
+  class SquadLike(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = None
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict({
+              "id": tfds.features.Text(),
+              "title": tfds.features.Text(),
+              "context": tfds.features.Text(),
+              "question": tfds.features.Text(),
+              "answers": tfds.features.Sequence({
+                  "text": tfds.features.Text(),
+                  "answer_start": np.int32
+              })
+          }))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      for qid, context, question, text, start in rows:
+        yield qid, {
+            "id": qid,
+            "title": "t",
+            "context": context,
+            "question": question,
+            "answers": {
+                "text": [text],
+                "answer_start": [start]
+            }
+        }
+
+  SquadLike(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  split = B.CatalogSplit.parse("tfds:squad_like:train", str(tmp_path))
+  with pytest.raises(DataError, match=r"tfds:squad_like:train:[0-9]+: question 'q3': answer 'zzz' is not in its"):
+    list(R.squad_records([split]))
+  got = {r["id"]: r for r in R.squad_records([split], on_error="skip", quiet=True)}
+  assert sorted(got) == ["q1", "q2"]
+  assert got["q1"]["answer_text"] == "France" and got["q1"]["answer_start"] == 12
+  assert got["q2"]["answers_text"] == ["Bob"] and got["q2"]["context"] == "Bob ran home."

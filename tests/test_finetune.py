@@ -114,14 +114,24 @@ def _tagged(rng, n):
   return '\n'.join(lines) + '\n'
 
 
-def test_tagging_finds_entities(tiny_bert, tmp_path):
+@pytest.mark.parametrize('source', ['files', 'tfds'])
+def test_tagging_finds_entities(tiny_bert, tmp_path, source):
   rng = np.random.default_rng(1)
   (tmp_path / 'train.conll').write_text(_tagged(rng, 300))
   (tmp_path / 'dev.conll').write_text(_tagged(rng, 60))
+  train, dev, extra = tmp_path / 'train.conll', tmp_path / 'dev.conll', ()
+  if source == 'tfds':  # the same sentences as a prepared TFDS dataset, named tfds:NAME:SPLIT with its features
+    from train.data import builders
+    builders.build('tagging', name='cities', data_dir=tmp_path / 'tfds', splits={
+        'train': train,
+        'dev': dev
+    }, num_columns=None)
+    train, dev = 'tfds:lmlab_tagging/cities:train', 'tfds:lmlab_tagging/cities:dev'
+    extra = (f'--config.data.tfds_data_dir={tmp_path / "tfds"}', '--config.data.label_column=tags')
   workdir = tmp_path / 'run'
-  proc = _main('wnut17', 'full', workdir, tiny_bert, tmp_path / 'train.conll', tmp_path / 'dev.conll',
-               '--config.train.steps=60', '--config.optim.total_steps=60', '--config.train.eval_every=60',
-               '--config.train.checkpoint_every=60')
+  proc = _main('wnut17', 'full', workdir, tiny_bert, train, dev, '--config.train.steps=60',
+               '--config.optim.total_steps=60', '--config.train.eval_every=60', '--config.train.checkpoint_every=60',
+               *extra)
   assert proc.returncode == 0, proc.stderr[-3000:]
   final = _evals(workdir)[-1]
   # Tagging everything O (the majority tag) has entity F1 0.

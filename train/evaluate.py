@@ -232,15 +232,18 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   if task.read is None:
     raise ValueError(f'{run_dir}: its objectives {sorted(config.objectives)} are pre-training objectives; the '
                      'evaluate job scores fine-tuning runs (configs/finetune.py).')
-  if not os.path.exists(data_path):
-    raise FileNotFoundError(f'--data={data_path} does not exist; give a file in the format of task {task.name!r}.')
-  records = task.read([data_path], config.data)
+  if not data_path.startswith('tfds:') and not os.path.exists(data_path):
+    raise FileNotFoundError(f'--data={data_path} does not exist; give a file in the format of task {task.name!r} '
+                            'or a TFDS split (tfds:NAME:SPLIT).')
+  from train.data import pipeline  # pylint: disable=g-import-not-at-top
+  records = task.read(pipeline.sources(data_path, config.data), config.data)
   tokenizer = tokenizers.Tokenizer.load(loaded.pretrained.tokenizer_dir)
   fwd = task_forward(task, loaded.model, config.data)
   t0 = time.time()
   scores, rows = score(task, fwd, loaded.pretrained.params, records, tokenizer, config.data, batch_size=batch_size
                        or int(config.data.batch_size), log=log)
-  write(out_dir, scores, rows, step=loaded.step, data=os.path.abspath(data_path), task=task.name, examples=len(records))
+  where = data_path if data_path.startswith('tfds:') else os.path.abspath(data_path)
+  write(out_dir, scores, rows, step=loaded.step, data=where, task=task.name, examples=len(records))
   log(f'evaluate: {task.name} step {loaded.step} on {len(records)} records of {data_path}: '
       + ', '.join(f'{k} {v:.4f}' for k, v in sorted(scores.items())) + f' ({time.time() - t0:.0f} s); '
       f'wrote {out_dir}/metrics.json and predictions.jsonl')

@@ -217,12 +217,19 @@ def _classification_labels(columns):
   return lambda paths, data: readers.infer_labels(paths, label_column=_columns(columns, data)[1])
 
 
+def _sequence_features(data) -> dict[str, str]:
+  """A TFDS tagging split's token and tag features: data.text_columns[0] and data.label_column when set."""
+  text = tuple(data.get('text_columns') or ())
+  return {'token_feature': text[0] if text else 'tokens', 'tag_feature': data.get('label_column') or 'ner_tags'}
+
+
 def _read_conll(paths, data):
-  return list(readers.conll_records(paths, tag_names=list(data.tag_names), num_columns=None))
+  return list(readers.conll_records(paths, tag_names=list(data.tag_names), num_columns=None,
+                                    **_sequence_features(data)))
 
 
 def _conll_tags(paths, data):
-  return readers.infer_tags(paths, num_columns=None)
+  return readers.infer_tags(paths, num_columns=None, **_sequence_features(data))
 
 
 def _read_seq2seq(columns):

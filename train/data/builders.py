@@ -248,6 +248,73 @@ def open_built(path: str | os.PathLike, *, split: str) -> DecodedSource:
   return DecodedSource(tfds.builder_from_directory(os.fspath(path)).as_data_source(split=split))
 
 
+TFDS_PREFIX = "tfds:"
+
+
+@dataclasses.dataclass(frozen=True)
+class CatalogSplit:
+  """A split of a TFDS catalog dataset read as a labeled table: `tfds:NAME:SPLIT` in config.data.train / dev (e.g.
+    `tfds:glue/sst2:validation`), with the columns mapped by config.data (text_columns, label_column, ...). The
+    readers of readers.py take it wherever they take a file: rows come out with ClassLabel ids turned into their
+    names and bytes into text, and errors name the spec and the row as they name a file and line."""
+  name: str
+  split: str
+  data_dir: str = ""
+
+  @classmethod
+  def parse(cls, spec: str, data_dir: str = "") -> "CatalogSplit":
+    body = spec[len(TFDS_PREFIX):]
+    name, _, split = body.rpartition(":")
+    if not name or not split:
+      raise ValueError(f"{spec!r}: a TFDS split is written tfds:NAME:SPLIT, e.g. tfds:glue/sst2:train")
+    return cls(name, split, data_dir)
+
+  def __fspath__(self) -> str:
+    return f"{TFDS_PREFIX}{self.name}:{self.split}"
+
+  def _source(self):
+    try:
+      return tfds.data_source(self.name, split=self.split, data_dir=self.data_dir or None,
+                              builder_kwargs={"file_format": "array_record"})
+    except Exception as e:  # tfds raises many kinds (not found, no network, no array_record files)
+      raise readers.DataError(
+          self, None, f"cannot open this TFDS split ({type(e).__name__}: {str(e)[:300]}); "
+          "prepare it with tfds (ArrayRecord) and set config.data.tfds_data_dir") from None
+
+  def rows(self, columns, problems):
+    """(row number from 1, {column: value}) for the named columns; "a/b" reaches into nested features."""
+    src = self._source()
+    features = src.dataset_info.features
+    missing = [c for c in columns if c.split("/")[0] not in features]
+    if missing:
+      raise readers.DataError(self, None, f"has no feature(s) {missing}; it has {sorted(features)}")
+    names = {c: _class_names(features, c) for c in columns}
+    for i in range(len(src)):
+      rec = {k: _decode(v) for k, v in src[i].items()}
+      row = {}
+      for c in columns:
+        value = _lookup(rec, c)
+        row[c] = _named(value, names[c])
+      yield i + 1, row
+
+
+def _class_names(features, column: str):
+  """The ClassLabel names of a feature (or of a sequence's elements), or None."""
+  feature = features
+  for part in column.split("/"):
+    feature = feature[part]
+  feature = getattr(feature, "feature", feature)  # Sequence(ClassLabel) -> ClassLabel
+  return list(feature.names) if isinstance(feature, tfds.features.ClassLabel) else None
+
+
+def _named(value, names):
+  if names is None:
+    return value
+  if isinstance(value, list):
+    return [names[v] for v in value]
+  return names[value] if isinstance(value, int) and value >= 0 else str(value)  # -1: an unlabeled test split
+
+
 def catalog_source(name: str, *, split: str, data_dir: str | os.PathLike | None = None,
                    field_map: Mapping[str, str] | None = None, download: bool = True) -> DecodedSource:
   """Any TFDS catalog dataset (e.g. "glue/sst2") in ArrayRecord form, its fields renamed onto our record keys:

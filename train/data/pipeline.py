@@ -50,6 +50,19 @@ def _paths(value) -> list[str]:
   return [p for p in (value.split(',') if isinstance(value, str) else list(value or ())) if p]
 
 
+def _is_tfds(path) -> bool:
+  return isinstance(path, str) and path.startswith('tfds:')
+
+
+def sources(value, data) -> list:
+  """config.data.train / dev -> what the task readers read: file paths, and `tfds:NAME:SPLIT` as a TFDS split."""
+  paths = _paths(value)
+  if not any(map(_is_tfds, paths)):
+    return paths
+  from train.data import builders  # TFDS only when a split names it
+  return [builders.CatalogSplit.parse(p, data.get('tfds_data_dir') or '') if _is_tfds(p) else p for p in paths]
+
+
 def check_config(data, task: tasks.Task):
   """Raises ValueError naming the config.data field and the fix (missing files included)."""
   for field in ('seq_len', 'batch_size'):
@@ -64,8 +77,14 @@ def check_config(data, task: tasks.Task):
                        '--config.data.train=FILE (and --config.data.dev=FILE to evaluate).')
     for field in ('train', 'dev'):
       for p in _paths(data.get(field)):
-        if not os.path.exists(p):
-          raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file.')
+        if _is_tfds(p):
+          name, _, split = p[len('tfds:'):].rpartition(':')
+          if not name or not split:
+            raise ValueError(f'config.data.{field}={p!r}: a TFDS split is written tfds:NAME:SPLIT, e.g. '
+                             'tfds:glue/sst2:train.')
+        elif not os.path.exists(p):
+          raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file or a TFDS split '
+                                  '(tfds:NAME:SPLIT).')
     return
   if data.source not in SOURCES:
     raise ValueError(f'config.data.source={data.source!r}: use one of {SOURCES}.')
@@ -88,12 +107,12 @@ def read_labeled(data, task: tasks.Task) -> Labeled:
   names = {}
   if task.label_field:
     given = tuple(data.get(task.label_field) or ())
-    names[task.label_field] = given or tuple(task.labels(_paths(data.train), data))
+    names[task.label_field] = given or tuple(task.labels(sources(data.train, data), data))
     data = ml_collections.ConfigDict({**data.to_dict(), **names})  # the reader checks records against them
-  train = task.read(_paths(data.train), data)
+  train = task.read(sources(data.train, data), data)
   if not train:
     raise ValueError(f'config.data.train={data.train}: no records for task {task.name!r}.')
-  dev = task.read(_paths(data.dev), data) if _paths(data.get('dev')) else None
+  dev = task.read(sources(data.dev, data), data) if _paths(data.get('dev')) else None
   return Labeled(train, dev, names)
 
 

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
 
@@ -84,7 +84,11 @@ def expand_paths(paths: PathLike | Sequence[PathLike], pattern: str = "*") -> li
   if isinstance(paths, (str, os.PathLike)):
     paths = [paths]
   out = []
-  for p in map(Path, paths):
+  for p in paths:
+    if hasattr(p, "rows"):  # a table that is not a file (builders.CatalogSplit: a TFDS split)
+      out.append(p)
+      continue
+    p = Path(p)
     if p.is_dir():
       found = sorted(f for f in p.rglob(pattern) if f.is_file())
       if not found:
@@ -180,7 +184,11 @@ def text_records(paths: PathLike | Sequence[PathLike], *, document_split: str = 
 # ---- tables (TSV / CSV / JSONL) --------------------------------------------------------------------------------------
 def table_rows(path: PathLike, problems: Problems, *, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
   """(line, {column: value}) of a .tsv (tab-separated, no quoting, header row), .csv (header row) or .jsonl file,
-    checking that each named column exists and each row has the header's number of fields."""
+    checking that each named column exists and each row has the header's number of fields. A table that is not a
+    file (builders.CatalogSplit) gives its own rows."""
+  if hasattr(path, "rows"):
+    yield from path.rows(columns, problems)
+    return
   path = Path(path)
   fmt = path.suffix.lower().lstrip(".")
   if fmt not in ("tsv", "csv", "jsonl", "json"):
@@ -271,13 +279,20 @@ def seq2seq_records(paths: PathLike | Sequence[PathLike], *, source_column: str 
 # ---- CoNLL -----------------------------------------------------------------------------------------------------------
 def conll_records(paths: PathLike | Sequence[PathLike], *, token_column: int = 0, tag_column: int = -1,
                   num_columns: int | None = 2, tag_names: Sequence[str] | None = None, on_error: str = "raise",
-                  quiet: bool = False) -> Iterator[dict]:
+                  quiet: bool = False, token_feature: str = "tokens", tag_feature: str = "ner_tags") -> Iterator[dict]:
   """CoNLL files (one token per line, whitespace- or tab-separated columns, blank line between sentences,
-    -DOCSTART- lines ignored) -> {"tokens", "tags", "idx"}. num_columns=None takes the first line's count."""
+    -DOCSTART- lines ignored) -> {"tokens", "tags", "idx"}. num_columns=None takes the first line's count. A table
+    that is not a file (a TFDS split) gives one sentence per row, its token and tag sequences in token_feature and
+    tag_feature."""
   problems = Problems(on_error, "CoNLL data", quiet=quiet)
   names = None if tag_names is None else set(tag_names)
   idx = 0
   for path in expand_paths(paths):
+    if hasattr(path, "rows"):
+      for rec in _sequence_rows(path, problems, token_feature, tag_feature, names):
+        yield {**rec, "idx": idx}
+        idx += 1
+      continue
     expected = num_columns
     tokens, tags, bad = [], [], False
     for line, text in [*decoded_lines(path, problems), (-1, "")]:
@@ -305,6 +320,17 @@ def conll_records(paths: PathLike | Sequence[PathLike], *, token_column: int = 0
   problems.report()
 
 
+def _sequence_rows(table, problems, token_feature: str, tag_feature: str, names) -> Iterator[dict]:
+  for line, row in table.rows([token_feature, tag_feature], problems):
+    tokens, tags = [str(t) for t in row[token_feature]], [str(t) for t in row[tag_feature]]
+    if len(tokens) != len(tags):
+      problems(table, line, f"{len(tokens)} tokens but {len(tags)} tags")
+    elif names is not None and set(tags) - names:
+      problems(table, line, f"tag(s) {sorted(set(tags) - names)} not in the tag set {sorted(names)}")
+    elif tokens:
+      yield {"tokens": tokens, "tags": tags}
+
+
 def infer_tags(paths: PathLike | Sequence[PathLike], *, on_error: str = "raise", **kwargs) -> list[str]:
   """The sorted tag set of CoNLL files ("O" first when present, as tag 0)."""
   tags = set()
@@ -321,6 +347,17 @@ def squad_records(paths: PathLike | Sequence[PathLike], *, on_error: str = "rais
     answer_start."""
   problems = Problems(on_error, "QA data", quiet=quiet)
   for path in expand_paths(paths, "*.json"):
+    if hasattr(path, "rows"):  # a TFDS split with SQuAD's features (squad, xquad/en, ...)
+      columns = ["id", "title", "context", "question", "answers/text", "answers/answer_start"]
+      for line, row in path.rows(columns, problems):
+        answers = [{"text": t, "answer_start": a} for t, a in zip(row["answers/text"], row["answers/answer_start"])]
+        qa = {"id": row["id"], "question": row["question"], "answers": answers}
+        rec, bad = _qa_record(qa, str(row["title"]), row["context"])
+        if bad:
+          problems(path, line, bad)
+        elif rec:
+          yield rec
+      continue
     data = Path(path).read_bytes()
     if not data.strip():
       problems(path, 1, "file is empty")
@@ -343,32 +380,34 @@ def squad_records(paths: PathLike | Sequence[PathLike], *, on_error: str = "rais
     for article in doc["data"]:
       title = str(article.get("title", ""))
       for para in article.get("paragraphs", []):
-        context = para.get("context", "")
         for qa in para.get("qas", []):
-          qid = str(qa.get("id", ""))
-          answers = qa.get("answers", [])
-          if not answers and not qa.get("is_impossible", False):
-            problems(path, line_of(qid), f"question {qid!r} has no answers")
-            continue
-          bad = None
-          for a in answers:
-            start, text = a.get("answer_start", -1), a.get("text", "")
-            if not isinstance(start, int) or context[start:start + len(text)] != text:
-              found = context.find(text) if text else -1
-              hint = f" (it occurs at {found})" if found >= 0 else " (it does not occur there at all)"
-              bad = f"question {qid!r}: answer {text!r} is not in its context at {start}{hint}"
-              break
+          rec, bad = _qa_record(qa, title, para.get("context", ""))
           if bad:
-            problems(path, line_of(qid), bad)
-            continue
-          yield {
-              "id": qid,
-              "title": title,
-              "context": context,
-              "question": qa.get("question", ""),
-              "answer_text": answers[0]["text"] if answers else "",
-              "answer_start": answers[0]["answer_start"] if answers else -1,
-              "answers_text": [a["text"] for a in answers],
-              "answers_start": [a["answer_start"] for a in answers]
-          }
+            problems(path, line_of(qa.get("id", "")), bad)
+          else:
+            yield rec
   problems.report()
+
+
+def _qa_record(qa: Mapping, title: str, context: str) -> tuple[dict | None, str | None]:
+  """(record, None) for a well-formed question, or (None, what is wrong with it)."""
+  qid = str(qa.get("id", ""))
+  answers = qa.get("answers", [])
+  if not answers and not qa.get("is_impossible", False):
+    return None, f"question {qid!r} has no answers"
+  for a in answers:
+    start, text = a.get("answer_start", -1), a.get("text", "")
+    if not isinstance(start, int) or context[start:start + len(text)] != text:
+      found = context.find(text) if text else -1
+      hint = f" (it occurs at {found})" if found >= 0 else " (it does not occur there at all)"
+      return None, f"question {qid!r}: answer {text!r} is not in its context at {start}{hint}"
+  return {
+      "id": qid,
+      "title": title,
+      "context": context,
+      "question": qa.get("question", ""),
+      "answer_text": answers[0]["text"] if answers else "",
+      "answer_start": answers[0]["answer_start"] if answers else -1,
+      "answers_text": [a["text"] for a in answers],
+      "answers_start": [a["answer_start"] for a in answers]
+  }, None
