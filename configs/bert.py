@@ -14,7 +14,7 @@ def get_config(arg=None):
   c.objectives = {'mlm': 1.0, 'nsp': 1.0}
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 10_000
-  c.optim.total_steps = c.train.steps = 1_000_000
+  c.train.steps = 1_000_000
   c.data.seq_len = 128
   c.data.batch_size = 256
   if args.runlocal:

@@ -124,8 +124,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim = optim.default_config()  # fields and meanings: train/optim.py default_config()
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = 100
+  c.optim.total_steps = 0  # 0: the schedule ends with the run (train.steps / optim.grad_accum_steps)
   c.train = ml_collections.ConfigDict(dict(
-      steps=10_000,             # train steps (batches) of the whole run; set optim.total_steps to match
+      steps=10_000,             # train steps (batches) of the whole run; the lr schedule ends here too
       log_every=50,             # steps per logged window (console, metrics.jsonl, TensorBoard): metrics are averaged
       eval_every=1000,          # steps between evaluations on the held-out split; 0: only at the end
       eval_steps=10,            # eval batches per evaluation (0 with eval_every=0: no evaluation)
@@ -152,7 +153,6 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 60) -> ml_collections
   c.data.prefetch = 0
   c.optim.learning_rate = 2e-3
   c.optim.warmup_steps = 5
-  c.optim.total_steps = steps
   c.train.steps = steps
   c.train.log_every = 10
   c.train.eval_every = steps

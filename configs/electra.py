@@ -19,7 +19,7 @@ def get_config(arg=None):
   c.data.batch_size = 128
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = 10_000
-  c.optim.total_steps = c.train.steps = 1_000_000
+  c.train.steps = 1_000_000
   if args.runlocal:
     common.runlocal(c)
     if not args.size_given:  # ELECTRA-small at 2 layers; a named size keeps its depth

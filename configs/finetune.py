@@ -113,7 +113,7 @@ def get_config(arg=None):
     c.data.seq_len = 32
     c.data.batch_size = 8
     c.train.epochs = 0.0
-    c.optim.total_steps = c.train.steps = 30
+    c.train.steps = 30
     c.optim.warmup_steps = 3
     c.optim.learning_rate = 1e-3 if args.strategy == 'full' else 1e-2
     c.train.log_every = 10

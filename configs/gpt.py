@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.optim.decay = 'cosine'
   c.optim.end_lr = 0.1
   c.optim.warmup_steps = 2000
-  c.optim.total_steps = c.train.steps = 600_000
+  c.train.steps = 600_000
   if args.runlocal:
     common.runlocal(c)
     if not args.size_given:

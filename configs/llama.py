@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.1
   c.optim.decay = 'cosine'
   c.optim.warmup_steps = 2000
-  c.optim.total_steps = c.train.steps = 200_000
+  c.train.steps = 200_000
   if args.runlocal:
     common.runlocal(c)
     if not args.size_given:

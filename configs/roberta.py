@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.optim.learning_rate = 6e-4
   c.optim.b2 = 0.98
   c.optim.warmup_steps = 24_000
-  c.optim.total_steps = c.train.steps = 500_000
+  c.train.steps = 500_000
   if args.runlocal:
     common.runlocal(c)
     if not args.size_given:

@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.optim.decay = 'inverse_sqrt'
   c.optim.warmup_steps = 10_000
   c.optim.weight_decay = 0.0
-  c.optim.total_steps = c.train.steps = 524_288
+  c.train.steps = 524_288
   if args.runlocal:
     common.runlocal(c)
     if not args.size_given:

@@ -26,6 +26,14 @@ TRAINER_CASES = {
     'no_pretraining_objective': (["--config.objectives={'mlm_typo': 1.0}"], 'config.objectives'),
     'missing_data_file': (['--config.data.source=files',
                            '--config.data.path=/nonexistent/corpus.txt'], 'config.data.path'),
+    # Counts that would divide by zero, delete every checkpoint or never stop, refused before anything runs.
+    'keep_no_checkpoints': (['--config.train.keep_checkpoints=0'], 'config.train.keep_checkpoints=0'),
+    'log_every_zero': (['--config.train.log_every=0'], 'config.train.log_every=0'),
+    'checkpoint_every_zero': (['--config.train.checkpoint_every=0'], 'config.train.checkpoint_every=0'),
+    'negative_eval_steps': (['--config.train.eval_steps=-1'], 'config.train.eval_steps=-1'),
+    'no_steps': (['--config.train.steps=0'], 'config.train.steps=0'),
+    'best_metric_without_split': (['--config.train.best_metric=loss'], "'eval/<metric>'"),
+    'infinite_learning_rate': (['--config.optim.learning_rate=inf'], 'learning_rate=inf'),
 }
 
 # Mistakes in the flags themselves: (arguments after --workdir, substrings the one line must hold).
@@ -92,6 +100,25 @@ def test_bad_config_or_data_is_one_line_and_touches_nothing(case, tmp_path):
   assert _snapshot(workdir) == before
 
 
+def test_a_finished_workdir_reruns_to_exit_0_and_refuses_another_model(tmp_path):
+  # The last checkpoint is the final step (as after a kill that lands after it): a rerun, as a preemption-restart
+  # loop does it, says so and writes nothing; the same workdir with another architecture is refused in one line.
+  workdir = tmp_path / 'run'
+  run = ('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', '--config.train.steps=6',
+         '--config.train.checkpoint_every=3', '--config.train.log_every=3')
+  first = _cli(*run)
+  assert first.returncode == 0, first.stderr[-2000:]
+  evals = [line for line in (workdir / 'metrics.jsonl').read_text().splitlines() if '"eval"' in line]
+  assert len(evals) == 1 and '"step": 6' in evals[0]  # the last step is evaluated though eval_every is 60
+  before = _snapshot(workdir)
+  again = _cli(*run)
+  assert again.returncode == 0 and 'nothing to do' in again.stdout, (again.stdout, again.stderr)
+  assert _snapshot(workdir) == before
+  other = _cli(*run, '--config.model.overrides.num_layers=3')
+  _assert_one_line_error(other, 'another model', 'num_layers: 2 -> 3')
+  assert _snapshot(workdir) == before
+
+
 @pytest.mark.parametrize('case', sorted(FLAG_CASES))
 def test_flag_mistake_is_one_line_with_the_fix(case, tmp_path):
   args, needles = FLAG_CASES[case]
@@ -111,7 +138,7 @@ def test_print_config_shows_every_field_after_overrides_and_trains_nothing(tmp_p
   lines = set(proc.stdout.splitlines())
   for line in ('config.model.overrides.num_layers = 4', 'config.train.steps = 7', 'config.mesh.shape = (1, -1, 1)',
                "config.model.preset = 'gpt2-tiny'", 'config.model.overrides.d_model = None',
-               'config.model.generator_overrides.num_heads = None', 'config.optim.total_steps = 60'):
+               'config.model.generator_overrides.num_heads = None', 'config.optim.total_steps = 0'):
     assert line in lines, (line, proc.stdout[:2000])
   assert not workdir.exists()
   # --workdir may be left out when only printing.
@@ -132,7 +159,7 @@ def test_runlocal_keeps_a_named_size_and_unknown_sizes_fail(family):
   sized = get_config(f'size={named},runlocal')
   # runlocal shrinks data and steps in both cases; only without a size does it also pick a tiny model.
   for c in (local, sized):
-    assert c.train.steps == c.optim.total_steps == 60 and c.data.batch_size == 8 and c.data.seq_len == 64
+    assert c.train.steps == 60 and c.optim.total_steps == 0 and c.data.batch_size == 8 and c.data.seq_len == 64
   assert sized.model.preset == get_config(f'size={named}').model.preset
   assert set_fields(sized.model.overrides) == set_fields(get_config(f'size={named}').model.overrides)
   assert local.model.preset != full.model.preset or set_fields(local.model.overrides).get('num_layers')

@@ -132,3 +132,33 @@ def test_missing_peer_is_a_clear_timeout_error():
   assert coord0 in r0['error'] and 'process id(s) [1] never connected' in r0['error']
   assert coord1 in r1['error'] and 'could not be reached' in r1['error']
   assert r0['seconds'] < 60 and r1['seconds'] < 60
+
+
+def _cli(workdir, *extra, devices: int):
+  return subprocess.Popen([
+      sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
+      '--config.train.steps=6', '--config.train.checkpoint_every=3', '--config.train.log_every=3', *extra
+  ], cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  return [(r['step'], r['split'], round(r['loss'], 4)) for r in rows]
+
+
+def test_two_train_main_processes_train_like_one_process(tmp_path):
+  """The README's multi-host command: two `python -m train.main` processes x 2 CPU devices on one workdir train,
+  checkpoint and log (process 0 alone writes) the losses one process with 4 devices logs."""
+  coordinator = f'127.0.0.1:{_free_port()}'
+  procs = [
+      _cli(tmp_path / 'two', f'--coordinator={coordinator}', '--num_processes=2', f'--process_id={i}', devices=2)
+      for i in range(2)
+  ]
+  one = _cli(tmp_path / 'one', devices=4)
+  outs = [p.communicate(timeout=600)[0] for p in (*procs, one)]
+  assert [p.returncode for p in (*procs, one)] == [0, 0, 0], '\n'.join(o[-3000:] for o in outs)
+  assert 'done: 6 steps' in outs[0] and 'done:' not in outs[1]  # one console
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['3', '6']
+  two, single = _losses(tmp_path / 'two'), _losses(tmp_path / 'one')
+  assert [r[:2] for r in two] == [r[:2] for r in single] == [(3, 'train'), (6, 'train'), (6, 'eval')]
+  assert max(abs(a[2] - b[2]) for a, b in zip(two, single)) <= 1e-3, (two, single)

@@ -120,8 +120,10 @@ def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path):
   ckpts.close()
   assert all(s < bad for s in steps), (bad, steps)
   # The checkpoint the message names as the last good one is really there (its async save was waited for) ...
-  last = message.split('The last checkpoint (')[1].split(')')[0]
-  assert last == 'None' and not steps or steps and int(last) == max(steps), (last, steps)
+  if steps:
+    assert f'the last checkpoint (step {max(steps)}) holds finite parameters' in message, (message, steps)
+  else:
+    assert 'no checkpoint had been written yet' in message, message
   if steps:
     # ... and finite all through.
     import orbax.checkpoint as ocp

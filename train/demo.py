@@ -26,7 +26,7 @@ def main():
   config.data.batch_size = 16
   config.data.vocab_size = 4000
   config.optim.learning_rate = 2e-3
-  config.optim.total_steps = config.train.steps = int(os.environ.get('DEMO_STEPS', 250))
+  config.train.steps = int(os.environ.get('DEMO_STEPS', 250))
   config.optim.warmup_steps = max(1, config.train.steps // 10)
   config.train.log_every = 25
   config.train.eval_every = 100

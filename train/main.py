@@ -207,7 +207,7 @@ def main(argv):
   from train import distributed, trainer
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
-  log = print if jax.process_index() == 0 else (lambda *_: None)
+  log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
@@ -217,8 +217,10 @@ def main(argv):
   summary.pop('state', None)
   if summary['status'] == 'preempted':
     sys.exit(143)
-  log(f'done: {summary["steps"]} steps, loss {summary["first_loss"]:.4f} -> {summary["final_loss"]:.4f}, '
-      f'outputs in {summary["workdir"]}')
+  if summary['status'] == 'finished':
+    return  # an already finished workdir: said so, wrote nothing
+  loss = ' -> '.join(f'{summary[k]:.4f}' for k in ('first_loss', 'final_loss') if summary[k] is not None)
+  log(f'done: {summary["steps"]} steps{", loss " + loss if loss else ""}, outputs in {summary["workdir"]}')
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ def default_config() -> ml_collections.ConfigDict:
       decay='linear',           # after warmup: 'linear' | 'cosine' (to end_lr * peak at total_steps),
                                 # 'inverse_sqrt' (peak * sqrt(warmup / step)) | 'constant'
       total_steps=10_000,       # optimizer steps (not micro-steps) of the whole run; linear/cosine end here
+      #                           (the configs set 0: the trainer takes train.steps / grad_accum_steps)
       end_lr=0.0,               # final learning rate as a fraction of the peak (linear, cosine)
       b1=0.9, b2=0.999, eps=1e-6,  # AdamW moments (eps 1e-6 as BERT)
       weight_decay=0.01,        # decoupled, multiplied by the learning rate, on decay_mask leaves only
@@ -68,11 +69,11 @@ def _config(cfg) -> dict[str, Any]:
     bad('optimizer', f'must be one of {OPTIMIZERS}.')
   if c['decay'] not in DECAYS:
     bad('decay', f'must be one of {DECAYS}.')
-  if not c['learning_rate'] > 0:
-    bad('learning_rate', 'must be positive.')
+  if not 0 < c['learning_rate'] < float('inf'):
+    bad('learning_rate', 'must be a positive finite number.')
   if c['warmup_steps'] < 0:
     bad('warmup_steps', 'must be >= 0.')
-  if c['decay'] in ('linear', 'cosine') and c['total_steps'] <= c['warmup_steps']:
+  if c['decay'] in ('linear', 'cosine') and 0 < c['total_steps'] <= c['warmup_steps']:
     bad('total_steps', f"must exceed warmup_steps={c['warmup_steps']} for {c['decay']!r} decay.")
   if not 0 <= c['end_lr'] <= 1:
     bad('end_lr', 'is a fraction of the peak learning rate, in [0, 1].')
@@ -97,6 +98,9 @@ def learning_rate_fn(cfg) -> optax.Schedule:
   """step (optimizer steps, from 0) -> learning rate: linear warmup 0 -> peak over warmup_steps, then `decay`."""
   c = _config(cfg)
   peak, warmup, total = c['learning_rate'], int(c['warmup_steps']), int(c['total_steps'])
+  if total <= 0 and c['decay'] in ('linear', 'cosine'):
+    raise ValueError(f"optimizer config total_steps={total}: a {c['decay']!r} schedule needs its length; the trainer "
+                     'sets 0 to the run\'s steps (train.steps / grad_accum_steps), a direct caller passes it.')
   end = peak * c['end_lr']
   if c['decay'] == 'linear':
     after = optax.linear_schedule(peak, end, total - warmup)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import os
 import signal
 import time
@@ -171,7 +173,7 @@ def _mesh_parts(config, devices=None) -> dict[str, Any]:
 
 def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]:
   """The optax chain, its learning-rate schedule (reused when given) and what trains."""
-  lr_fn = lr_fn or optim.learning_rate_fn(config.optim)
+  lr_fn = lr_fn or optim.learning_rate_fn(_schedule_steps(config).optim)
   return dict(optimizer=optim.make_optimizer(config.optim, lr_fn), lr_fn=lr_fn, train_patterns=_train_patterns(config))
 
 
@@ -342,10 +344,41 @@ def _start_from(config, workdir: str, log):
   return init, config
 
 
+_POSITIVE = ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints')
+_NON_NEGATIVE = ('eval_every', 'eval_steps', 'epochs', 'early_stopping')
+
+
+def check_train(config) -> None:
+  """config.train's counts and names, checked before anything is read or written (ValueError naming field and fix)."""
+  tc = config.train
+  for field in _POSITIVE + _NON_NEGATIVE:
+    value = tc.get(field, 0) or 0
+    low, word = (1, 'an integer >= 1') if field in _POSITIVE else (0, 'a number >= 0')
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < low:
+      hint = ' (it is how many checkpoints stay on disk; 0 would delete them all)' if field == 'keep_checkpoints' else ''
+      raise ValueError(f'config.train.{field}={value!r}: must be {word}{hint}.')
+  best = tc.get('best_metric') or ''
+  if best and not best.startswith('eval/'):
+    raise ValueError(f"config.train.best_metric={best!r}: name an evaluation metric as 'eval/<metric>', e.g. "
+                     "'eval/loss' or 'eval/accuracy'; '' turns it off.")
+  if tc.get('best_mode', 'min') not in ('min', 'max'):
+    raise ValueError(f"config.train.best_mode={tc.best_mode!r}: must be 'min' or 'max'.")
+
+
+def _schedule_steps(config):
+  """optim.total_steps = 0 (the default) -> the run's optimizer steps, so the schedule ends with train.steps."""
+  if config.optim.get('total_steps'):
+    return config
+  accum = int(config.optim.get('grad_accum_steps') or 1)
+  return _with(config, optim__total_steps=max(1, int(config.train.steps) // accum))
+
+
 def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
   """Stage 1: config -> Run. Everything that can be wrong with the config and the labeled data is checked before a
   file is written or a step compiled (a GGUF init_from writes its tokenizer under <workdir>/init once it passed)."""
   objectives = dict(config.objectives)
+  check_train(config)
+  config = _schedule_steps(config)
   task = tasks.task_of(config) or tasks.pretraining_task(objectives)
   pipeline.check_config(config.data, task)
   labeled, config = _labeled(config, task)
@@ -359,6 +392,8 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
     # The run carries its checkpoint's tokenizer: generate, evaluate and a later init_from read <workdir>/tokenizer.
     pretrained.adopt_tokenizer(config.data.tokenizer_path or init.tokenizer_dir, workdir)
   data = pipeline.build(config.data, task, workdir=workdir, seed=int(config.seed), labeled=labeled)
+  if data.no_eval and config.train.eval_steps:
+    log(data.no_eval)
   if config.train.get('epochs'):
     config, lr_fn = _steps_from_epochs(config, data.train_size, log), None
   model_cfg = arch_cfg if init is not None else with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
@@ -373,10 +408,38 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
   if task.score is not None and data.dev_records:
     forward = evaluate.task_forward(task, setup.model, config.data, params_sharding=setup.state_shardings['params'],
                                     batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump({'config': _config_dict(config), 'model': model_cfg.to_dict()}, f, indent=2)
   return Run(config, workdir, init, data, setup, train_fn, eval_fn, log, task, forward)
+
+
+# Model fields that change no parameter's shape or name: a resumed run may change them.
+_RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', 'remat_policy', 'attention_impl',
+                   'attention_chunk', 'dtype')
+
+
+def _check_same_model(run: Run) -> None:
+  """A workdir's checkpoints hold the model its config.json names; another architecture is refused before orbax."""
+  path = os.path.join(run.workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('model', {})
+  now = run.setup.model_cfg.to_dict()
+  changed = sorted(k for k in now if k in saved and k not in _RUNTIME_FIELDS and saved[k] != now[k])
+  if changed:
+    diff = ', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)
+    raise ValueError(f'{run.workdir} holds checkpoints of another model ({diff}); resume it with its own config '
+                     '(see its config.json) or start the new model in a new --workdir.')
+
+
+def write_run_config(run: Run) -> None:
+  """<workdir>/config.json (the resolved config and the model), written to a temporary name and renamed."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(run.workdir, 'config.json')
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump({'config': _config_dict(run.config), 'model': run.setup.model_cfg.to_dict()}, f, indent=2)
+  os.replace(tmp, path)
 
 
 def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
@@ -385,6 +448,7 @@ def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
   setup = run.setup
   start = ckpts.latest_step()
   if start is not None:
+    _check_same_model(run)
     state, loader_state, _ = ckpts.restore(setup.abstract_state, start)
     run.data.train.set_state(loader_state)
     run.log(f'resumed from step {start} in {ckpts.directory}')
@@ -418,9 +482,11 @@ class _Loop:
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
     if bad >= 0:
-      raise FloatingPointError(f'loss or gradients became NaN/Inf at step {bad + 1}; stopped without saving. The '
-                               f'last checkpoint ({self.ckpts.latest_step()}) holds finite parameters; lower '
-                               'config.optim.learning_rate or enable clip_norm.')
+      latest = self.ckpts.latest_step()
+      kept = (f'the last checkpoint (step {latest}) holds finite parameters'
+              if latest is not None else 'no checkpoint had been written yet')
+      raise FloatingPointError(f'loss or gradients became NaN/Inf at step {bad + 1}; stopped without saving; {kept}. '
+                               'Lower config.optim.learning_rate or enable config.optim.clip_norm.')
 
   def save(self, state, step, metrics=None):
     self.check_finite(state)
@@ -496,9 +562,8 @@ class _Loop:
     tc = self.tc
     if step % int(tc.log_every) == 0 or step == total:
       self.log_window(state, step, total)
-    # A downstream task's last step is always scored, so the final checkpoint competes for best.
-    last_scored = step == total and self.run.forward is not None
-    if (tc.eval_every and step % int(tc.eval_every) == 0) or last_scored:
+    # The last step is always evaluated (so the final checkpoint competes for best, whatever eval_every is).
+    if (tc.eval_every and step % int(tc.eval_every) == 0) or step == total:
       self.evaluate(state, step)
     if step % int(tc.checkpoint_every) == 0 or step == total or self.stop:
       self.save(state, step, metrics=self.checkpoint_metrics(step))
@@ -519,8 +584,6 @@ def train_loop(run: Run, state, start: int, loop: _Loop):
         return state, step, 'preempted'
       if loop.stop:
         return state, step, 'early_stopped'
-  if loop.can_evaluate() and loop.last_eval is None:
-    loop.evaluate(state, step)  # before the writer closes: a closed TensorBoard writer opens a second file
   return state, step, status
 
 
@@ -532,6 +595,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
   ckpts = _checkpoints(run)
   try:
     state, start = restore_or_init(run, ckpts)
+    if start >= int(run.config.train.steps):
+      # A finished run (or one preempted after its last save): nothing to train, nothing written again.
+      log(f'{workdir} already holds the final checkpoint (step {start} of {int(run.config.train.steps)}); '
+          'nothing to do. Raise config.train.steps to train on, or use a new --workdir.')
+      return _summary('finished', start, None, None, workdir, heads_lib.count_params(state['params']), state)
+    write_run_config(run)
     writer = MetricsWriter(workdir, resume_step=start)
     n_params = heads_lib.count_params(run.setup.abstract_state['params'])
     c = run.config
@@ -548,16 +617,20 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
   finally:
     # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
     ckpts.close()
-  last = loop.last_train or {}
+  return _summary(status, step, loop, time.time() - t_start, workdir, n_params, state)
+
+
+def _summary(status, step, loop: Optional[_Loop], wall_s, workdir, n_params, state) -> dict[str, Any]:
+  last = (loop.last_train if loop else None) or {}
   return {
       'status': status,
       'steps': step,
-      'first_loss': loop.first_loss,
+      'first_loss': loop.first_loss if loop else None,
       'final_loss': last.get('loss'),
       'steps_per_sec': last.get('steps_per_sec'),
       'tokens_per_sec': last.get('tokens_per_sec'),
-      'eval': loop.last_eval,
-      'wall_s': time.time() - t_start,
+      'eval': loop.last_eval if loop else None,
+      'wall_s': wall_s,
       'workdir': os.path.abspath(workdir),
       'params': n_params,
       'state': state

@@ -57,6 +57,13 @@ class _LocalFilesBuilder(tfds.core.GeneratorBasedBuilder):
     for i, rec in enumerate(self._records(list(paths), {**self.options, "quiet": True})):
       yield i, rec
 
+  # TFDS announces "Downloading and preparing dataset ..." for every build; nothing is downloaded here.
+  def _log_download_bytes(self):
+    print(f"building {self.name}/{self.builder_config.name} from local files in {self.data_dir}", flush=True)
+
+  def _log_download_done(self):
+    pass
+
   def _features(self, options: dict):
     raise NotImplementedError
 

@@ -36,6 +36,7 @@ class RunData:
   tokens_per_example: int
   dev_records: Optional[list] = None  # downstream tasks: every dev record, scored with the task's metrics
   train_size: int = 0  # examples in one pass over the training data (QA: windows)
+  no_eval: str = ''  # why a run that asked for evaluation gets none (a held-out split smaller than one batch)
 
 
 @dataclasses.dataclass
@@ -209,12 +210,14 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
                   prefetch=data.prefetch)
 
   train = loader('train', seed, True)
+  no_eval = ''
   try:
     evaluation = loader('validation', seed + 1, False)
-  except ValueError:
-    evaluation = None  # a validation split too small for one batch: no eval rather than no run
+  except ValueError as e:
+    evaluation = None  # a validation split too small for one batch: no eval rather than no run, said in the log
+    no_eval = f'no evaluation: {e}'
   tokens = data.seq_len + (data.targets_len or 0)
-  return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source))
+  return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source), no_eval=no_eval)
 
 
 def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int, workdir: str) -> RunData:
