@@ -129,3 +129,22 @@ def test_wordpiece_training_is_deterministic_across_processes():
       subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)
   ]
   assert runs[0] == runs[1]
+
+
+def test_a_save_cut_short_leaves_the_saved_tokenizer_whole(trained, tmp_path, monkeypatch):
+  # A full disk during a re-save (here: the second file fails) keeps the earlier tokenizer loadable and whole.
+  import errno
+  import pathlib
+  old, new = trained["wordpiece"], trained["bpe"]
+  old.save(tmp_path / "tok")
+  before = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+
+  def full_disk(self, *a, **k):
+    raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+  monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+  with pytest.raises(OSError, match="No space"):
+    new.save(tmp_path / "tok")
+  monkeypatch.undo()
+  assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before  # no temporary files either
+  assert T.Tokenizer.load(tmp_path / "tok").encode(TEXT) == old.encode(TEXT)

@@ -192,3 +192,28 @@ def test_every_config_field_is_documented_where_it_is_set():
   for name in names:
     pattern = re.compile(rf'(\b|\.){name.rsplit(".", 1)[-1]}\s*=.*#')
     assert any(pattern.search(line) for line in commented), f'config.{name} has no comment where it is set'
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+  import signal
+
+  from train.workdir import WorkdirLock
+  workdir = tmp_path / 'run'
+  first = subprocess.Popen([
+      sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
+      '--config.train.steps=100000', '--config.train.log_every=5', '--config.train.checkpoint_every=100000'
+  ], cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    for line in first.stdout:  # training has started: the lock is held
+      if line.startswith('step 5/'):
+        break
+    metrics = (workdir / 'metrics.jsonl').read_bytes()
+    second = _cli('--config=configs/gpt.py:runlocal', f'--workdir={workdir}')
+    _assert_one_line_error(second, 'is in use by process', str(first.pid), 'another --workdir')
+    assert (workdir / 'metrics.jsonl').read_bytes()[:len(metrics)] == metrics  # the first run's lines untouched
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  with WorkdirLock(str(workdir)):  # the kernel dropped the killed run's lock
+    pass
+  assert not (workdir / '.lock').exists()

@@ -8,6 +8,7 @@ Mistakes in the flags (a misspelt field, a value of the wrong type, a missing co
 with one line `error: ...` and exit code 2, before anything is compiled or written.
 """
 import difflib
+import errno
 import importlib.util
 import os
 import re
@@ -208,12 +209,17 @@ def main(argv):
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
   log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
+  from train.workdir import WorkdirBusy
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy) as e:
     # Config, data and divergence errors are the user's to fix: one line, no traceback, non-zero exit.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _fail(e)
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      raise
+    _fail(f'{e.strerror} writing {e.filename or _WORKDIR.value}: free space (or raise the quota) and rerun the same '
+          'command; it resumes from the last complete checkpoint.')
   summary.pop('state', None)
   if summary['status'] == 'preempted':
     sys.exit(143)

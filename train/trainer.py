@@ -29,6 +29,7 @@ import optax
 from model import heads as heads_lib
 from model.config import ModelConfig, preset, set_fields
 from train import checkpoint as ckpt_lib
+from train.workdir import WorkdirLock
 from train.writers import MetricsWriter
 from train import evaluate
 from train import finetune
@@ -590,7 +591,13 @@ def train_loop(run: Run, state, start: int, loop: _Loop):
 def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint: prepare -> restore or init -> loop.
 
-  -> summary dict (status, steps, first/final loss, throughput, last eval, workdir, params, state)."""
+  -> summary dict (status, steps, first/final loss, throughput, last eval, workdir, params, state). A second run on
+  a workdir that a live run holds raises workdir.WorkdirBusy naming that run."""
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, devices=devices, log=log)
+
+
+def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]:
   run = prepare(config, workdir, devices=devices, log=log)
   ckpts = _checkpoints(run)
   try:

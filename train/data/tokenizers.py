@@ -159,12 +159,20 @@ class Tokenizer:
 
   # ---- persistence -------------------------------------------------------------------------------------------
   def save(self, directory: str | os.PathLike) -> Path:
-    """Writes `tokenizer.json` (loadable by any HF tokenizers user) and `lmlab_tokenizer.json` (kind, roles)."""
+    """Writes `tokenizer.json` (loadable by any HF tokenizers user) and `lmlab_tokenizer.json` (kind, roles), each
+    to a temporary file renamed into place: a crash or a full disk never leaves a half-written tokenizer behind."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    self.backend.save(str(d / _HF_FILE))
     meta = {"kind": self.kind, "special_tokens": self.special_tokens, "sentinels": self.sentinels}
-    (d / _META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    tmp = (d / f".{_HF_FILE}.tmp", d / f".{_META_FILE}.tmp")
+    try:
+      self.backend.save(str(tmp[0]))
+      tmp[1].write_text(json.dumps(meta, indent=1, sort_keys=True))
+      os.replace(tmp[0], d / _HF_FILE)
+      os.replace(tmp[1], d / _META_FILE)  # last: a folder with both files is a whole tokenizer
+    finally:
+      for t in tmp:
+        t.unlink(missing_ok=True)
     return d
 
   @classmethod

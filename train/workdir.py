@@ -1,0 +1,78 @@
+"""One run per workdir: an exclusive lock held while a run trains, so a second run on the same workdir is refused
+before it interleaves metrics.jsonl or deletes the first one's checkpoints.
+
+The lock is `fcntl.flock` on `<workdir>/.lock`: the kernel drops it when the holder exits, SIGKILL included, so a killed
+run never leaves it stuck; the file only records who holds it (pid, host, command, start time) for the error message.
+Only process 0 of a multi-host run locks (its peers share the workdir by design).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+
+LOCK_FILE = '.lock'
+
+
+class WorkdirBusy(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+  """`with WorkdirLock(workdir):` holds the workdir for one run; a workdir it created is removed again when the run
+  left nothing in it (a refused start leaves no trace)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True):
+    self.workdir, self.enabled = workdir, enabled
+    self.path = os.path.join(workdir, LOCK_FILE)
+    self._fd, self._created = None, False
+
+  def __enter__(self):
+    if not self.enabled:
+      return self
+    self._created = not os.path.exists(self.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise WorkdirBusy(f'--workdir={self.workdir} is in use by {holder}; wait for that run to finish (or stop it), '
+                        'or give another --workdir.') from None
+    os.ftruncate(fd, 0)
+    os.write(
+        fd,
+        json.dumps({
+            'pid': os.getpid(),
+            'host': socket.gethostname(),
+            'command': ' '.join(sys.argv),
+            'since': time.strftime('%Y-%m-%d %H:%M:%S')
+        }).encode())
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc):
+    if self._fd is None:
+      return False
+    os.unlink(self.path)  # before unlocking: a waiting run then locks a fresh file, never this one
+    fcntl.flock(self._fd, fcntl.LOCK_UN)
+    os.close(self._fd)
+    self._fd = None
+    if self._created and not os.listdir(self.workdir):
+      os.rmdir(self.workdir)
+    return False
+
+
+def _read_holder(fd: int) -> str:
+  try:
+    info = json.loads(os.pread(fd, 4096, 0) or b'{}')
+  except ValueError:
+    info = {}
+  if not info:
+    return 'another run'
+  return (f"process {info.get('pid')} on {info.get('host')} (since {info.get('since')}: "
+          f"{str(info.get('command', ''))[:200]})")
