@@ -491,8 +491,9 @@ class _Loop:
 
   def save(self, state, step, metrics=None):
     self.check_finite(state)
+    window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.history)]
     self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(), config=_config_dict(self.run.config),
-                    metrics=metrics)
+                    metrics=metrics, window=window)
 
   def can_evaluate(self) -> bool:
     return self.run.forward is not None or (self.run.data.eval is not None and bool(self.tc.eval_steps))
@@ -617,6 +618,8 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
         f'{dict(c.objectives)}, mesh {dict(run.setup.mesh.shape)}, {int(c.train.steps)} steps of '
         f'{c.data.batch_size} x {run.data.tokens_per_example} tokens')
     loop, t_start = _Loop(run, ckpts, writer), time.time()
+    if start:  # the steps since the last log step before the checkpoint: the first window after it is whole again
+      loop.history = ckpts.window(start)
     try:
       state, step, status = train_loop(run, state, start, loop)
     finally:
