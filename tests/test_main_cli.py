@@ -217,3 +217,29 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lo
   with WorkdirLock(str(workdir)):  # the kernel dropped the killed run's lock
     pass
   assert not (workdir / '.lock').exists()
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_last_good_one(tmp_path, damage):
+  workdir = tmp_path / 'run'
+  run = ('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', '--config.train.checkpoint_every=3',
+         '--config.train.log_every=3')
+  first = _cli(*run, '--config.train.steps=6')
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert (workdir / 'checkpoints' / '6' / 'lmlab_digest.json').exists()
+  # The largest array file of step 6: cut in half, or 64 bytes in its middle flipped (it still parses).
+  target = max((p for p in (workdir / 'checkpoints' / '6' / 'state').rglob('*') if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  if damage == 'truncate':
+    data = data[:len(data) // 2]
+  else:
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+  target.write_bytes(bytes(data))
+  again = _cli(*run, '--config.train.steps=9')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'checkpoint step 6 is corrupt' in again.stdout and 'was changed' in again.stdout, again.stdout
+  assert 'resumed from step 3' in again.stdout and 'Traceback' not in again.stdout + again.stderr
+  assert (workdir / 'checkpoints' / 'corrupt-6' / 'state').is_dir()  # set aside, never deleted
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6', '9']

@@ -4,11 +4,17 @@ One `Checkpoints` object wraps an orbax CheckpointManager under `<workdir>/check
 latest N (or the best N by an eval metric), and restore onto whatever shardings the caller asks for, so a run trained on
 a (2,2,2) mesh resumes on 8x1x1 or on one device. Orbax writes each step to a temporary folder and renames it when
 complete, so a kill mid-save leaves the previous checkpoints intact and the half-written one invisible.
+
+Each finished step also gets `lmlab_digest.json` (size and SHA-256 of every file, written by process 0 once orbax
+has finalized the step): `restore_latest` checks it, and a step whose files were truncated or altered (or that orbax
+cannot read) is moved aside to `checkpoints/corrupt-<step>` (never deleted) and the newest good step is used instead.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,9 +44,69 @@ class Checkpoints:
     """The step with the best saved metric (config.train.best_metric), or None when none was saved with one."""
     return self.manager.best_step()
 
+  # ---- integrity ------------------------------------------------------------------------------------------------
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _write_digests(self):
+    """Digests for finalized steps that have none yet (the save in flight, if any, is waited for first)."""
+    self.manager.wait_until_finished()
+    if jax.process_index() != 0:
+      return
+    for step in self.manager.all_steps():
+      path = os.path.join(self._step_dir(step), DIGEST_FILE)
+      if os.path.isdir(self._step_dir(step)) and not os.path.exists(path):
+        tmp = f'{path}.tmp'
+        with open(tmp, 'w') as f:
+          json.dump(_digest(self._step_dir(step)), f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+
+  def problem(self, step: int) -> Optional[str]:
+    """What is wrong with a step's files against its digest (None: matches, or no digest to check against)."""
+    path = os.path.join(self._step_dir(step), DIGEST_FILE)
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      want = json.load(f)
+    have = _digest(self._step_dir(step))
+    for name in sorted(set(want) | set(have)):
+      if name not in have:
+        return f'{name} is missing'
+      if name not in want:
+        continue  # a file added after the digest (none of orbax's) is not a corruption
+      if have[name] != want[name]:
+        return f'{name} was changed ({have[name][0]} bytes, {want[name][0]} written)'
+    return None
+
+  def set_aside(self, step: int) -> str:
+    """Moves a corrupt step out of orbax's sight (and out of max_to_keep's reach) -> its new path."""
+    dst = os.path.join(self.directory, f'corrupt-{step}')
+    if jax.process_index() == 0:
+      os.replace(self._step_dir(step), dst)
+    self.manager.reload()
+    return dst
+
+  def restore_latest(self, abstract_state, log: Callable[[str], None] = print):
+    """(step, state, loader_state) of the newest step that is whole, setting corrupt ones aside; (None, ...) when
+    there is none. A step that fails its digest or orbax's own reading is reported with the reason."""
+    for step in sorted(self.all_steps(), reverse=True):
+      bad = self.problem(step)
+      if bad is None:
+        try:
+          state, loader, _ = self.restore(abstract_state, step)
+          return step, state, loader
+        except Exception as e:  # orbax/tensorstore raise many kinds for unreadable files
+          if os.path.exists(os.path.join(self._step_dir(step), DIGEST_FILE)):
+            raise  # the files are as written: the failure is not the checkpoint's (never set a good one aside)
+          bad = f'orbax cannot read it ({type(e).__name__}: {" ".join(str(e).split())[:200]})'
+      where = self.set_aside(step)
+      log(f'checkpoint step {step} is corrupt: {bad}; moved it to {where} and falling back to an earlier step')
+    return None, None, None
+
   def save(self, step: int, state, *, loader_state: Mapping[str, Any], config: Mapping[str, Any],
            metrics: Optional[Mapping[str, float]] = None, window: Sequence[Mapping[str, float]] = (),
            force: bool = True) -> bool:
+    self._write_digests()  # the previous save is complete now: record what it wrote
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), loader=ocp.args.JsonSave(dict(loader_state)),
                               config=ocp.args.JsonSave(dict(config)),
                               window=ocp.args.JsonSave({'steps': [dict(m) for m in window]}))
@@ -79,5 +145,25 @@ class Checkpoints:
     self.manager.wait_until_finished()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self._write_digests()
     self.manager.close()
+
+
+DIGEST_FILE = 'lmlab_digest.json'
+
+
+def _digest(step_dir: str) -> dict[str, list]:
+  """{relative path: (size, sha256)} of every file under a step folder but the digest itself."""
+  out = {}
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel in (DIGEST_FILE, f'{DIGEST_FILE}.tmp'):
+        continue
+      h = hashlib.sha256()
+      with open(path, 'rb') as f:
+        for block in iter(lambda f=f: f.read(1 << 20), b''):
+          h.update(block)
+      out[rel] = [os.path.getsize(path), h.hexdigest()]
+  return out

@@ -447,10 +447,12 @@ def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
   """Stage 2: the latest checkpoint of the workdir (state and loader position), or a fresh state (with the init_from
   checkpoint's parameters merged in). -> (state, start step)."""
   setup = run.setup
-  start = ckpts.latest_step()
-  if start is not None:
-    _check_same_model(run)
-    state, loader_state, _ = ckpts.restore(setup.abstract_state, start)
+  if ckpts.latest_step() is not None:
+    _check_same_model(run)  # before any restore: another model is the config's mistake, not a corrupt checkpoint
+    start, state, loader_state = ckpts.restore_latest(setup.abstract_state, log=run.log)
+    if start is None:  # never train over a workdir's metrics from step 0 without being asked to
+      raise ValueError(f'every checkpoint in {ckpts.directory} is corrupt (moved to corrupt-<step>); start over in a '
+                       'new --workdir, or remove that workdir to reuse its name.')
     run.data.train.set_state(loader_state)
     run.log(f'resumed from step {start} in {ckpts.directory}')
     return state, start
