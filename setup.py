@@ -35,6 +35,7 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",
+            "hypothesis>=6.100,<7",           # property-based fuzzing of config overrides and data files
             "torch==2.13.0",
             "transformers>=4.50,<6",
             "accelerate==1.15.0",             # transformers needs it to load a GGUF file

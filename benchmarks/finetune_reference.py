@@ -12,6 +12,8 @@ numbers and asserts nothing.
   python benchmarks/finetune_reference.py --epochs=3 --seeds=13,21,42
   python benchmarks/finetune_reference.py --strategy=head --epochs=3 --json
   python benchmarks/finetune_reference.py --epochs=1 --seeds=13 --max_train=2000   # a quick check
+  python benchmarks/finetune_reference.py --strategy=head --epochs=10 --seeds=13 --head_cache \
+      --data=../shared/data/trec --text_column=question --label_column=coarse_label    # TREC coarse, 6 classes
 """
 import importlib.util
 import json
@@ -57,6 +59,10 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.01, "Decoupled AdamW weight
 _DROPOUT = flags.DEFINE_float("dropout", 0.1, "Dropout in the encoder (full) and before the classifier.")
 _CLIP = flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clipping; 0: off.")
 _MAX_TRAIN = flags.DEFINE_integer("max_train", 0, "Use only the first N training examples; 0: all.")
+_TEXT_COLUMN = flags.DEFINE_string("text_column", "sentence", "The text column (TREC: question).")
+_LABEL_COLUMN = flags.DEFINE_string(
+    "label_column", "label", "The label column (TREC: coarse_label); the labels are "
+    "the sorted set found in train.tsv, as lmlab's classification reader finds them.")
 _HEAD_CACHE = flags.DEFINE_bool("head_cache", False, "head strategy: embed train/dev once instead of every step.")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads; 0: torch's default.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with every number instead of the table.")
@@ -72,8 +78,12 @@ def _model_dir() -> Path:
   return d
 
 
-def _records(path: Path, limit: int = 0):
-  recs = list(readers.classification_records(path, text_columns=("sentence",), label_names=("0", "1")))
+def _records(path: Path, names, limit: int = 0):
+  recs = list(
+      readers.classification_records(path, text_columns=(_TEXT_COLUMN.value,), label_column=_LABEL_COLUMN.value,
+                                     label_names=names))
+  for r in recs:
+    r["label"] = names.index(r["label"])
   return recs[:limit] if limit else recs
 
 
@@ -100,13 +110,13 @@ def _batch(data, idx):
   return ids, mask, data["labels"][idx]
 
 
-def _build(model_dir: Path, strategy: str, pooling: str, dropout: float):
-  """(model: (input_ids, attention_mask) -> logits [B, 2], the parameters the optimizer trains)."""
+def _build(model_dir: Path, strategy: str, pooling: str, dropout: float, num_labels: int = 2):
+  """(model: (input_ids, attention_mask) -> logits [B, num_labels], the parameters the optimizer trains)."""
   import torch
   import transformers
 
   if pooling == "pooler":
-    model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=2,
+    model = transformers.BertForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels,
                                                                        hidden_dropout_prob=dropout,
                                                                        attention_probs_dropout_prob=dropout)
     encoder = model.bert
@@ -114,7 +124,7 @@ def _build(model_dir: Path, strategy: str, pooling: str, dropout: float):
   else:
     encoder = transformers.BertModel.from_pretrained(model_dir, add_pooling_layer=False, hidden_dropout_prob=dropout,
                                                      attention_probs_dropout_prob=dropout)
-    head = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(encoder.config.hidden_size, 2))
+    head = torch.nn.Sequential(torch.nn.Dropout(dropout), torch.nn.Linear(encoder.config.hidden_size, num_labels))
     torch.nn.init.normal_(head[1].weight, std=encoder.config.initializer_range)  # as BERT initializes its classifier
     torch.nn.init.zeros_(head[1].bias)
     model = torch.nn.ModuleDict({"encoder": encoder, "head": head})
@@ -184,7 +194,8 @@ def run_seed(seed: int, model_dir: Path, train, dev, cfg: dict, log) -> dict:
   import torch
   import transformers
   transformers.set_seed(seed)
-  model, encoder, forward, trainable = _build(model_dir, cfg["strategy"], cfg["pooling"], cfg["dropout"])
+  model, encoder, forward, trainable = _build(model_dir, cfg["strategy"], cfg["pooling"], cfg["dropout"],
+                                              num_labels=int(train["labels"].max()) + 1)
   n = len(train["labels"])
   steps_per_epoch = math.ceil(n / cfg["batch_size"])
   total = steps_per_epoch * cfg["epochs"]
@@ -225,7 +236,7 @@ def run_seed(seed: int, model_dir: Path, train, dev, cfg: dict, log) -> dict:
     row = {
         "epoch": epoch,
         "dev_accuracy": dev_m["accuracy"],
-        "dev_f1": dev_m["f1"],
+        "dev_f1": dev_m.get("f1", dev_m["macro_f1"]),
         "train_loss": loss_sum / steps_per_epoch,
         "train_examples_per_s": n / train_s,
         "train_s": train_s,
@@ -277,10 +288,11 @@ def main(argv):
       raise SystemExit(f"{data / split}: not found; pass --data=FOLDER holding train.tsv and dev.tsv")
   model_dir = _model_dir()
   tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-  train_recs, dev_recs = _records(data / "train.tsv", _MAX_TRAIN.value), _records(data / "dev.tsv")
+  names = readers.infer_labels(data / "train.tsv", label_column=_LABEL_COLUMN.value)
+  train_recs, dev_recs = _records(data / "train.tsv", names, _MAX_TRAIN.value), _records(data / "dev.tsv", names)
   train = _encode(tokenizer, train_recs, cfg["max_length"], cfg["padding"])
   dev = _encode(tokenizer, dev_recs, cfg["max_length"], cfg["padding"])
-  log(f"all-MiniLM-L6-v2 on SST-2, {strategy} ({cfg['pooling']} pooling), lr {cfg['learning_rate']:g}, "
+  log(f"all-MiniLM-L6-v2 on {data.name} ({len(names)} labels), {strategy} ({cfg['pooling']} pooling), lr {cfg['learning_rate']:g}, "
       f"{cfg['epochs']} epoch(s), batch {cfg['batch_size']}, max length {cfg['max_length']} ({cfg['padding']} "
       f"padding); {len(train_recs)} train / {len(dev_recs)} dev examples; torch {torch.__version__}, "
       f"{torch.get_num_threads()} threads")

@@ -15,6 +15,7 @@ import json
 import math
 import numbers
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -376,7 +377,20 @@ def _schedule_steps(config):
 
 def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
   """Stage 1: config -> Run. Everything that can be wrong with the config and the labeled data is checked before a
-  file is written or a step compiled (a GGUF init_from writes its tokenizer under <workdir>/init once it passed)."""
+  step is compiled; what this stage wrote into the workdir (tokenizer/, tfds/, init/) is removed again when it fails,
+  so a refused start leaves an existing workdir as it was."""
+  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
+  try:
+    return _prepare(config, workdir, devices=devices, log=log)
+  except BaseException:
+    if jax.process_index() == 0 and os.path.isdir(workdir):
+      for name in sorted(set(os.listdir(workdir)) - before):
+        path = os.path.join(workdir, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    raise
+
+
+def _prepare(config, workdir: str, *, devices, log) -> Run:
   objectives = dict(config.objectives)
   check_train(config)
   config = _schedule_steps(config)

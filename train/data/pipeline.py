@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # the records are train/tasks.py's, which builds on this pack
   from train import tasks
 
 SOURCES = ('embedded', 'files', 'tfds')
+MIN_VOCAB = 300  # byte-level BPE's 256-byte alphabet and the special tokens
 
 
 @dataclasses.dataclass
@@ -69,6 +70,9 @@ def check_config(data, task: tasks.Task):
   for field in ('seq_len', 'batch_size'):
     if int(data[field]) <= 0:
       raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
+  if not data.get('tokenizer_path') and int(data.get('vocab_size') or 0) < MIN_VOCAB:
+    raise ValueError(f'config.data.vocab_size={data.get("vocab_size")}: a tokenizer trained for this run needs at '
+                     f'least {MIN_VOCAB} entries (its special tokens and byte alphabet); e.g. 8000.')
   if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
     raise FileNotFoundError(f'config.data.tokenizer_path: {data.tokenizer_path} does not exist; point it at a saved '
                             'tokenizer folder, tokenizer.json or vocab.txt, or leave it empty to train one.')
