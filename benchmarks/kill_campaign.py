@@ -18,6 +18,7 @@ from pathlib import Path
 
 from absl import app
 from absl import flags
+from absl import logging
 
 _ROOT = Path(__file__).resolve().parents[1]
 _TRIALS = flags.DEFINE_integer('trials', 10, 'Runs to kill (each restarted until it finishes).')
@@ -77,6 +78,7 @@ def _same_state(a, b) -> bool:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's restore chatter
   rng = random.Random(_SEED.value)
   base = Path(tempfile.mkdtemp(prefix='lmlab-kills-'))
   ref_dir = base / 'uninterrupted'

@@ -34,6 +34,9 @@ TRAINER_CASES = {
     'no_steps': (['--config.train.steps=0'], 'config.train.steps=0'),
     'best_metric_without_split': (['--config.train.best_metric=loss'], "'eval/<metric>'"),
     'infinite_learning_rate': (['--config.optim.learning_rate=inf'], 'learning_rate=inf'),
+    'negative_targets_len': (['--config.data.targets_len=-4'], 'config.data.targets_len=-4'),
+    'bad_coordinator': (['--coordinator=nohost', '--num_processes=2', '--process_id=0'], "--coordinator='nohost'"),
+    'process_id_out_of_range': (['--coordinator=127.0.0.1:1', '--num_processes=2', '--process_id=5'], '--process_id=5'),
 }
 
 # Mistakes in the flags themselves: (arguments after --workdir, substrings the one line must hold).
@@ -98,6 +101,17 @@ def test_bad_config_or_data_is_one_line_and_touches_nothing(case, tmp_path):
   print(f'\n{case}: rc {proc.returncode}, stderr: {proc.stderr.strip()}')
   _assert_one_line_error(proc, field)
   assert _snapshot(workdir) == before
+
+
+def test_a_corpus_of_one_passage_is_refused_in_one_line(tmp_path):
+  corpus = tmp_path / 'one.txt'
+  corpus.write_text('One passage of text and no blank line in it.\n')
+  workdir = _earlier_run(tmp_path)
+  before = _snapshot(workdir)
+  proc = _cli('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', '--config.data.source=files',
+              f'--config.data.path={corpus}')
+  _assert_one_line_error(proc, str(corpus), 'none to train on', 'eval_fraction')
+  assert _snapshot(workdir) == before  # the TFDS build and the tokenizer it made are gone again
 
 
 def test_a_finished_workdir_reruns_to_exit_0_and_refuses_another_model(tmp_path):

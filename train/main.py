@@ -207,7 +207,11 @@ def main(argv):
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
   from train import distributed, trainer
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
-    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
+    try:
+      distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                         _INIT_TIMEOUT.value)
+    except (ValueError, RuntimeError) as e:  # bad flags, or peers that never joined: named, one line
+      _fail(e)
   log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
   from train.workdir import WorkdirBusy
   try:

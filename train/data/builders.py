@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 from train.data import readers  # noqa: E402
 
@@ -234,7 +235,12 @@ def build(kind: str, *, name: str, data_dir: str | os.PathLike, splits: Splits,
   fingerprint = _fingerprint(kind, file_splits, options)
   config = LocalFilesConfig(name=name, splits=file_splits, options=json.dumps(options, sort_keys=True),
                             description=f"{kind} {fingerprint}")
-  builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS warns "Using custom data configuration" for every build
+  try:
+    builder = builder_cls(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+  finally:
+    absl_logging.set_verbosity(verbosity)
   stamp = Path(builder.data_dir) / _FINGERPRINT_FILE
   fresh = stamp.exists() and stamp.read_text() == fingerprint
   if not fresh:

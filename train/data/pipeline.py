@@ -70,6 +70,8 @@ def check_config(data, task: tasks.Task):
   for field in ('seq_len', 'batch_size'):
     if int(data[field]) <= 0:
       raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
+  if int(data.get('targets_len') or 0) < 0:
+    raise ValueError(f'config.data.targets_len={data.targets_len}: must be >= 0 (0 derives it from seq_len).')
   if not data.get('tokenizer_path') and int(data.get('vocab_size') or 0) < MIN_VOCAB:
     raise ValueError(f'config.data.vocab_size={data.get("vocab_size")}: a tokenizer trained for this run needs at '
                      f'least {MIN_VOCAB} entries (its special tokens and byte alphabet); e.g. 8000.')
@@ -198,6 +200,11 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
     return _build_labeled(data, task, labeled, seed, workdir)
   records = _records(data, workdir)
   train_records = records['train']
+  if not len(train_records):
+    where = data.path if data.source == 'files' else f'the {data.source} corpus'
+    raise ValueError(f'config.data: {where} gives {len(records.get("validation") or ())} passage(s), all held out '
+                     f'for evaluation (config.data.eval_fraction={data.eval_fraction}) and none to train on; give '
+                     'more text (passages are split at blank lines or by document) or set eval_fraction=0.')
   tokenizer = _tokenizer(
       data, task,
       lambda: [train_records[i]['text'] for i in range(min(len(train_records), data.tokenizer_train_records))], workdir)
