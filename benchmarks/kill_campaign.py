@@ -32,7 +32,7 @@ def _command(workdir: Path) -> list[str]:
   steps = _STEPS.value
   return [
       sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
-      f'--config.train.steps={steps}', '--config.train.checkpoint_every=4', '--config.train.log_every=3',
+      f'--config.train.steps={steps}', '--config.train.checkpoint_every=2', '--config.train.log_every=3',
       f'--config.train.eval_every={steps // 2}', '--config.train.async_checkpoints=True'
   ]
 
@@ -43,16 +43,28 @@ def _env():
   return env
 
 
+def _first_save(workdir: Path) -> bool:
+  d = workdir / 'checkpoints'
+  return d.is_dir() and any(p.name.isdigit() or 'tmp' in p.name for p in d.iterdir())
+
+
 def _run(workdir: Path, kill_after: float = None) -> tuple[int, float]:
-  """Runs the command; with kill_after, SIGKILLs it after that many seconds. -> (return code, seconds)."""
+  """Runs the command; with kill_after >= 0, SIGKILLs it that many seconds after its first checkpoint save began;
+  with kill_after < 0, that many seconds after start if no save began by then. -> (return code, seconds)."""
   t0 = time.time()
   proc = subprocess.Popen(_command(workdir), cwd=_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
-  try:
-    _, err = proc.communicate(timeout=kill_after)
-  except subprocess.TimeoutExpired:
-    proc.send_signal(signal.SIGKILL)
-    _, err = proc.communicate()
+  if kill_after is not None:
+    t_save = None
+    while proc.poll() is None and t_save is None and (kill_after >= 0 or time.time() - t0 < -kill_after):
+      t_save = time.time() if _first_save(workdir) else None
+      time.sleep(0.005)
+    deadline = (t_save if kill_after >= 0 and t_save else t0) + abs(kill_after)
+    while proc.poll() is None and time.time() < deadline:
+      time.sleep(0.005)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+  _, err = proc.communicate()
   if proc.returncode not in (0, -signal.SIGKILL):
     print(f'  run failed (rc {proc.returncode}): {err.strip().splitlines()[-1:]}')
   return proc.returncode, time.time() - t0
@@ -85,17 +97,22 @@ def main(argv):
   rc, ref_seconds = _run(ref_dir)
   assert rc == 0, 'the uninterrupted run failed'
   ref_state, ref_metrics = _final_state(ref_dir), _metrics(ref_dir)
-  print(f'uninterrupted: {_STEPS.value} steps in {ref_seconds:.1f} s; {len(ref_metrics)} metrics lines; in {base}')
+  saves = [p.stat().st_mtime for p in (ref_dir / 'checkpoints').iterdir()]
+  span = max(saves) - min(saves)
+  print(f'uninterrupted: {_STEPS.value} steps in {ref_seconds:.1f} s, {span:.1f} s between its first and last '
+        f'saves; {len(ref_metrics)} metrics lines; in {base}')
   good = 0
   for trial in range(_TRIALS.value):
     workdir = base / f'trial{trial}'
     moments = []
     for _ in range(_KILLS.value):
-      at = rng.uniform(0.5, ref_seconds)
+      # Mostly while the saves happen (first save to a second past the last), sometimes before any save began.
+      at = rng.uniform(0.0, span + 1.0) if rng.random() < 0.8 else -rng.uniform(1.0, ref_seconds)
       rc, _ = _run(workdir, kill_after=at)
       ckpts = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) if (
           workdir / 'checkpoints').is_dir() else []
-      moments.append(f'{at:.1f}s ({"killed" if rc == -signal.SIGKILL else "finished"}, checkpoints {ckpts})')
+      when = f'{at:.2f} s after the first save' if at >= 0 else f'{-at:.1f} s after start'
+      moments.append(f'{when} ({"killed" if rc == -signal.SIGKILL else "finished"}, checkpoints {ckpts})')
     restarts = 0
     while restarts < 3:
       rc, _ = _run(workdir)

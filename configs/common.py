@@ -135,6 +135,8 @@ def base() -> ml_collections.ConfigDict:
       best_metric='',           # also keep the best checkpoint by this eval metric, e.g. 'eval/loss'; '': off
       best_mode='min',          # 'min' | 'max': which way best_metric improves
       async_checkpoints=True,   # save in the background while training goes on
+      max_param_norm=0.0,       # divergence guard: stop without saving when the global parameter norm exceeds it; 0: off
+      max_loss_ratio=0.0,       # divergence guard: stop when a logged loss exceeds this times the lowest so far; 0: off
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP

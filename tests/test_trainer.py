@@ -134,6 +134,20 @@ def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path):
     assert json.loads(line)['step'] < bad
 
 
+def test_divergence_guard_stops_runaway_but_finite_parameters_before_they_are_saved(tmp_path):
+  # lr 1e30 makes the parameters huge before they turn NaN; train.max_param_norm stops the run at the first save or
+  # log step past the limit, and no checkpoint ever holds such parameters.
+  c = small_config('gpt', steps=12, checkpoint_every=1, log_every=1)
+  c.optim.learning_rate, c.optim.clip_norm, c.train.max_param_norm = 1e30, 0.0, 1e4
+  with pytest.raises(FloatingPointError, match=r'parameter norm .* exceeds config.train.max_param_norm=10000'):
+    trainer.train_and_evaluate(c, str(tmp_path), log=lambda m: None)
+  import optax
+  import orbax.checkpoint as ocp
+  for step_dir in (p for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()):
+    params = ocp.StandardCheckpointer().restore(step_dir / 'state')['params']
+    assert float(optax.tree.norm(params)) <= 1e4, step_dir.name
+
+
 def jax_leaves(tree):
   import jax
   return jax.tree.leaves(tree)

@@ -347,7 +347,7 @@ def _start_from(config, workdir: str, log):
 
 
 _POSITIVE = ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints')
-_NON_NEGATIVE = ('eval_every', 'eval_steps', 'epochs', 'early_stopping')
+_NON_NEGATIVE = ('eval_every', 'eval_steps', 'epochs', 'early_stopping', 'max_param_norm', 'max_loss_ratio')
 
 
 def check_train(config) -> None:
@@ -359,6 +359,9 @@ def check_train(config) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < low:
       hint = ' (it is how many checkpoints stay on disk; 0 would delete them all)' if field == 'keep_checkpoints' else ''
       raise ValueError(f'config.train.{field}={value!r}: must be {word}{hint}.')
+  if 0 < float(tc.get('max_loss_ratio') or 0) <= 1:
+    raise ValueError(f'config.train.max_loss_ratio={tc.max_loss_ratio}: a loss above this times the lowest one stops '
+                     'the run, so it must exceed 1 (e.g. 3); 0 turns the guard off.')
   best = tc.get('best_metric') or ''
   if best and not best.startswith('eval/'):
     raise ValueError(f"config.train.best_metric={best!r}: name an evaluation metric as 'eval/<metric>', e.g. "
@@ -495,6 +498,7 @@ class _Loop:
     self.history, self.first_loss, self.last_train, self.last_eval = [], None, None, None
     self.t_window, self.steps_window = time.time(), 0
     self.eval_at, self.best, self.since_best, self.stop = None, None, 0, False
+    self.lowest_loss = None
 
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
@@ -505,8 +509,27 @@ class _Loop:
       raise FloatingPointError(f'loss or gradients became NaN/Inf at step {bad + 1}; stopped without saving; {kept}. '
                                'Lower config.optim.learning_rate or enable config.optim.clip_norm.')
 
+  def check_diverged(self, state, step):
+    """The config's divergence guards (train.max_param_norm, train.max_loss_ratio): finite but runaway numbers stop
+    the run before they are saved, as a NaN does."""
+    latest = self.ckpts.latest_step()
+    kept = f'the last checkpoint (step {latest}) is kept' if latest is not None else 'no checkpoint was written yet'
+    limit = float(self.tc.get('max_param_norm') or 0)
+    if limit:
+      norm = float(jax.device_get(optax.tree.norm(state['params'])))
+      if not norm <= limit:
+        raise FloatingPointError(f'parameter norm {norm:.3g} at step {step} exceeds config.train.max_param_norm='
+                                 f'{limit:g}: the run diverged; stopped without saving; {kept}. Lower '
+                                 'config.optim.learning_rate or enable config.optim.clip_norm.')
+    ratio = float(self.tc.get('max_loss_ratio') or 0)
+    if ratio and self.last_train and self.lowest_loss is not None and self.last_train['loss'] > ratio * self.lowest_loss:
+      raise FloatingPointError(f'loss {self.last_train["loss"]:.4g} at step {step} exceeds config.train.max_loss_ratio='
+                               f'{ratio:g} x the lowest logged loss {self.lowest_loss:.4g}: the run diverged; stopped '
+                               f'without saving; {kept}. Lower config.optim.learning_rate or enable clip_norm.')
+
   def save(self, state, step, metrics=None):
     self.check_finite(state)
+    self.check_diverged(state, step)
     window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.history)]
     self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(), config=_config_dict(self.run.config),
                     metrics=metrics, window=window)
@@ -569,6 +592,8 @@ class _Loop:
     self.writer.write(step, 'train', values)
     self.first_loss = values['loss'] if self.first_loss is None else self.first_loss
     self.last_train = values
+    self.check_diverged(state, step)
+    self.lowest_loss = values['loss'] if self.lowest_loss is None else min(self.lowest_loss, values['loss'])
     eta = (total - step) / max(values['steps_per_sec'], 1e-9)
     self.run.log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
                  f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
