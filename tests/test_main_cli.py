@@ -257,3 +257,19 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_l
   assert 'resumed from step 3' in again.stdout and 'Traceback' not in again.stdout + again.stderr
   assert (workdir / 'checkpoints' / 'corrupt-6' / 'state').is_dir()  # set aside, never deleted
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6', '9']
+
+
+def test_the_lock_leaves_another_runs_lock_file_alone(tmp_path):
+  # A workdir deleted and made again under a live run (rm -rf, a new run): the old run's exit must neither fail nor
+  # remove the new run's lock file.
+  import shutil
+
+  from train.workdir import WorkdirLock
+  workdir = tmp_path / 'run'
+  with WorkdirLock(str(workdir)):
+    shutil.rmtree(workdir)
+    workdir.mkdir()
+    (workdir / '.lock').write_text('{"pid": 1}')
+  assert (workdir / '.lock').read_text() == '{"pid": 1}'
+  with WorkdirLock(str(tmp_path / 'gone')):
+    shutil.rmtree(tmp_path / 'gone')  # removed with its lock: the exit has nothing to clean

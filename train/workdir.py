@@ -58,11 +58,16 @@ class WorkdirLock:
   def __exit__(self, *exc):
     if self._fd is None:
       return False
-    os.unlink(self.path)  # before unlocking: a waiting run then locks a fresh file, never this one
+    try:  # before unlocking, and only our own file (not one a later run made after this workdir was replaced)
+      mine, there = os.fstat(self._fd), os.stat(self.path)
+      if (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino):
+        os.unlink(self.path)
+    except FileNotFoundError:
+      pass  # removed from under us (the workdir deleted): nothing to clean
     fcntl.flock(self._fd, fcntl.LOCK_UN)
     os.close(self._fd)
     self._fd = None
-    if self._created and not os.listdir(self.workdir):
+    if self._created and os.path.isdir(self.workdir) and not os.listdir(self.workdir):
       os.rmdir(self.workdir)
     return False
 
