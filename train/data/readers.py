@@ -215,14 +215,21 @@ def table_rows(path: PathLike, problems: Problems, *, columns: Sequence[str]) ->
   # GLUE TSVs contain unbalanced quotes, so TSV is read without quoting; CSV uses normal quoting rules.
   reader_kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
   (hline, header_line), body = content[0], content[1:]
-  header = next(csv.reader([header_line], **reader_kw))
+  try:
+    header = next(csv.reader([header_line], **reader_kw))
+  except csv.Error as e:
+    raise DataError(path, hline, f"unreadable header ({e})") from None
   missing = [c for c in columns if c not in header]
   if missing:
     raise DataError(path, hline, f"header has no column(s) {missing}; it has {header}")
   idx = [header.index(c) for c in columns]
   sep = "tab-separated" if fmt == "tsv" else "comma-separated"
   for i, line in body:
-    fields = next(csv.reader([line], **reader_kw))
+    try:
+      fields = next(csv.reader([line], **reader_kw))
+    except csv.Error as e:  # e.g. a carriage return inside a field
+      problems(path, i, f"unreadable row ({e})")
+      continue
     if len(fields) != len(header):
       problems(path, i, f"expected {len(header)} {sep} fields (as in the header), found {len(fields)}")
       continue
