@@ -1,10 +1,8 @@
-"""The pure train and eval steps, and the loop around them: sharded state, logging, eval, checkpoints, resumption.
+"""The loop around the pure steps of train/steps.py: sharded state, logging, eval, checkpoints, resumption.
 
-`train_step(state, batch, *, ...)` and `eval_step` are module-level pure functions; `Trainer` jits them with
-in/out shardings and donation. State is a plain dict pytree {'params', 'opt_state', 'step', 'rng', 'nonfinite_step'}.
-A step whose loss or gradient is not finite leaves params and optimizer state as they were and records its number; the
-loop stops at the next log or checkpoint boundary with that step in the message, so no checkpoint ever holds bad
-parameters. The per-step rng is fold_in(run rng, step) and the loader's state is saved with every checkpoint, which is
+`jit_steps` jits train_step / eval_step with in/out shardings and donation. A step whose loss or gradient is not finite
+leaves the state as it was and records its number; the loop stops at the next log or checkpoint boundary with that
+step in the message, so no checkpoint ever holds bad parameters. The per-step rng is fold_in(run rng, step) and the loader's state is saved with every checkpoint, which is
 what makes a resumed run bitwise equal to an uninterrupted one on CPU.
 """
 from __future__ import annotations
@@ -30,6 +28,7 @@ import optax
 from model import heads as heads_lib
 from model.config import ModelConfig, preset, set_fields
 from train import checkpoint as ckpt_lib
+from train import workdir as workdir_lib
 from train.workdir import WorkdirLock
 from train.writers import MetricsWriter
 from train import evaluate
@@ -40,87 +39,7 @@ from train import pretrained
 from train import tasks
 from train.data import pipeline
 from train.data.loader import global_batch
-
-State = dict
-
-# ------------------------------------------------------------------------------------------------ the pure steps
-
-
-def _grads_of_trainable(loss_fn, trainable, params, *args, **kw):
-  """value_and_grad of loss_fn over the trainable leaves only: the frozen ones enter as constants, so JAX builds no
-  backward pass for what only they feed (a frozen backbone). -> ((loss, aux), grads like params, 0 where frozen)."""
-  leaves, treedef = jax.tree.flatten(params)
-  flags = jax.tree.leaves(trainable)
-
-  def of_trainable(train_leaves, frozen_leaves):
-    it_train, it_frozen = iter(train_leaves), iter(frozen_leaves)
-    merged = [next(it_train) if f else next(it_frozen) for f in flags]
-    return loss_fn(jax.tree.unflatten(treedef, merged), *args, **kw)
-
-  train_leaves = [x for x, f in zip(leaves, flags) if f]
-  frozen_leaves = [x for x, f in zip(leaves, flags) if not f]
-  out, train_grads = jax.value_and_grad(of_trainable, has_aux=True)(train_leaves, frozen_leaves)
-  it = iter(train_grads)
-  return out, jax.tree.unflatten(treedef, [next(it) if f else jnp.zeros_like(x) for x, f in zip(leaves, flags)])
-
-
-def train_step(state: State, batch, *, model, loss_fn, optimizer: optax.GradientTransformation,
-               lr_fn: Optional[Callable] = None, trainable=None):
-  """One optimizer (micro-)step: -> (new state, metrics). Non-finite loss or gradients leave the state unchanged.
-
-  trainable: None (everything trains) or a bool pytree like the params; False leaves are not differentiated and come
-  out bitwise unchanged."""
-  step = state['step']
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
-  loss_of = functools.partial(loss_fn, model=model, deterministic=False)
-  if trainable is None:
-    (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state['params'], batch, rng)
-  else:
-    (loss, metrics), grads = _grads_of_trainable(loss_of, trainable, state['params'], batch, rng)
-  updates, opt_state = optimizer.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  if trainable is not None:
-    params = jax.tree.map(lambda t, new, old: new if t else old, trainable, params, state['params'])
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
-                   step=step + 1, nonfinite_step=jnp.where((state['nonfinite_step'] < 0) & ~finite, step,
-                                                           state['nonfinite_step']))
-  metrics = dict(metrics, grad_norm=grad_norm)
-  if lr_fn is not None:
-    metrics['learning_rate'] = lr_fn(step)
-  return new_state, metrics
-
-
-def eval_step(params, batch, rng, *, model, loss_fn):
-  """Metrics of one batch without dropout."""
-  _, metrics = loss_fn(params, batch, rng, model=model, deterministic=True)
-  return metrics
-
-
-def summarize(history: list[Mapping[str, Any]]) -> dict[str, float]:
-  """Averages a window of per-step metrics: token-weighted by '<objective>/weight_sum' where present."""
-  history = [jax.device_get(m) for m in history]
-  out = {}
-  for key in history[0]:
-    values = np.array([float(m[key]) for m in history], np.float64)
-    prefix, _, name = key.rpartition('/')
-    weights = None
-    if prefix and name != 'weight_sum' and f'{prefix}/weight_sum' in history[0]:
-      weights = np.array([float(m[f'{prefix}/weight_sum']) for m in history], np.float64)
-    if name == 'weight_sum':
-      out[key] = float(values.sum())
-    elif name == 'perplexity':
-      logs = np.log(np.maximum(values, 1e-30))
-      out[key] = float(
-          np.exp(np.average(logs, weights=weights) if weights is not None and weights.sum() else logs.mean()))
-    elif weights is not None and weights.sum() > 0:
-      out[key] = float(np.average(values, weights=weights))
-    else:
-      out[key] = float(values.mean())
-  return out
-
+from train.steps import eval_step, summarize, train_step
 
 # ---------------------------------------------------------------------------------------------- model and state
 
@@ -429,43 +348,14 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   return Run(config, workdir, init, data, setup, train_fn, eval_fn, log, task, forward)
 
 
-# Model fields that change no parameter's shape or name: a resumed run may change them.
-_RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', 'remat_policy', 'attention_impl',
-                   'attention_chunk', 'dtype')
-
-
-def _check_same_model(run: Run) -> None:
-  """A workdir's checkpoints hold the model its config.json names; another architecture is refused before orbax."""
-  path = os.path.join(run.workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    saved = json.load(f).get('model', {})
-  now = run.setup.model_cfg.to_dict()
-  changed = sorted(k for k in now if k in saved and k not in _RUNTIME_FIELDS and saved[k] != now[k])
-  if changed:
-    diff = ', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)
-    raise ValueError(f'{run.workdir} holds checkpoints of another model ({diff}); resume it with its own config '
-                     '(see its config.json) or start the new model in a new --workdir.')
-
-
-def write_run_config(run: Run) -> None:
-  """<workdir>/config.json (the resolved config and the model), written to a temporary name and renamed."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(run.workdir, 'config.json')
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump({'config': _config_dict(run.config), 'model': run.setup.model_cfg.to_dict()}, f, indent=2)
-  os.replace(tmp, path)
-
-
 def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
   """Stage 2: the latest checkpoint of the workdir (state and loader position), or a fresh state (with the init_from
   checkpoint's parameters merged in). -> (state, start step)."""
   setup = run.setup
   if ckpts.latest_step() is not None:
-    _check_same_model(run)  # before any restore: another model is the config's mistake, not a corrupt checkpoint
+    workdir_lib.check_same_model(
+        run.workdir,
+        run.setup.model_cfg)  # before any restore: another model is the config's mistake, not a corrupt checkpoint
     start, state, loader_state = ckpts.restore_latest(setup.abstract_state, log=run.log)
     if start is None:  # never train over a workdir's metrics from step 0 without being asked to
       raise ValueError(f'every checkpoint in {ckpts.directory} is corrupt (moved to corrupt-<step>); start over in a '
@@ -649,7 +539,7 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
       log(f'{workdir} already holds the final checkpoint (step {start} of {int(run.config.train.steps)}); '
           'nothing to do. Raise config.train.steps to train on, or use a new --workdir.')
       return _summary('finished', start, None, None, workdir, heads_lib.count_params(state['params']), state)
-    write_run_config(run)
+    workdir_lib.write_config(run.workdir, _config_dict(run.config), run.setup.model_cfg)
     writer = MetricsWriter(workdir, resume_step=start)
     n_params = heads_lib.count_params(run.setup.abstract_state['params'])
     c = run.config

@@ -1,5 +1,6 @@
 """One run per workdir: an exclusive lock held while a run trains, so a second run on the same workdir is refused
-before it interleaves metrics.jsonl or deletes the first one's checkpoints.
+before it interleaves metrics.jsonl or deletes the first one's checkpoints; and the workdir's config.json, which
+names the model its checkpoints hold (another architecture is refused before orbax reads them).
 
 The lock is `fcntl.flock` on `<workdir>/.lock`: the kernel drops it when the holder exits, SIGKILL included, so a killed
 run never leaves it stuck; the file only records who holds it (pid, host, command, start time) for the error message.
@@ -81,3 +82,34 @@ def _read_holder(fd: int) -> str:
     return 'another run'
   return (f"process {info.get('pid')} on {info.get('host')} (since {info.get('since')}: "
           f"{str(info.get('command', ''))[:200]})")
+
+
+# Model fields that change no parameter's shape or name: a resumed run may change them.
+RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', 'remat_policy', 'attention_impl',
+                  'attention_chunk', 'dtype')
+
+
+def check_same_model(workdir: str, model_cfg) -> None:
+  """A workdir's checkpoints hold the model its config.json names; another architecture is refused in one line."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get('model', {})
+  now = model_cfg.to_dict()
+  changed = sorted(k for k in now if k in saved and k not in RUNTIME_FIELDS and saved[k] != now[k])
+  if changed:
+    diff = ', '.join(f'{k}: {saved[k]!r} -> {now[k]!r}' for k in changed)
+    raise ValueError(f'{workdir} holds checkpoints of another model ({diff}); resume it with its own config '
+                     '(see its config.json) or start the new model in a new --workdir.')
+
+
+def write_config(workdir: str, config: dict, model_cfg) -> None:
+  """<workdir>/config.json (the resolved config and the model) from process 0, to a temporary name and renamed."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  with open(f'{path}.tmp', 'w') as f:
+    json.dump({'config': config, 'model': model_cfg.to_dict()}, f, indent=2)
+  os.replace(f'{path}.tmp', path)
