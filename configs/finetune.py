@@ -36,6 +36,7 @@ train.best_metric and stops early after train.early_stopping evaluations without
 import ml_collections
 
 from configs import common
+from train.finetune import STRATEGIES
 
 # The task records of train/tasks.py this config offers, and the dev metric each keeps its best checkpoint by.
 TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa',
@@ -55,9 +56,27 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   """The fields a fine-tuning run reads beyond base()'s, with their defaults and meanings."""
   # yapf: disable (a table: one field per line, its meaning aligned beside it)
   c.finetune = ml_collections.ConfigDict(dict(
-      strategy='full',          # 'full' | 'head' (train/finetune.py)
+      strategy='full',          # 'full' | 'head' | 'soft_prompt' | 'lora' (train/finetune.py)
       train_pooler=False,       # head: also train the [CLS] pooler (with model.classifier_pooling='cls')
       backbone_dropout=False,   # head: keep dropout inside the frozen backbone (default: eval mode, a linear probe)
+      # prompt-based classification (train/prompts.py), with any strategy above (PET) or none (zero-shot)
+      prompt=False,             # classify through template + verbalizer and the MLM (encoder) / LM (decoder) head
+      template='',              # e.g. '{sentence} It was {mask}.'; ' || ' separates templates to ensemble;
+      #                           '': the task's default for the architecture (train/tasks.py _PROMPTS)
+      verbalizer='',            # label:word[|word...];... e.g. '0:terrible;1:great'; '': the task's default
+      length_norm=False,        # a multi-token word scores its mean token log-probability, not the sum
+      word_prefix=' ',          # decoders: written before each verbalizer word (' positive')
+      bos=False,                # decoders: start the context with the BOS token
+      demonstrations=0,         # decoders: in-context examples from data.train before each query (no training)
+      balanced=True,            # demonstrations: the same number of each label
+      demonstration_seed=0,     # demonstrations: drawn per query with np.random.default_rng([seed, query index])
+      separator='\n\n',         # demonstrations: between them and before the query
+      soft_prompt_length=20,    # soft_prompt: learned input vectors after [CLS] / BOS (Lester et al.)
+      soft_prompt_init='vocab',  # soft_prompt: 'vocab' (rows of random words' embeddings) | 'random'
+      lora_rank=8,              # lora: adapter rank r
+      lora_alpha=16.0,          # lora: the update is scaled by alpha / r (peft's convention)
+      lora_dropout=0.1,         # lora: dropout on the adapter's input
+      lora_targets=('query', 'value'),  # lora: projections by name or '/'-joined path glob ('mlp/*', 'self_attn/out')
   ))
   c.model.classifier_pooling = ''  # '' (cls for encoders, last for decoders) | 'cls' | 'mean' | 'last'
   c.data.source = 'files'
@@ -71,6 +90,10 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
   #                               (TFDS tagging: the tag feature, default 'ner_tags')
   c.data.label_names = ()       # class names in id order; (): the sorted set found in data.train
   c.data.tag_names = ()         # tagging: tag names in id order; (): found in data.train ('O' first)
+  c.data.few_shot_k = 0         # classification: train on k records per class drawn from data.train; 0: all
+  c.data.few_shot_seed = 13     # few_shot_k: the draw's seed (train/data/few_shot.py; train/sweep.py sets it)
+  c.data.few_shot_dev_k = -1    # few_shot_k: dev records per class drawn from the rest of data.train, as LM-BFF;
+  #                               -1: as many as few_shot_k; 0: none, the run evaluates on data.dev
   c.data.doc_stride = 64        # QA: context tokens shared by consecutive windows of a long context
   c.data.max_query_length = 64  # QA: question tokens kept
   c.data.max_answer_length = 30  # QA: longest answer span, in tokens, at prediction time
@@ -88,19 +111,25 @@ def get_config(arg=None):
   args = common.parse_arg(arg, task='sst2', strategy='full')
   if args.task not in TASKS:
     raise ValueError(f'config argument task={args.task!r} is unknown; known tasks: {", ".join(TASKS)}.')
+  parts = set(str(args.strategy).split('+'))
+  strategy = (parts - {'prompt'} or {'full'}).pop()
+  if len(parts - {'prompt'}) > 1 or strategy not in STRATEGIES:
+    raise ValueError(f'config argument strategy={args.strategy!r}: use one of {", ".join(STRATEGIES)}, or prompt '
+                     'alone or with one of them (prompt+lora).')
   c = common.base()
   finetune_fields(c)
   c.objectives = {args.task: 1.0}
   c.model.preset = 't5-small' if args.task in ('translation', 'seq2seq') else ''  # without init_from: from scratch
-  c.finetune.strategy = args.strategy
+  c.finetune.strategy = strategy
+  c.finetune.prompt = 'prompt' in parts
   c.data.seq_len = 128
   c.data.batch_size = 32
   c.data.prefetch = 0
-  c.optim.learning_rate = 5e-5 if args.strategy == 'full' else 1e-3
+  c.optim.learning_rate = 5e-5 if strategy == 'full' else 1e-3
   c.optim.weight_decay = 0.01
   c.optim.decay = 'linear'
   c.optim.clip_norm = 1.0
-  if args.strategy == 'head':
+  if strategy == 'head':
     c.train.epochs = 10.0
     c.model.classifier_pooling = 'mean'
   c.train.log_every = 50
@@ -115,9 +144,10 @@ def get_config(arg=None):
     c.train.epochs = 0.0
     c.train.steps = 30
     c.optim.warmup_steps = 3
-    c.optim.learning_rate = 1e-3 if args.strategy == 'full' else 1e-2
+    c.optim.learning_rate = 1e-3 if strategy == 'full' else 1e-2
     c.train.log_every = 10
     c.train.eval_every = c.train.checkpoint_every = 30
+    c.finetune.soft_prompt_length, c.finetune.lora_rank = 4, 4
     if args.task in ('translation', 'seq2seq'):
       c.model.preset, c.data.vocab_size, c.data.targets_len = 't5-tiny', 1000, 32
   return c

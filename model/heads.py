@@ -18,7 +18,9 @@ from model.config import ModelConfig
 from model.layers import Embeddings, Norm, activation, dense, zeros_init
 from model.transformer import Decoder, Encoder, EncoderDecoder
 
-HEADS = ('mlm', 'nsp', 'lm', 'rtd', 'classifier', 'tagger', 'qa')
+HEADS = ('mlm', 'nsp', 'lm', 'rtd', 'classifier', 'tagger', 'qa', 'prompt')
+# Batch keys of prompt (cloze / continuation) examples that carry a group axis G after the batch axis: [B,G,T].
+PROMPT_INPUTS = ('tokens', 'segment_ids', 'positions', 'token_type_ids', 'extra_embeddings', 'soft_prompt_slots')
 
 
 def gather_positions(hidden, positions):
@@ -88,6 +90,29 @@ def pool(hidden, segment_ids, how: str):
   raise ValueError(f"classifier pooling {how!r} is unknown; use 'cls', 'mean' or 'last'.")
 
 
+def verbalizer_scores(log_probs, batch, num_labels: int):
+  """Label scores from the log-probabilities of every verbalizer word's tokens.
+
+  log_probs [B,C,P]: log p(score_ids) at score_positions for the C candidate words (each word of each label of each
+  template); batch['score_weights'] [B,C,P] (1, or 1/n for a length-normalized word of n tokens, 0 on padding),
+  batch['score_label'] [B,C] and batch['score_template'] [B,C] say whose word it is. A word scores sum_p w_p log p; a
+  label the log of its words' mean probability; each template's label scores are log-softmaxed over the labels and
+  the templates averaged (PET's and LM-BFF's ensemble). -> (label log-probs [B,L], raw label scores [B,K,L]) with K = C
+  template slots, those of absent templates -inf in raw and left out of the mean."""
+  c = log_probs.shape[1]
+  word = (log_probs * batch['score_weights']).sum(-1)  # [B,C]
+  labels = jax.nn.one_hot(batch['score_label'], num_labels, dtype=jnp.float32)  # [B,C,L]
+  templates = jax.nn.one_hot(batch['score_template'], c, dtype=jnp.float32)  # [B,C,K]
+  member = templates[:, :, :, None] * labels[:, :, None, :]  # [B,C,K,L]
+  count = member.sum(1)  # [B,K,L] words per (template, label)
+  # A large finite stand-in for -inf keeps the gradients of empty (template, label) slots finite.
+  raw = jax.nn.logsumexp(jnp.where(member > 0, word[:, :, None, None], -1e30), axis=1)
+  raw = jnp.where(count > 0, raw - jnp.log(jnp.maximum(count, 1.0)), -jnp.inf)  # [B,K,L]
+  present = count.sum(-1) > 0  # [B,K]
+  per_template = jnp.where(present[..., None], jax.nn.log_softmax(jnp.where(count > 0, raw, 0.0), axis=-1), 0.0)
+  return per_template.sum(1) / jnp.maximum(present.sum(1, keepdims=True), 1), raw
+
+
 class LanguageModel(nn.Module):
   """A backbone chosen by cfg.arch plus the named heads, as one module with one params pytree.
 
@@ -105,9 +130,16 @@ class LanguageModel(nn.Module):
   # A frozen backbone used as a feature extractor runs in eval mode (no dropout inside it), as a linear probe does;
   # the heads keep their dropout.
   backbone_deterministic: bool = False
+  # Soft prompt (Lester et al.): this many learned vectors [n,E], added at the input positions that
+  # batch['soft_prompt_slots'] [B,T] marks 1..n over a placeholder token (train/prompts.py SoftPromptSlots).
+  soft_prompt_length: int = 0
 
   def setup(self):
     cfg = self.cfg
+    if self.soft_prompt_length:
+      self.soft_prompt = self.param('soft_prompt',
+                                    nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'embed')),
+                                    (self.soft_prompt_length, cfg.embed_width), cfg.jnp_param_dtype)
     unknown = set(self.heads) - set(HEADS)
     if unknown:
       raise ValueError(f'unknown head(s) {sorted(unknown)}; known: {HEADS}.')
@@ -119,13 +151,16 @@ class LanguageModel(nn.Module):
     else:
       self.transformer = EncoderDecoder(cfg, shared_embeddings=self.embed)
     heads = set(self.heads)
-    if 'mlm' in heads:
+    if 'prompt' in heads and cfg.arch == 'encoder_decoder':
+      raise ValueError("the 'prompt' head scores verbalizers with an encoder's MLM head or a decoder's LM head; "
+                       "encoder-decoders classify with 'seq2seq' and the label as target text.")
+    if 'mlm' in heads or ('prompt' in heads and cfg.arch == 'encoder'):
       self.mlm = MLMHead(cfg, self.embed)
     if 'nsp' in heads or ('classifier' in heads and self.pooling == 'cls' and cfg.arch == 'encoder'):
       self.pooler = Pooler(cfg)
     if 'nsp' in heads:
       self.nsp = dense(cfg, 2, ('embed', None), use_bias=True)
-    if 'lm' in heads:
+    if 'lm' in heads or ('prompt' in heads and cfg.arch == 'decoder'):
       self.lm = LMHead(cfg, self.embed)
     if 'rtd' in heads:
       self.rtd = RTDHead(cfg)
@@ -149,14 +184,19 @@ class LanguageModel(nn.Module):
   def backbone(self, batch, *, deterministic: bool = True, decode: bool = False):
     """The final hidden states [B,T,D] (decoder side for encoder-decoder) and, for T5, the encoder output."""
     cfg = self.cfg
+    extra = batch.get('extra_embeddings')
+    if self.soft_prompt_length and 'soft_prompt_slots' in batch:
+      slots = batch['soft_prompt_slots'][..., None]  # [B,T,1]
+      prompt = jnp.take(self.soft_prompt, jnp.maximum(batch['soft_prompt_slots'] - 1, 0), axis=0)  # [B,T,E]
+      prompt = jnp.where(slots > 0, prompt, 0.0)
+      extra = prompt if extra is None else extra + prompt
     if cfg.arch == 'encoder':
       return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
                               token_type_ids=batch.get('token_type_ids'), deterministic=deterministic,
-                              extra_embeddings=batch.get('extra_embeddings')), None
+                              extra_embeddings=extra), None
     if cfg.arch == 'decoder':
       return self.transformer(batch['tokens'], segment_ids=batch.get('segment_ids'), positions=batch.get('positions'),
-                              deterministic=deterministic, decode=decode,
-                              extra_embeddings=batch.get('extra_embeddings')), None
+                              deterministic=deterministic, decode=decode, extra_embeddings=extra), None
     encoded = batch.get('encoded')
     if encoded is None:
       encoded = self.encode(batch, deterministic=deterministic)
@@ -167,7 +207,31 @@ class LanguageModel(nn.Module):
                                      decode=decode)
     return hidden, encoded
 
+  def prompt_logits(self, batch, *, deterministic: bool = True):
+    """The 'prompt' head: label log-probabilities read off the MLM head at the masks (encoders) or the LM head at
+    the continuation (decoders), for examples of G inputs each (tokens [B,G,T]; train/prompts.py builds them).
+
+    batch['score_group'] [B,C] names the input row of each candidate word, batch['score_positions'] [B,C,P] the
+    positions whose output predicts its tokens batch['score_ids'] [B,C,P]. -> {'cls_logits' [B,L], 'label_scores'
+    [B,K,L], 'hidden' [B,G,T,D]}."""
+    b, g, t = batch['tokens'].shape
+    flat = {k: v.reshape((b * g,) + v.shape[2:]) for k, v in batch.items() if k in PROMPT_INPUTS}
+    hidden, _ = self.backbone(flat, deterministic=deterministic or self.backbone_deterministic)
+    hidden = hidden.reshape((b, g, t, hidden.shape[-1]))  # [B,G,T,D]
+    rows = jnp.take_along_axis(hidden, batch['score_group'][:, :, None, None].astype(jnp.int32), axis=1)  # [B,C,T,D]
+    at = jnp.take_along_axis(rows, batch['score_positions'][..., None].astype(jnp.int32), axis=2)  # [B,C,P,D]
+    logits = (self.mlm(at) if self.cfg.arch == 'encoder' else self.lm(at)).astype(jnp.float32)  # [B,C,P,V]
+    log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1),
+                                    batch['score_ids'][..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B,C,P]
+    label_logits, raw = verbalizer_scores(log_probs, batch, self.num_labels)
+    return {'hidden': hidden, 'cls_logits': label_logits, 'label_scores': raw}
+
   def __call__(self, batch, *, deterministic: bool = True, decode: bool = False):
+    if 'prompt' in self.heads:
+      if 'score_group' not in batch:
+        raise ValueError("LanguageModel(heads=('prompt',)) reads prompt examples (score_group, score_positions, "
+                         'score_ids, ...; train/prompts.py); this batch has ' + ', '.join(sorted(batch)) + '.')
+      return self.prompt_logits(batch, deterministic=deterministic)
     hidden, encoded = self.backbone(batch, deterministic=deterministic or self.backbone_deterministic, decode=decode)
     out = {'hidden': hidden}
     if encoded is not None:
@@ -256,6 +320,12 @@ def abstract_params(cfg, heads: Sequence[str], **module_kw):
   } if (cfg.arch == 'encoder_decoder') else {
       'tokens': jnp.zeros((1, 2), jnp.int32)
   }
+  if 'prompt' in heads:
+    rows = dict(
+        tokens=jnp.zeros((1, 1, 2), jnp.int32), **{
+            k: jnp.zeros((1, 1) + (1,) * (k in ('score_positions', 'score_ids', 'score_weights')), jnp.int32)
+            for k in ('score_group', 'score_positions', 'score_ids', 'score_label', 'score_template')
+        }, score_weights=jnp.ones((1, 1, 1), jnp.float32))
   module = LanguageModel(cfg, heads=tuple(heads), **module_kw)
   return jax.eval_shape(lambda: init_params(module, jax.random.key(0), rows))
 

@@ -147,7 +147,8 @@ def test_bad_labels_and_strategies_fail_in_one_line(tiny_bert, tmp_path):
   bad_dev = _write_tsv(tmp_path / 'bad_dev.tsv', ('sentence', 'label'), _sentences(rng, 10) + [('an odd one', 'maybe')])
   cases = {
       'label_not_in_the_set': ((f'--config.data.dev={bad_dev}',), f'{bad_dev}:12'),
-      'strategy': (('--config.finetune.strategy=lora',), 'config.finetune.strategy'),
+      'strategy': (('--config.finetune.strategy=adapter',), 'config.finetune.strategy'),
+      'template': (('--config.finetune.prompt', '--config.finetune.template={sentense} {mask}'), 'config.finetune.template'),
       'missing_train': (('--config.data.train=/nonexistent.tsv',), 'config.data.train'),
   }
   for name, (extra, needle) in cases.items():
@@ -199,6 +200,55 @@ def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_
   assert flops['head'] < 0.6 * flops['full'], flops
   # A frozen optimizer alone (no mask in the step) gives about 3x the forward here: the backward must be absent.
   assert flops['head'] < 1.2 * flops['forward'], flops
+
+
+def _opt_bytes(state):
+  return sum(x.nbytes for x in jax.tree.leaves(state['opt_state']) if hasattr(x, 'nbytes') and x.ndim > 0)
+
+
+@pytest.mark.parametrize('strategy,trains', [('soft_prompt', ('soft_prompt', 'classifier')),
+                                             ('prompt+soft_prompt', ('soft_prompt',)), ('prompt+head', ('mlm',)),
+                                             ('lora', ('lora_', 'classifier')), ('prompt+lora', ('lora_',))])
+def test_parameter_efficient_strategies_train_only_their_parameters(tiny_bert, tmp_path, strategy, trains):
+  """Every leaf outside what the strategy trains is bitwise unchanged after steps; the step compiles to fewer FLOPs
+  and the optimizer keeps less state than under full."""
+  from train import trainer
+  from train.data.loader import global_batch
+  from model import pytree
+  pytest.importorskip('model.lora') if 'lora' in strategy else None
+  measured = {}
+  for name in ('prompt' if strategy.startswith('prompt') else 'full', strategy):
+    run = _prepared(tiny_bert, tmp_path, name)
+    ckpts = trainer._checkpoints(run)
+    state, _ = trainer.restore_or_init(run, ckpts)
+    ckpts.close()
+    batch = global_batch(next(run.data.train), run.setup.batch_sharding)
+    measured[name] = (run.train_fn.lower(state, batch).compile().cost_analysis()['flops'], _opt_bytes(state))
+    if name != strategy:
+      continue
+    before = pytree.leaf_paths(state['params']), jax.tree.leaves(jax.tree.map(np.asarray, state['params']))
+    for _ in range(3):
+      state, _ = run.train_fn(state, batch)
+    after = jax.tree.leaves(jax.tree.map(np.asarray, state['params']))
+    for path, old, new in zip(before[0], before[1], after):
+      moved = not np.array_equal(old, new)
+      assert moved == any(t in path for t in trains), (path, moved)
+  (full_flops, full_bytes), (flops, nbytes) = measured.values()
+  assert flops < full_flops and nbytes < 0.2 * full_bytes, measured
+
+
+def test_pet_prompt_finetuning_learns_the_task(tiny_bert, tmp_path):
+  """strategy=prompt trains the cloze '{sentence} It was {mask}.' with words bad/good through the MLM head."""
+  rng = np.random.default_rng(1)
+  train = _write_tsv(tmp_path / 'train.tsv', ('sentence', 'label'), _sentences(rng, 300))
+  dev_rows = _sentences(rng, 100)
+  dev = _write_tsv(tmp_path / 'dev.tsv', ('sentence', 'label'), dev_rows)
+  proc = _main('sst2', 'prompt', tmp_path / 'pet', tiny_bert, train, dev, '--config.train.steps=150',
+               '--config.train.eval_every=150', '--config.train.checkpoint_every=150',
+               '--config.finetune.verbalizer=0:bad;1:good')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  majority = max(np.mean([label for _, label in dev_rows]), 1 - np.mean([label for _, label in dev_rows]))
+  assert _evals(tmp_path / 'pet')[-1]['accuracy'] > majority + 0.15, _evals(tmp_path / 'pet')
 
 
 def _squad(rng, n):

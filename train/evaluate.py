@@ -228,7 +228,7 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   from train import tasks  # pylint: disable=g-import-not-at-top
   from train.data import tokenizers  # pylint: disable=g-import-not-at-top
   loaded = pretrained.load_run(run_dir, step=step)
-  config, task = loaded.config, tasks.for_arch(tasks.task_of(loaded.config), loaded.model.cfg.arch)
+  config, task = loaded.config, tasks.for_run(tasks.task_of(loaded.config), loaded.config, loaded.model.cfg.arch)
   if task.read is None:
     raise ValueError(f'{run_dir}: its objectives {sorted(config.objectives)} are pre-training objectives; the '
                      'evaluate job scores fine-tuning runs (configs/finetune.py).')
@@ -250,9 +250,61 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   return scores
 
 
+def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, batch_size: int = 0,
+                    log=print) -> dict[str, float]:
+  """Zero-shot (and in-context) prompt scoring of any checkpoint with no training run: config's task, template and
+  verbalizer (configs/finetune.py with strategy=prompt) on a file of the task, every parameter as loaded."""
+  from model import heads as heads_lib  # pylint: disable=g-import-not-at-top
+  from train import pretrained  # pylint: disable=g-import-not-at-top
+  from train import tasks  # pylint: disable=g-import-not-at-top
+  from train.data import pipeline  # pylint: disable=g-import-not-at-top
+  from train.data import tokenizers  # pylint: disable=g-import-not-at-top
+  task = tasks.task_of(config)
+  if task is None or not tasks.prompting(config):
+    raise ValueError('--from=CHECKPOINT with --config scores prompts zero-shot; use a prompt config, e.g. '
+                     '--config=configs/finetune.py:task=sst2,strategy=prompt (a fine-tuning run needs no --config).')
+  if not data_path.startswith('tfds:') and not os.path.exists(data_path):
+    raise FileNotFoundError(f'--data={data_path} does not exist; give a file of task {task.name!r}.')
+  data = config.data.to_dict()
+  if not data.get('label_names'):  # from the training file when there is one, else from the scored file
+    data['label_names'] = tuple(task.labels(pipeline.sources(data.get('train') or data_path, config.data), config.data))
+  data = type(config.data)(data)
+  init = pretrained.load(checkpoint, save_dir=os.path.join(out_dir, 'tokenizer'))
+  task = tasks.for_run(task, config, init.cfg.arch)
+  records = task.read(pipeline.sources(data_path, data), data)
+  heads = tasks.run_heads(config)
+  module = heads_lib.LanguageModel(init.cfg, heads=heads, num_labels=len(data.label_names))
+  shapes = heads_lib.abstract_params(init.cfg, heads, num_labels=len(data.label_names))
+  params, report = pretrained.merge_params(shapes, init.params, where=checkpoint, report=True)
+  if report.fresh:
+    raise ValueError(f'{checkpoint}: zero-shot prompting reads the model\'s own MLM/LM head, but the checkpoint has '
+                     f'no {", ".join(report.fresh[:3])}; fine-tune it (strategy=prompt with a training run) or start '
+                     'from a checkpoint that keeps its pre-training head.')
+  tokenizer = tokenizers.Tokenizer.load(init.tokenizer_dir)
+  t0 = time.time()
+  scores, rows = score(task, forward_fn(module, ('cls_logits',)), params, records, tokenizer, data,
+                       batch_size=batch_size or int(data.batch_size), log=log)
+  ft = config.finetune
+  where = data_path if data_path.startswith('tfds:') else os.path.abspath(data_path)
+  write(out_dir, scores, rows, step=0, data=where, task=task.name, examples=len(records), checkpoint=checkpoint,
+        template=ft.template or task.prompts.get(init.cfg.arch, ('', ''))[0], verbalizer=ft.verbalizer
+        or task.prompts.get(init.cfg.arch,
+                            ('', ''))[1], demonstrations=int(ft.demonstrations), seconds=round(time.time() - t0, 1))
+  log(f'evaluate: {task.name} zero-shot prompt ({int(ft.demonstrations)} demonstrations) on {len(records)} records '
+      f'of {data_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(scores.items()))
+      + f' ({time.time() - t0:.0f} s); wrote {out_dir}/metrics.json and predictions.jsonl')
+  return scores
+
+
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('from', None, 'A fine-tuning run (its workdir).')
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string(
+      'from', None, 'A fine-tuning run (its workdir); with --config, any checkpoint (an lmlab run, a '
+      'converted or Hugging Face directory, a .gguf file) scored zero-shot by prompt.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'Zero-shot prompting: configs/finetune.py:task=T,strategy=prompt '
+      '(template, verbalizer, demonstrations as --config.finetune.* overrides).')
   flags.DEFINE_string('data', None, "A file in the task's format (TSV/CSV/JSONL, CoNLL, SQuAD JSON).")
   flags.DEFINE_string('out', None, 'Where metrics.json and predictions.jsonl go.')
   flags.DEFINE_string('step', 'best', "'best' (by the run's config.train.best_metric), 'latest', or a step number.")
@@ -263,7 +315,10 @@ def main(argv=None) -> int:
     missing = [f'--{n}' for n in ('from', 'data', 'out') if not fl[n].value]
     if missing:
       raise ValueError(f'{" ".join(missing)} required: python -m train.evaluate --from=RUN --data=FILE --out=DIR.')
-    evaluate_run(fl['from'].value, fl.data, fl.out, step=fl.step, batch_size=fl.batch_size)
+    if fl.config is not None:
+      evaluate_prompt(fl['from'].value, fl.config, fl.data, fl.out, batch_size=fl.batch_size)
+    else:
+      evaluate_run(fl['from'].value, fl.data, fl.out, step=fl.step, batch_size=fl.batch_size)
   except (ValueError, FileNotFoundError, flags.Error) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

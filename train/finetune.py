@@ -1,5 +1,11 @@
 """Fine-tuning strategies as masks over the one params pytree: which leaves train, and which are not differentiated.
 
+Strategies: `full`, `head`, `soft_prompt` (n learned input vectors, config.finetune.soft_prompt_length) and `lora`
+(low-rank adapters on the backbone's projections, config.finetune.lora_*); the last two also train a task head that
+starts fresh (the classifier, tagger or QA span layer), as peft's modules_to_save. Any of them composes with
+config.finetune.prompt (train/prompts.py: the label read off the MLM/LM head through a template and verbalizer,
+PET-style), where `head` then trains the MLM head's transform.
+
 `full` trains every parameter (layer-wise learning-rate decay through config.optim.layerwise_lr_decay); `head` trains
 only the task's head (the classifier, tagger or QA span layer, and the pooler when config.finetune.train_pooler)
 while the backbone is frozen: the train step wraps frozen leaves in stop_gradient, so JAX builds no backward pass
@@ -12,8 +18,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import ml_collections
+import numpy as np
 
-STRATEGIES = ('full', 'head')
+STRATEGIES = ('full', 'head', 'soft_prompt', 'lora')
+ADAPTERS = {'soft_prompt': ('soft_prompt',), 'lora': ('*lora_a', '*lora_b')}
+FRESH_HEADS = ('classifier', 'tagger', 'qa')  # task heads a pretrained checkpoint never holds
 
 # A LanguageModel head's parameters sit under the attribute it is built as; 'pooler' serves NSP and classification.
 HEAD_PARAMS = {
@@ -22,7 +31,8 @@ HEAD_PARAMS = {
     'qa': ('qa',),
     'nsp': ('nsp',),
     'mlm': ('mlm',),
-    'rtd': ('rtd',)
+    'rtd': ('rtd',),
+    'prompt': ('mlm',)
 }
 
 
@@ -32,6 +42,8 @@ def trainable_patterns(strategy: str, heads: Sequence[str], *, train_pooler: boo
     raise ValueError(f'config.finetune.strategy={strategy!r}: use one of {STRATEGIES}.')
   if strategy == 'full':
     return ()
+  if strategy in ADAPTERS:
+    return ADAPTERS[strategy] + tuple(p for h in heads if h in FRESH_HEADS for p in HEAD_PARAMS[h])
   untrainable = [h for h in heads if h not in HEAD_PARAMS]
   if untrainable:
     raise ValueError(f"config.finetune.strategy='head' cannot train head(s) {untrainable} alone: the LM head is "
@@ -54,3 +66,47 @@ def apply_strategy(config: ml_collections.ConfigDict, heads: Sequence[str]) -> m
   config = ml_collections.ConfigDict(config.to_dict())
   config.optim.trainable = patterns
   return config
+
+
+def model_fields(config) -> dict:
+  """ModelConfig fields a strategy sets on the backbone: the LoRA adapters' rank, scale, dropout and targets."""
+  ft = config.get('finetune') or {}
+  if ft.get('strategy') != 'lora':
+    return {}
+  rank = int(ft.get('lora_rank') or 0)
+  if rank < 1:
+    raise ValueError(f"config.finetune.lora_rank={ft.get('lora_rank')!r}: strategy='lora' needs a rank >= 1 (e.g. 8).")
+  targets = tuple(ft.get('lora_targets') or ())
+  if not targets:
+    raise ValueError("config.finetune.lora_targets is empty: name the projections that get adapters, e.g. "
+                     "('query', 'value') or ('query', 'key', 'value', 'out', 'mlp/*').")
+  return dict(lora_rank=rank, lora_alpha=float(ft.get('lora_alpha', 16.0)),
+              lora_dropout=float(ft.get('lora_dropout', 0.0)), lora_targets=targets)
+
+
+def soft_prompt_length(config) -> int:
+  """How many soft-prompt vectors the model prepends: config.finetune.soft_prompt_length under strategy='soft_prompt'."""
+  ft = config.get('finetune') or {}
+  if ft.get('strategy') != 'soft_prompt':
+    return 0
+  n = int(ft.get('soft_prompt_length') or 0)
+  if n < 1 or n >= int(config.data.seq_len) // 2:
+    raise ValueError(f'config.finetune.soft_prompt_length={n}: give 1 <= n < data.seq_len / 2 '
+                     f'({int(config.data.seq_len) // 2}) learned vectors (20 is usual at seq_len 128).')
+  return n
+
+
+def init_soft_prompt(params, config, *, pad_id: int, num_special: int = 5):
+  """params with the soft prompt started from vocabulary rows (config.finetune.soft_prompt_init='vocab', as Lester
+  et al.): vector i = E[v_i] - E[pad] for words v_i drawn with config.seed among the first 5000 ids past the
+  specials, so placeholder + vector i embeds exactly as word v_i. 'random' keeps the normal initialization."""
+  ft = config.finetune
+  if 'soft_prompt' not in params or ft.get('soft_prompt_init', 'vocab') == 'random':
+    return params
+  if ft.get('soft_prompt_init', 'vocab') != 'vocab':
+    raise ValueError(f"config.finetune.soft_prompt_init={ft.soft_prompt_init!r}: use 'vocab' or 'random'.")
+  table = np.asarray(params['embed']['token']['embedding'])  # [V,E]
+  n = params['soft_prompt'].shape[0]
+  ids = np.random.default_rng(int(config.seed)).choice(np.arange(num_special, min(len(table), 5000)), n, replace=False)
+  vectors = table[ids] - table[pad_id]
+  return {**params, 'soft_prompt': np.asarray(vectors, table.dtype)}

@@ -70,7 +70,7 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
   if own:  # ELECTRA: a generator and a discriminator, not one LanguageModel
     raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model (for rtd a generator and a discriminator); '
                      'export the part to start from with model.convert.')
-  heads = tasks.heads_for(objectives)
+  heads = tasks.run_heads(config)
   shapes = heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

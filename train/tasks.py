@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from model import config as model_config
 from model.config import ModelConfig
 from model.heads import HEADS, Electra, LanguageModel
 from train import evaluate
+from train import finetune
 from train import objectives as losses
 from train.data import examples as ex
 from train.data import readers
@@ -79,6 +80,9 @@ class Task:
   # Fields that differ on one architecture, e.g. seq2seq on a decoder: {'decoder': {'examples': ..., 'loss': ...}};
   # `for_arch` applies them once the model's architecture is known.
   arch_fields: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  # Classification as cloze or continuation (train/prompts.py): the default (template, verbalizer) per architecture,
+  # used when config.finetune.prompt is on and config.finetune.template / verbalizer are ''.
+  prompts: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 REGISTRY: dict[str, Task] = {}
@@ -104,6 +108,111 @@ def for_arch(task: Task, arch: str) -> Task:
   """The record as it runs on `arch`: its arch_fields for that architecture applied (the record itself otherwise)."""
   fields = task.arch_fields.get(arch)
   return dataclasses.replace(task, **fields) if fields else task
+
+
+def prompting(config) -> bool:
+  """Whether config classifies by prompt (template + verbalizer) instead of a classifier head."""
+  return bool((config.get('finetune') or {}).get('prompt'))
+
+
+def for_run(task: Task, config, arch: str) -> Task:
+  """The record as `config` runs it on `arch`: for_arch, then, with config.finetune.prompt, as prompt-based
+  classification: the 'prompt' head (MLM or LM head + verbalizer) instead of the classifier, prompt examples
+  (train/prompts.py); its loss (cross-entropy over the label log-probabilities) and scorer stay the task's."""
+  task = for_arch(task, arch)
+  if prompting(config):
+    task = _as_prompt(task, config, arch)
+  n = finetune.soft_prompt_length(config)
+  return _with_soft_prompt(task, n, 1 if arch == 'encoder' or not prompting(config) or config.finetune.bos else 0) \
+      if n else task
+
+
+def _with_soft_prompt(task: Task, n: int, offset: int) -> Task:
+  """The record with n soft-prompt slots in every input after its first `offset` tokens (prompts.SoftPromptSlots)."""
+  from train import prompts  # pylint: disable=g-import-not-at-top
+  if task.heads not in (('classifier',), ('prompt',)):
+    raise ValueError(f"config.finetune.strategy='soft_prompt' serves classification (a classifier head or "
+                     f'finetune.prompt); task {task.name!r} reads head(s) {task.heads}.')
+  inner_examples, inner_eval = task.examples, task.eval_examples
+  shorter = lambda data: type(data)({**data.to_dict(), 'seq_len': int(data.seq_len) - n})
+
+  def examples(records, tokenizer, data):
+    transform, source = inner_examples(records, tokenizer, shorter(data))
+    return prompts.SoftPromptSlots(transform, length=n, offset=offset), source
+
+  def eval_examples(records, tokenizer, data):
+    slots = prompts.SoftPromptSlots(None, length=n, offset=offset)
+    return [slots.insert(e) for e in inner_eval(records, tokenizer, shorter(data))]
+
+  return dataclasses.replace(task, examples=examples, eval_examples=eval_examples, provides=task.provides +
+                             ('soft_prompt_slots',))
+
+
+def _as_prompt(task: Task, config, arch: str) -> Task:
+  """The classification record as a cloze (encoder) or continuation (decoder) over the 'prompt' head."""
+  if task.heads != ('classifier',) or task.label_field != 'label_names':
+    raise ValueError(f'config.finetune.prompt=True rewords a classification task as a cloze or a continuation; '
+                     f'task {task.name!r} reads head(s) {task.heads}. Turn prompt off for it.')
+  if arch not in ('encoder', 'decoder'):
+    raise ValueError(f"config.finetune.prompt=True needs an encoder (MLM head) or a decoder (LM head); arch={arch!r} "
+                     "classifies with 'seq2seq' and the label as target text.")
+  examples = lambda records, tokenizer, data: (_prompt_builder(task, config, arch, tokenizer, data), records)
+
+  def eval_examples(records, tokenizer, data):
+    builder = _prompt_builder(task, config, arch, tokenizer, data)
+    return [builder(r, index=i) for i, r in enumerate(records)]
+
+  from train import prompts  # pylint: disable=g-import-not-at-top
+  return dataclasses.replace(task, heads=('prompt',), examples=examples, eval_examples=eval_examples,
+                             provides=prompts.PROVIDES + (('token_type_ids',) if arch == 'encoder' else ()))
+
+
+def prompt_spec(task: Task, config, arch: str, label_names):
+  """config.finetune's prompt fields (or the task's default prompt for arch) as a checked prompts.PromptSpec."""
+  from train import prompts  # pylint: disable=g-import-not-at-top
+  ft = config.finetune
+  default = task.prompts.get(arch, ('', ''))
+  template, verbalizer = ft.get('template') or default[0], ft.get('verbalizer') or default[1]
+  if not template or not verbalizer:
+    raise ValueError(f'task {task.name!r} has no default prompt for arch={arch!r}; set config.finetune.template '
+                     "(e.g. '{sentence} It was {mask}.') and config.finetune.verbalizer (e.g. '0:bad;1:good').")
+  demos = int(ft.get('demonstrations') or 0)
+  if demos < 0 or (demos and arch != 'decoder'):
+    raise ValueError(f'config.finetune.demonstrations={demos}: in-context demonstrations are >= 0 and for decoders '
+                     '(an encoder fine-tunes on its few examples instead).')
+  return prompts.PromptSpec(templates=prompts.parse_templates(template, _template_fields(task, config.data), arch),
+                            verbalizer=prompts.parse_verbalizer(verbalizer, list(label_names)), arch=arch,
+                            length_norm=bool(ft.get('length_norm', False)), word_prefix=str(ft.get('word_prefix', ' ')),
+                            bos=bool(ft.get('bos',
+                                            False)), demonstrations=demos, balanced=bool(ft.get('balanced', True)),
+                            seed=int(ft.get('demonstration_seed', config.get('seed', 0))
+                                     or 0), separator=str(ft.get('separator', '\n\n')))
+
+
+def _template_fields(task: Task, data) -> dict[str, str]:
+  """The names a template may use for the record's texts: text_a, text_b and the task's text columns."""
+  text, _ = _columns(task.columns or ('sentence', 'label'), data)
+  return {'text_a': 'text_a', 'text_b': 'text_b', **{c: k for c, k in zip(text, ('text_a', 'text_b'))}}
+
+
+def _prompt_builder(task: Task, config, arch: str, tokenizer, data):
+  from train import prompts  # pylint: disable=g-import-not-at-top
+  spec = prompt_spec(task, config, arch, data.label_names)
+  pool = None
+  if spec.demonstrations:
+    from train.data import pipeline  # pylint: disable=g-import-not-at-top
+    pool = task.read(pipeline.sources(data.train, data), data)
+  return prompts.PromptExamples(tokenizer, spec, seq_len=data.seq_len, label_names=data.label_names,
+                                fields=_template_fields(task, data), pool=pool)
+
+
+def run_heads(config) -> tuple[str, ...]:
+  """The LanguageModel heads config trains: its objectives' (heads_for), the classifier swapped for the 'prompt'
+  head when config.finetune.prompt is on."""
+  heads = heads_for(config.objectives)
+  if prompting(config):
+    heads = tuple(sorted({'prompt' if h == 'classifier' else h for h in heads}, key=HEADS.index))
+  return heads
 
 
 # ------------------------------------------------------------------------------------------- example builders
@@ -369,22 +478,49 @@ for _task in _BUILTIN:
   register(_task)
 
 
-def _dataset(base: str, name: str, columns: tuple[str, ...] = ()) -> Task:
-  """A dataset's record: its base kind's, under its own name (metrics are logged as '<name>/...'), with its columns."""
+def _dataset(base: str, name: str, columns: tuple[str, ...] = (), prompts=None) -> Task:
+  """A dataset's record: its base kind's, under its own name (metrics are logged as '<name>/...'), with its columns
+  and its default prompts."""
   task = REGISTRY[base]
   if columns:
     task = dataclasses.replace(task, read=_read_classification(columns), labels=_classification_labels(columns),
                                columns=columns)
-  return dataclasses.replace(task, name=name)
+  return dataclasses.replace(task, name=name, prompts=prompts or task.prompts)
 
+
+# Default prompts (encoders: LM-BFF's manual templates and words; decoders: a plain question-and-answer form).
+_TREC_WORDS = 'ABBR:{};DESC:{};ENTY:{};HUM:{};LOC:{};NUM:{}'
+_PROMPTS = {
+    'sst2': {
+        'encoder': ('{sentence} It was {mask}.', '0:terrible;1:great'),
+        'decoder': ('Review: {sentence}\nSentiment:', '0:negative;1:positive')
+    },
+    'trec': {
+        'encoder': ('{mask}: {question}',
+                    _TREC_WORDS.format('Expression', 'Description', 'Entity', 'Human', 'Location', 'Number')),
+        'decoder': ('Question: {question}\nAnswer type:',
+                    _TREC_WORDS.format('abbreviation', 'description', 'entity', 'person', 'location', 'number'))
+    },
+    'rte': {
+        'encoder': ('{sentence1} ? {mask} , {sentence2}', 'entailment:Yes;not_entailment:No'),
+        'decoder':
+            ('{sentence1}\nQuestion: {sentence2} True or False?\nAnswer:', 'entailment:True;not_entailment:False')
+    },
+    'snli': {
+        'encoder': ('{premise} ? {mask} , {hypothesis}', 'entailment:Yes;neutral:Maybe;contradiction:No'),
+        'decoder': ('{premise}\nQuestion: {hypothesis} True, False or Neither?\nAnswer:',
+                    'entailment:True;neutral:Neither;contradiction:False')
+    },
+}
 
 # The datasets in ../shared/data (and their public originals): TSV columns as those files have them.
-for _task in (_dataset('classification', 'sst2',
-                       ('sentence', 'label')), _dataset('classification', 'trec', ('question', 'coarse_label')),
-              _dataset('classification', 'trec_fine', ('question', 'fine_label')),
-              _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label')),
-              _dataset('classification', 'snli', ('premise', 'hypothesis', 'label')), _dataset('tagging', 'wnut17'),
-              _dataset('qa', 'squad'), _dataset('qa', 'xquad'),
+for _task in (_dataset('classification', 'sst2', ('sentence', 'label'), _PROMPTS['sst2']),
+              _dataset('classification', 'trec', ('question', 'coarse_label'),
+                       _PROMPTS['trec']), _dataset('classification', 'trec_fine', ('question', 'fine_label')),
+              _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label'), _PROMPTS['rte']),
+              _dataset('classification', 'snli', ('premise', 'hypothesis', 'label'),
+                       _PROMPTS['snli']), _dataset('tagging', 'wnut17'), _dataset('qa',
+                                                                                  'squad'), _dataset('qa', 'xquad'),
               dataclasses.replace(_dataset('seq2seq', 'translation'), read=_read_seq2seq(('en', 'de')),
                                   columns=('en', 'de'))):
   register(_task)
@@ -460,7 +596,9 @@ def model_kwargs(config) -> dict[str, Any]:
     kw['classifier_pooling'] = config.model.classifier_pooling
   ft = config.get('finetune') or {}
   if ft.get('strategy') == 'head' and not ft.get('backbone_dropout', False):
-    kw['backbone_deterministic'] = True
+    kw['backbone_deterministic'] = True  # soft_prompt and lora keep the backbone's dropout, as peft does
+  if finetune.soft_prompt_length(config):
+    kw['soft_prompt_length'] = finetune.soft_prompt_length(config)
   return kw
 
 
@@ -470,7 +608,7 @@ def build_model(config, model_cfg: ModelConfig):
   for name in objectives:
     if REGISTRY[name].model is not None:
       return REGISTRY[name].model(config, model_cfg)
-  return LanguageModel(model_cfg, heads=heads_for(objectives), **model_kwargs(config))
+  return LanguageModel(model_cfg, heads=run_heads(config), **model_kwargs(config))
 
 
 def task_of(config) -> Optional[Task]:
@@ -529,7 +667,8 @@ def _check_batch(batch, records: Mapping[str, Task]):
                        '(see the batch contract in train/data/__init__.py).')
 
 
-def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float], **options: Any) -> LossFn:
+def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str, float], *,
+                  heads: Optional[Sequence[str]] = None, **options: Any) -> LossFn:
   """One loss over the params pytree for a weighted set of objectives, e.g. {'mlm': 1.0, 'nsp': 1.0}.
 
   Validates now (ValueError naming objective, arch and fix) and returns
@@ -538,11 +677,12 @@ def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str,
   `heads_for(objectives)`, or the record's own (Electra for 'rtd'); `rng` feeds dropout and ELECTRA's sampling (it may
   be None with deterministic=True, except for 'rtd', which samples even in evaluation). options are LossOptions'
   fields (config.loss). loss = sum_name weight * loss_name; metrics are '<name>/<metric>' per objective plus 'loss'.
+  heads: the model's heads when they are not heads_for(objectives) (run_heads: a prompt-based run).
   """
   validate_objectives(cfg_or_arch, objectives)
   objectives = dict(objectives)
   opts = LossOptions(**options)
-  heads = heads_for(objectives)
+  heads = tuple(heads) if heads is not None else heads_for(objectives)
   records = {n: for_arch(REGISTRY[n], _arch(cfg_or_arch)) for n in objectives}
   own = [t for t in records.values() if t.step_loss is not None]
 

@@ -46,7 +46,7 @@ from train.steps import eval_step, summarize, train_step
 
 def arch_config(config, init: Optional[pretrained.Pretrained] = None) -> ModelConfig:
   """config.model: the preset with its overrides, or the init_from checkpoint's architecture with the overrides."""
-  overrides = set_fields(config.model.overrides)
+  overrides = {**set_fields(config.model.overrides), **finetune.model_fields(config)}
   return init.cfg.replace(**overrides) if init is not None else preset(config.model.preset, **overrides)
 
 
@@ -100,7 +100,8 @@ def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]
 
 def build_parts(config, model_cfg: ModelConfig, devices=None) -> Parts:
   """Model (from the objectives' records), loss, optimizer, learning-rate schedule, mesh and rules for config."""
-  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), **dict(config.get('loss', {})))
+  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), heads=tasks.run_heads(config),
+                                **dict(config.get('loss', {})))
   return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_mesh_parts(config, devices),
                **_optimizer_parts(config))
 
@@ -249,7 +250,7 @@ def _labeled(config, task: tasks.Task):
     return None, config
   labeled = pipeline.read_labeled(config.data, task)
   config = _with(config, **{f'data__{k}': v for k, v in labeled.names.items()}) if labeled.names else config
-  return labeled, finetune.apply_strategy(config, task.heads)
+  return labeled, finetune.apply_strategy(config, tasks.run_heads(config))
 
 
 def _start_from(config, workdir: str, log):
@@ -322,8 +323,8 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
   init, config = _start_from(config, workdir, log)
   arch_cfg = arch_config(config, init)
-  task = tasks.for_arch(task, arch_cfg.arch)  # e.g. seq2seq on a decoder: prompt + completion examples
-  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, **dict(config.get('loss', {})))
+  task = tasks.for_run(task, config, arch_cfg.arch)  # seq2seq on a decoder: prompt + completion examples; prompts
+  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, heads=tasks.run_heads(config), **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
   if init is not None and init.tokenizer_dir and jax.process_index() == 0:
     # The run carries its checkpoint's tokenizer: generate, evaluate and a later init_from read <workdir>/tokenizer.
@@ -368,6 +369,7 @@ def restore_or_init(run: Run, ckpts: ckpt_lib.Checkpoints):
     merged, report = pretrained.merge_params(jax.device_get(state['params']), run.init.params,
                                              where=run.config.model.init_from, report=True)
     run.log(report.summary(run.config.model.init_from))
+    merged = finetune.init_soft_prompt(merged, run.config, pad_id=setup.model_cfg.pad_id)
     state = dict(state, params=jax.device_put(merged, setup.state_shardings['params']))
   return state, 0
 
