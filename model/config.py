@@ -7,6 +7,7 @@ field fails with its name and the fix before anything is traced or compiled.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Optional
 
 import jax
@@ -67,9 +68,16 @@ class ModelConfig:
   remat_policy: str = 'none'
   attention_impl: str = 'auto'
   attention_chunk: int = 128
+  lora_rank: int = 0                      # LoRA adapters on the targeted projections (model/lora.py); 0: none
+  lora_alpha: float = 16.0                # the adapter's update is scaled by alpha / rank (peft's convention)
+  lora_dropout: float = 0.0               # dropout on the adapter's input only
+  lora_targets: tuple[str, ...] = ('query', 'value')  # Dense names or '/'-joined path globs/regexes ('mlp/*')
   # yapf: enable
 
   def __post_init__(self):
+    # config.json gives lists back for tuples, a command line a single string; keep the field hashable either way.
+    targets = self.lora_targets
+    object.__setattr__(self, 'lora_targets', (targets,) if isinstance(targets, str) else tuple(targets))
     self.validate()
 
   def validate(self):
@@ -101,6 +109,18 @@ class ModelConfig:
       bad('head_dim', 'must be even for rotary position embeddings.')
     if self.dtype not in ('float32', 'bfloat16', 'float16') or self.param_dtype not in ('float32', 'bfloat16'):
       bad('dtype', "dtype must be float32/bfloat16/float16 and param_dtype float32/bfloat16.")
+    self._validate_lora(bad)
+
+  def _validate_lora(self, bad):
+    if self.lora_rank < 0:
+      bad('lora_rank', 'must be >= 0 (0 turns LoRA off).')
+    if not 0.0 <= self.lora_dropout < 1.0:
+      bad('lora_dropout', 'must be in [0, 1).')
+    if self.lora_rank and not self.lora_targets:
+      bad('lora_targets', "is empty while lora_rank > 0; name the projections, e.g. ('query', 'value').")
+    # A scanned stack holds one set of params for all layers, so adapters cannot differ per layer.
+    if any(re.search(r'layers_\d', t) for t in self.lora_targets):
+      bad('lora_targets', "names a layer ('layers_<i>'); adapters go on every layer, name projections instead.")
 
   # Derived values, so modules never repeat the defaulting rules.
   @property
@@ -135,7 +155,8 @@ class ModelConfig:
     return dataclasses.replace(self, **kw)
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """JSON-shaped (tuples as lists), so a dict read back from config.json compares equal to a fresh one."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def _bert(layers, d, **kw):

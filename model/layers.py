@@ -4,7 +4,8 @@ Every parameter carries logical axis names (embed, heads, kv_heads, kv, mlp, voc
 shard it without this file knowing about meshes. Modules take the frozen ModelConfig whole. Compute runs in
 `cfg.dtype`, parameters are stored in `cfg.param_dtype`; softmax and norms compute in float32.
 
-Letters: B batch, T length, D model width, E embedding width, N heads, K kv heads, H head dim, F MLP width, V vocab.
+Letters: B batch, T length, D model width, E embedding width, N heads, K kv heads, H head dim, F MLP width, V vocab,
+R LoRA rank.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from model import attention as attn
+from model import lora
 from model.config import ModelConfig
 
 _ACTIVATIONS = {
@@ -42,34 +44,57 @@ class Dense(nn.Module):
 
   Unlike flax's DenseGeneral, the kernel is created at its full multi-axis shape ([D,N,H] for queries), so its logical
   names fit it also when a mesh is in context while tracing (activation sharding constraints need that).
+  With cfg.lora_rank > 0 and this module's path among cfg.lora_targets (model/lora.py) it also holds a LoRA adapter;
+  `deterministic` only switches the adapter's dropout.
   """
   cfg: ModelConfig
   features: tuple[int, ...]
   names: tuple[Optional[str], ...]
   axis: tuple[int, ...] = (-1,)
   use_bias: bool = True
+  deterministic: bool = True
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
     axis = tuple(sorted(a % x.ndim for a in self.axis))
-    kernel = self.param('kernel', kernel_init(cfg, self.names),
-                        tuple(x.shape[a] for a in axis) + self.features, cfg.jnp_param_dtype)
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel = self.param('kernel', kernel_init(cfg, self.names), in_shape + self.features, cfg.jnp_param_dtype)
     y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype),
                             ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.names[-len(self.features):]), self.features, cfg.jnp_param_dtype)
       y = y + bias.astype(cfg.jnp_dtype)
+    if cfg.lora_rank and lora.is_target(self.path, cfg.lora_targets):
+      y = y + self._lora(x, axis, in_shape)
     return y
+
+  def _lora(self, x, axis, in_shape):
+    """scale * (dropout(x) . A) . B: x [..., *in], A [*in, R] (random, as peft), B [R, *out] (zeros, so training
+    starts from the base model exactly) -> [..., *out]."""
+    cfg, r = self.cfg, self.cfg.lora_rank
+    in_names, out_names = self.names[:len(in_shape)], self.names[len(in_shape):]
+    # peft's kaiming_uniform(a=sqrt(5)) on A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = every input axis.
+    a_init = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform', in_axis=tuple(range(len(in_shape))),
+                                              out_axis=-1)
+    a = self.param('lora_a', nn.with_logical_partitioning(a_init, in_names + (None,)), in_shape + (r,),
+                   cfg.jnp_param_dtype)
+    b = self.param('lora_b', zeros_init((None,) + out_names), (r,) + self.features, cfg.jnp_param_dtype)
+    x = nn.Dropout(cfg.lora_dropout)(x, deterministic=self.deterministic or not cfg.lora_dropout)
+    xa = jax.lax.dot_general(x.astype(cfg.jnp_dtype), a.astype(cfg.jnp_dtype),
+                             ((axis, tuple(range(len(axis)))), ((), ())))  # [..., R]
+    xab = jax.lax.dot_general(xa, b.astype(cfg.jnp_dtype), (((xa.ndim - 1,), (0,)), ((), ())))  # [..., *out]
+    return (lora.scale(cfg) * xab).astype(cfg.jnp_dtype)
 
 
 def dense(cfg: ModelConfig, features, names: tuple[Optional[str], ...], *, axis=-1, use_bias: Optional[bool] = None,
-          name: Optional[str] = None) -> Dense:
-  """A Dense whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs."""
+          name: Optional[str] = None, deterministic: bool = True) -> Dense:
+  """A Dense whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs;
+  deterministic=False lets a LoRA adapter on it drop out."""
   use_bias = cfg.use_bias if use_bias is None else use_bias
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-  return Dense(cfg, features, tuple(names), axis, use_bias, name=name)
+  return Dense(cfg, features, tuple(names), axis, use_bias, deterministic, name=name)
 
 
 class Norm(nn.Module):
@@ -158,10 +183,11 @@ class MultiHeadAttention(nn.Module):
     """x [B,T,D]; kv_input [B,S,D] or None; bias [B|1,N,T,S]; rope (sin, cos) each [B,T,H/2] -> [B,T,D]."""
     cfg = self.cfg
     n, k_heads, h = cfg.num_heads, cfg.kv_heads, cfg.head_width
-    q = dense(cfg, (n, h), ('embed', 'heads', 'kv'), name='query')(x)  # [B,T,N,H]
+    det = self.deterministic
+    q = dense(cfg, (n, h), ('embed', 'heads', 'kv'), name='query', deterministic=det)(x)  # [B,T,N,H]
     src = x if kv_input is None else kv_input
-    k = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='key')(src)  # [B,S,K,H]
-    v = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='value')(src)  # [B,S,K,H]
+    k = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='key', deterministic=det)(src)  # [B,S,K,H]
+    v = dense(cfg, (k_heads, h), ('embed', 'kv_heads', 'kv'), name='value', deterministic=det)(src)  # [B,S,K,H]
     if rope is not None:
       sin, cos = rope
       q, k = attn.apply_rope(q, sin, cos), attn.apply_rope(k, sin, cos)
@@ -177,7 +203,8 @@ class MultiHeadAttention(nn.Module):
     out = attn.attention(q, k, v, mask_info=mask_info, bias=bias, scale=cfg.attention_scale,
                          implementation=cfg.attention_impl, chunk_size=cfg.attention_chunk, dropout_rate=rate,
                          dropout_rng=self.make_rng('dropout') if rate > 0 else None)
-    out = dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out')(out)  # [B,T,D]
+    out = dense(cfg, cfg.d_model, ('heads', 'kv', 'embed'), axis=(-2, -1), name='out',
+                deterministic=det)(out)  # [B,T,D]
     return out
 
 
@@ -190,13 +217,13 @@ class Mlp(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     act = activation(cfg.activation)
+    proj = lambda features, names, name: dense(cfg, features, names, name=name, deterministic=self.deterministic)
     if cfg.gated_mlp:
-      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi_0')(x)) * dense(cfg, cfg.d_ff,
-                                                                                   ('embed', 'mlp'), name='wi_1')(x)
+      hidden = act(proj(cfg.d_ff, ('embed', 'mlp'), 'wi_0')(x)) * proj(cfg.d_ff, ('embed', 'mlp'), 'wi_1')(x)
     else:
-      hidden = act(dense(cfg, cfg.d_ff, ('embed', 'mlp'), name='wi')(x))
+      hidden = act(proj(cfg.d_ff, ('embed', 'mlp'), 'wi')(x))
     hidden = nn.Dropout(cfg.mlp_dropout_rate)(hidden, deterministic=self.deterministic)
-    return dense(cfg, cfg.d_model, ('mlp', 'embed'), name='wo')(hidden)
+    return proj(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)
 
 
 class Block(nn.Module):

@@ -8,6 +8,7 @@ read a pytorch_model.bin. `import_state` is the engine behind import_hf, shared 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from model import pytree
+from model import lora, pytree
 from model.config import ModelConfig
 from model.convert import hf_layouts as layouts
 from model.convert.hf_layouts import hf_config  # noqa: F401  (export's config.json; public here as well)
@@ -224,8 +225,17 @@ def import_state(family, hf, state, *, where, scan_layers, param_dtype, tokenize
 # --------------------------------------------------------------------------------------------------- export
 
 
+def merge_adapters(conv: Converted) -> Converted:
+  """conv with its LoRA adapters folded into the kernels and cfg.lora_rank=0 (conv itself when it has none): a
+  Hugging Face checkpoint has no place for adapters, and the merged model computes the same function."""
+  if not lora.lora_paths(conv.params):
+    return conv
+  return dataclasses.replace(conv, cfg=lora.merged_config(conv.cfg), params=lora.merge(conv.params, conv.cfg))
+
+
 def to_hf_state(conv: Converted) -> dict[str, np.ndarray]:
-  """Our params -> the HF state dict (tied copies omitted, as save_pretrained does)."""
+  """Our params -> the HF state dict (tied copies omitted, as save_pretrained does); LoRA adapters merged in."""
+  conv = merge_adapters(conv)
   layouts.validate_export(conv)
   cfg = conv.cfg.replace(scan_layers=False)
   params = jax.tree.map(lambda a: np.asarray(a, np.float32), conv.params)
@@ -262,10 +272,12 @@ def to_hf_state(conv: Converted) -> dict[str, np.ndarray]:
 
 
 def export_hf(conv: Converted, out_dir) -> Path:
-  """Writes config.json + model.safetensors (+ the tokenizer files that came with the checkpoint) to out_dir."""
+  """Writes config.json + model.safetensors (+ the tokenizer files that came with the checkpoint) to out_dir; LoRA
+  adapters are merged into the kernels first (merge_adapters)."""
   from safetensors.numpy import save_file
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
+  conv = merge_adapters(conv)
   state = to_hf_state(conv)
   save_file(state, str(out / 'model.safetensors'), metadata={'format': 'pt'})
   (out / 'config.json').write_text(json.dumps(hf_config(conv), indent=2, sort_keys=True))
