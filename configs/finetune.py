@@ -7,6 +7,17 @@ Run from the repository root (data paths are relative to the current directory):
       --config.data.train=../shared/data/sst2/train.tsv --config.data.dev=../shared/data/sst2/dev.tsv
   python -m train.evaluate --from=/tmp/sst2 --data=../shared/data/sst2/dev.tsv --out=/tmp/sst2/dev
 
+Zero-shot (no training run, no parameter updated) and in-context k-shot for decoders, from any checkpoint:
+
+  python -m train.evaluate --from=CKPT --config=configs/finetune.py:task=sst2,strategy=prompt \
+      --data=../shared/data/sst2/dev.tsv --out=/tmp/zs [--config.finetune.template='Review: {sentence}\nSentiment:' \
+      --config.finetune.verbalizer='0:negative;1:positive' --config.finetune.demonstrations=4 \
+      --config.data.train=../shared/data/sst2/train.tsv]
+
+Few-shot: --config.data.few_shot_k=16 trains on 16 records per class of data.train (dev: 16 more per class);
+`python -m train.sweep --config=... --workdir=W --seeds=13,21,42,87,100 --eval_data=DEV` runs every seed and writes
+W/results.md with mean +- std.
+
 CKPT is an lmlab run's workdir, a converted or Hugging Face model directory, or a .gguf file; its tokenizer and
 architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
 
@@ -26,9 +37,17 @@ architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
   strategy   full        every parameter trains (optim.layerwise_lr_decay < 1 decays the lower layers' rates)
              head        the backbone is frozen and not differentiated; only the task head trains (mean pooling
                          for classification unless model.classifier_pooling says otherwise)
+             soft_prompt finetune.soft_prompt_length learned input vectors after [CLS]/BOS, backbone frozen; with
+                         a classifier head (trained too) or with prompt
+             lora        low-rank adapters (finetune.lora_rank, lora_alpha, lora_dropout, lora_targets) on the
+                         frozen backbone, plus a fresh task head; `model.convert export` writes merged weights
+             prompt      classification as a cloze (encoders: MLM head at {mask}) or a continuation (decoders: LM
+                         head), finetune.template + finetune.verbalizer (defaults per task and architecture in
+                         train/tasks.py), trained PET-style with full; prompt+head, prompt+soft_prompt and
+                         prompt+lora train only the MLM head's transform, the soft prompt or the adapters
   runlocal   seconds on a CPU: short sequences, small batches, a few steps (tests use it)
 
-Every task works with every strategy; sentence pairs, tags and spans need an encoder (or a decoder, pooled at its
+Every task works with full, head and lora; prompt and soft_prompt serve the classification tasks; sentence pairs, tags and spans need an encoder (or a decoder, pooled at its
 last token). Labels come from the training file (data.label_names fixes their order and refuses others). The run
 evaluates the dev file every train.eval_every steps with the task's metrics, keeps the best checkpoint by
 train.best_metric and stops early after train.early_stopping evaluations without improvement.

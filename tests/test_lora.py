@@ -235,3 +235,54 @@ def test_merged_export_loads_in_transformers(tmp_path, family, name, cls):
   merged = pytree.flatten(jax.tree.map(np.asarray, lora.merge(params, cfg)))
   for path, a in pytree.flatten(back.params).items():
     np.testing.assert_allclose(a, merged[path], rtol=0, atol=1e-6, err_msg=path)
+
+
+def test_a_lora_run_exports_merged_weights_that_transformers_loads(tmp_path):
+  """prompt+lora trained from a Hugging Face LLaMA; train.export merges the adapters; transformers' logits on the
+  export equal lmlab's LoRA model on the run's checkpoint, and differ from the starting weights'."""
+  from pathlib import Path
+
+  import torch
+  import transformers
+
+  from train import pretrained
+  from train.data import tokenizers
+  repo = Path(__file__).resolve().parents[1]
+  rows = [(f'the film was {w} and {f}', int(w in ('good', 'great')))
+          for w in ('good', 'bad', 'great', 'awful')
+          for f in ('long', 'short', 'new', 'old', 'odd')]
+  data = tmp_path / 'train.tsv'
+  data.write_text('sentence\tlabel\n' + ''.join(f'{s}\t{label}\n' for s, label in rows))
+  tok = tokenizers.train_bpe([s for s, _ in rows] * 10 + ['Review: Sentiment: negative positive'] * 10, vocab_size=300)
+  torch.manual_seed(0)
+  start = tmp_path / 'llama'
+  transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               tie_word_embeddings=False)).save_pretrained(start)
+  tok.save(start)
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  run, out = tmp_path / 'run', tmp_path / 'hf'
+  train = subprocess.run([
+      sys.executable, '-m', 'train.main', '--config=configs/finetune.py:task=sst2,strategy=prompt+lora,'
+      'runlocal', f'--workdir={run}', f'--config.model.init_from={start}', f'--config.data.train={data}',
+      '--config.train.steps=10', '--config.finetune.lora_dropout=0'
+  ], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert train.returncode == 0, train.stderr[-3000:]
+  job = subprocess.run([sys.executable, '-m', 'train.export', f'--from={run}', f'--to={out}', '--step=latest'],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert job.returncode == 0, job.stderr[-3000:]
+  assert 'LoRA merged' in job.stdout
+  loaded = pretrained.load_run(str(run), step='latest')
+  assert loaded.model.cfg.lora_rank > 0
+  ids = np.asarray([tok.encode('Review: the film was good and new\nSentiment: positive')])
+  # The 'prompt' head the run scored with reads the LM head; the same backbone and LM head over every position:
+  lm = LanguageModel(loaded.model.cfg, heads=('lm',))
+  ours = lm.apply({'params': loaded.pretrained.params}, {'tokens': ids})['lm_logits']
+  merged = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  base = transformers.LlamaForCausalLM.from_pretrained(start).eval()
+  with torch.no_grad():
+    theirs = merged(torch.tensor(ids)).logits.numpy()
+    before = base(torch.tensor(ids)).logits.numpy()
+  np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4)
+  assert np.abs(theirs - before).max() > 1e-4  # the adapters trained and were merged

@@ -290,7 +290,8 @@ def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, ba
         template=ft.template or task.prompts.get(init.cfg.arch, ('', ''))[0], verbalizer=ft.verbalizer
         or task.prompts.get(init.cfg.arch,
                             ('', ''))[1], demonstrations=int(ft.demonstrations), seconds=round(time.time() - t0, 1))
-  log(f'evaluate: {task.name} zero-shot prompt ({int(ft.demonstrations)} demonstrations) on {len(records)} records '
+  how = f'{int(ft.demonstrations)} in-context demonstrations' if ft.demonstrations else 'zero-shot'
+  log(f'evaluate: {task.name} prompt, {how}, no parameter updated, on {len(records)} records '
       f'of {data_path}: ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(scores.items()))
       + f' ({time.time() - t0:.0f} s); wrote {out_dir}/metrics.json and predictions.jsonl')
   return scores
