@@ -99,10 +99,26 @@ def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
     if save_dir is None:
       raise ValueError(f'{path}: its tokenizer is in the file\'s metadata; pass save_dir to write it out.')
     tokenizer_dir = str(convert.save(conv, save_dir))
+    if conv.tokenizer is not None:
+      _adopt_roles(tokenizer_dir, conv.cfg)
   if conv.cfg.scan_layers != scan_layers:
     conv.params = stack_layers(conv.params) if scan_layers else unstack_layers(conv.params)
     conv.cfg = conv.cfg.replace(scan_layers=scan_layers)
   return Pretrained(conv.cfg, conv.params, tuple(conv.heads), tokenizer_dir, kind)
+
+
+def _adopt_roles(tokenizer_dir: str, cfg: ModelConfig) -> None:
+  """Writes the BOS / EOS / pad tokens the GGUF metadata names (cfg's ids) as the tokenizer's roles, rather than
+  those guessed from token names (SmolLM2: BOS <|im_start|>, EOS and pad <|im_end|>, not <|endoftext|>)."""
+  from train.data import tokenizers  # pylint: disable=g-import-not-at-top
+  path = os.path.join(tokenizer_dir, 'tokenizer.json')
+  guessed = tokenizers.from_tokenizer_json(path)
+  roles = dict(guessed.special_tokens)
+  for role, i in (('bos', cfg.bos_id), ('eos', cfg.eos_id), ('pad', cfg.pad_id)):
+    token = guessed.id_to_token(i) if i is not None and 0 <= i < guessed.vocab_size else None
+    if token is not None:
+      roles[role] = token
+  tokenizers.from_tokenizer_json(path, special_tokens=roles).save(tokenizer_dir)
 
 
 @dataclasses.dataclass

@@ -498,7 +498,7 @@ _PROMPTS = {
     'trec': {
         'encoder': ('{mask}: {question}',
                     _TREC_WORDS.format('Expression', 'Description', 'Entity', 'Human', 'Location', 'Number')),
-        'decoder': ('Question: {question}\nAnswer type:',
+        'decoder': ('Question: {question}\nType:',
                     _TREC_WORDS.format('abbreviation', 'description', 'entity', 'person', 'location', 'number'))
     },
     'rte': {
