@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import ml_collections
 
 from train.data import embedded
+from train.data import few_shot
 from train.data import tokenizers as toks
 from train.data.loader import Loader
 
@@ -107,10 +108,31 @@ def check_config(data, task: tasks.Task):
     raise ValueError('config.data.tfds_name is empty: name a TFDS catalog dataset, e.g. "wikipedia/20230601.en".')
 
 
+def _few_shot_sizes(data, task: tasks.Task) -> tuple[int, int]:
+  """(k, dev_k) from config.data.few_shot_k / few_shot_dev_k; (0, 0) when few-shot sampling is off."""
+  k, dev_k = int(data.get('few_shot_k') or 0), int(data.get('few_shot_dev_k', -1))
+  if k < 0:
+    raise ValueError(f'config.data.few_shot_k={k}: must be >= 0 (records per class; 0 trains on all of data.train).')
+  if k == 0:
+    return 0, 0
+  if task.label_field != 'label_names':
+    raise ValueError(f'config.data.few_shot_k={k}: few-shot sampling draws k records per class, and task '
+                     f'{task.name!r} has no classes; use a classification task (sst2, trec, rte, ...) or set it to 0.')
+  if dev_k < -1:
+    raise ValueError(f'config.data.few_shot_dev_k={dev_k}: use -1 (as many as few_shot_k), 0 (no dev subset: the '
+                     'run evaluates on data.dev) or a count per class.')
+  return k, k if dev_k == -1 else dev_k
+
+
 def read_labeled(data, task: tasks.Task) -> Labeled:
   """The task's train and dev records through its validating reader, with the label names it resolves: those of
   config.data.<label_field> when given (a record with another label is an error naming its file and line), else the
-  sorted set found in the training file."""
+  sorted set found in the training file.
+
+  config.data.few_shot_k > 0 (classification) trains on k records per class drawn with config.data.few_shot_seed and
+  evaluates on a dev subset drawn from the other training records (train/data/few_shot.py); the label names still
+  come from the whole training file, so every seed's model has the same classes in the same order."""
+  k, dev_k = _few_shot_sizes(data, task)
   names = {}
   if task.label_field:
     given = tuple(data.get(task.label_field) or ())
@@ -119,6 +141,11 @@ def read_labeled(data, task: tasks.Task) -> Labeled:
   train = task.read(sources(data.train, data), data)
   if not train:
     raise ValueError(f'config.data.train={data.train}: no records for task {task.name!r}.')
+  if k:
+    train, few_dev = few_shot.sample(train, k=k, dev_k=dev_k, seed=int(data.get('few_shot_seed') or 0),
+                                     labels=names['label_names'])
+    if dev_k:  # LM-BFF: model selection on held-out training records, never on the real dev set
+      return Labeled(train, few_dev, names)
   dev = task.read(sources(data.dev, data), data) if _paths(data.get('dev')) else None
   return Labeled(train, dev, names)
 
