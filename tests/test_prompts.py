@@ -305,3 +305,34 @@ def test_zero_shot_job_matches_transformers_on_a_decoder(tmp_path):
     label = [np.log(np.mean(np.exp([s for s, (_, lab) in zip(per_word, words) if lab == k]))) for k in range(2)]
     probs = np.exp(np.asarray(label) - np.logaddexp(*label))
     np.testing.assert_allclose([row['probabilities']['0'], row['probabilities']['1']], probs, atol=1e-4)
+
+
+def test_templates_ensemble_as_the_mean_of_their_label_log_probabilities(tmp_path):
+  tok = _bpe(tmp_path)
+  one, two = 'Review: {sentence}\nSentiment:', '{sentence} It was'
+  arrays = lambda template: _examples('decoder', tok, _config(template=template))
+  cfg = transformer.preset('llama-tiny', vocab_size=tok.vocab_size)
+  model = LanguageModel(cfg, heads=('prompt',), num_labels=2)
+  stack = lambda examples: {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  both = stack(arrays(one + prompts.TEMPLATE_SEPARATOR + two))
+  params = init_params(model, jax.random.key(0), both)
+  logits = lambda batch: np.asarray(model.apply({'params': params}, batch)['cls_logits'])
+  expected = (logits(stack(arrays(one))) + logits(stack(arrays(two)))) / 2
+  np.testing.assert_allclose(logits(both), expected, atol=1e-5)
+
+
+def test_a_decoder_soft_prompt_leads_the_context_and_its_vectors_enter_the_scores(tmp_path):
+  tok = _bpe(tmp_path)
+  config = _config()
+  config.finetune.strategy, config.finetune.soft_prompt_length = 'soft_prompt', 3
+  examples = _examples('decoder', tok, config)
+  plain = _examples('decoder', tok, _config())
+  assert list(examples[0]['soft_prompt_slots'][0, :4]) == [1, 2, 3, 0]  # no BOS: the prompt comes first
+  assert list(examples[0]['tokens'][0, 3:10]) == list(plain[0]['tokens'][0, :7])
+  cfg = transformer.preset('llama-tiny', vocab_size=tok.vocab_size)
+  model = LanguageModel(cfg, heads=('prompt',), num_labels=2, soft_prompt_length=3)
+  batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+  params = init_params(model, jax.random.key(0), batch)
+  moved = dict(params, soft_prompt=params['soft_prompt'] + 1.0)
+  out = lambda p: np.asarray(model.apply({'params': p}, batch)['label_scores'][:, 0])
+  assert np.abs(out(params) - out(moved)).max() > 1e-4
