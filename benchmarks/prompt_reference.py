@@ -271,7 +271,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--task', choices=sorted(TASKS), default='sst2')
-  p.add_argument('--data', default=None, help='data folder (default /work/shared/data/<task>, or $LMLAB_DATA/<task>)')
+  p.add_argument('--data', default=None, help='data folder (default ../shared/data/<task> beside the repository, or $LMLAB_DATA/<task>)')
   p.add_argument('--template', default=None, help='str.format template of the context (task default)')
   p.add_argument('--verbalizer', default=None, help="'label:word|word;label:word' (task default)")
   p.add_argument('--label_column', default=None)
@@ -299,8 +299,6 @@ def main():
   separator = unescape(a.separator)
   names, words = parse_verbalizer(a.verbalizer or verbalizer)
   default_root = Path(os.environ.get('LMLAB_DATA', _ROOT.parent / 'shared' / 'data'))
-  if not default_root.exists():
-    default_root = Path('/work/shared/data')
   data = Path(a.data) if a.data else default_root / folder
 
   rows = read_tsv(data / f'{a.split}.tsv')

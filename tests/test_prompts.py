@@ -99,7 +99,7 @@ def test_label_scores_equal_a_hand_computation(tmp_path, arch, length_norm):
   tok = _wordpiece() if arch == 'encoder' else _bpe(tmp_path)
   config = _config(length_norm=length_norm)
   examples = _examples(arch, tok, config)
-  words = [ids for _, _, ids in tasks._prompt_builder(tasks.get('sst2'), config, arch, tok, config.data).candidates]
+  words = [ids for _, _, ids in prompts.prompt_builder(tasks.get('sst2'), config, arch, tok, config.data).candidates]
   assert max(map(len, words)) > 1, 'the verbalizer must hold a multi-token word'
   cfg = transformer.preset('bert-tiny' if arch == 'encoder' else 'llama-tiny', vocab_size=tok.vocab_size)
   model = LanguageModel(cfg, heads=('prompt',), num_labels=2)

@@ -216,21 +216,23 @@ class PromptExamples:
         ids, starts[key] = contexts[key[0]] + list(key[1]), len(contexts[key[0]]) - 1
       rows.append(ids)
     c, p, t = len(self.candidates), self.width, self.seq_len
-    out = {k: np.zeros((c, p), dtype) for k, dtype in (('score_positions', np.int32), ('score_ids', np.int32),
-                                                        ('score_weights', np.float32))}
+    out = {
+        k: np.zeros((c, p), dtype)
+        for k, dtype in (('score_positions', np.int32), ('score_ids', np.int32), ('score_weights', np.float32))
+    }
     for i, (k, _, ids) in enumerate(self.candidates):
       n = len(ids)
       out['score_positions'][i, :n] = starts[self._key(k, ids)] + np.arange(n)
       out['score_ids'][i, :n] = ids
       out['score_weights'][i, :n] = 1.0 / n if spec.length_norm else 1.0
     seg = np.stack([(np.arange(t) < len(r)).astype(np.int32) for r in rows])
-    out.update(tokens=np.stack([pad_to(r, t, self.pad) for r in rows]), segment_ids=seg,
-               positions=np.stack([segment_positions(s) for s in seg]),
-               score_group=np.asarray([self.group_keys.index(self._key(k, ids)) for k, _, ids in self.candidates],
-                                      np.int32),
-               score_label=np.asarray([label for _, label, _ in self.candidates], np.int32),
-               score_template=np.asarray([k for k, _, _ in self.candidates], np.int32),
-               label=np.int32(self.label_names.index(record['label'])))
+    out.update(
+        tokens=np.stack([pad_to(r, t, self.pad) for r in rows]), segment_ids=seg,
+        positions=np.stack([segment_positions(s) for s in seg]),
+        score_group=np.asarray([self.group_keys.index(self._key(k, ids)) for k, _, ids in self.candidates],
+                               np.int32), score_label=np.asarray([label for _, label, _ in self.candidates], np.int32),
+        score_template=np.asarray([k for k, _, _ in self.candidates],
+                                  np.int32), label=np.int32(self.label_names.index(record['label'])))
     if spec.arch == 'encoder':
       out['token_type_ids'] = np.zeros_like(out['tokens'])
     return out
@@ -274,3 +276,82 @@ class SoftPromptSlots:
       if key in out:
         out[key] = np.where(out[key] >= at, out[key] + n, out[key]).astype(np.int32)
     return out
+
+
+# --------------------------------------------------------------------------- a task record, reworded as a prompt
+# train/tasks.py `for_run` applies these to a classification record when config.finetune says so.
+
+
+def with_soft_prompt(task, n: int, offset: int):
+  """The record with n soft-prompt slots in every input after its first `offset` tokens (SoftPromptSlots)."""
+  if task.heads not in (('classifier',), ('prompt',)):
+    raise ValueError(f"config.finetune.strategy='soft_prompt' serves classification (a classifier head or "
+                     f'finetune.prompt); task {task.name!r} reads head(s) {task.heads}.')
+  inner_examples, inner_eval = task.examples, task.eval_examples
+  shorter = lambda data: type(data)({**data.to_dict(), 'seq_len': int(data.seq_len) - n})
+
+  def examples(records, tokenizer, data):
+    transform, source = inner_examples(records, tokenizer, shorter(data))
+    return SoftPromptSlots(transform, length=n, offset=offset), source
+
+  def eval_examples(records, tokenizer, data):
+    slots = SoftPromptSlots(None, length=n, offset=offset)
+    return [slots.insert(e) for e in inner_eval(records, tokenizer, shorter(data))]
+
+  return dataclasses.replace(task, examples=examples, eval_examples=eval_examples, provides=task.provides +
+                             ('soft_prompt_slots',))
+
+
+def as_prompt_task(task, config, arch: str):
+  """The classification record as a cloze (encoder) or continuation (decoder) over the 'prompt' head."""
+  if task.heads != ('classifier',) or task.label_field != 'label_names':
+    raise ValueError(f'config.finetune.prompt=True rewords a classification task as a cloze or a continuation; '
+                     f'task {task.name!r} reads head(s) {task.heads}. Turn prompt off for it.')
+  if arch not in ('encoder', 'decoder'):
+    raise ValueError(f"config.finetune.prompt=True needs an encoder (MLM head) or a decoder (LM head); arch={arch!r} "
+                     "classifies with 'seq2seq' and the label as target text.")
+  examples = lambda records, tokenizer, data: (prompt_builder(task, config, arch, tokenizer, data), records)
+
+  def eval_examples(records, tokenizer, data):
+    builder = prompt_builder(task, config, arch, tokenizer, data)
+    return [builder(r, index=i) for i, r in enumerate(records)]
+
+  return dataclasses.replace(task, heads=('prompt',), examples=examples, eval_examples=eval_examples,
+                             provides=PROVIDES + (('token_type_ids',) if arch == 'encoder' else ()))
+
+
+def prompt_spec(task, config, arch: str, label_names):
+  """config.finetune's prompt fields (or the task's default prompt for arch) as a checked PromptSpec."""
+  ft = config.finetune
+  default = task.prompts.get(arch, ('', ''))
+  template, verbalizer = ft.get('template') or default[0], ft.get('verbalizer') or default[1]
+  if not template or not verbalizer:
+    raise ValueError(f'task {task.name!r} has no default prompt for arch={arch!r}; set config.finetune.template '
+                     "(e.g. '{sentence} It was {mask}.') and config.finetune.verbalizer (e.g. '0:bad;1:good').")
+  demos = int(ft.get('demonstrations') or 0)
+  if demos < 0 or (demos and arch != 'decoder'):
+    raise ValueError(f'config.finetune.demonstrations={demos}: in-context demonstrations are >= 0 and for decoders '
+                     '(an encoder fine-tunes on its few examples instead).')
+  fields = _template_fields(task, config.data)
+  options = dict(length_norm=bool(ft.get('length_norm', False)), word_prefix=str(ft.get('word_prefix', ' ')),
+                 bos=bool(ft.get('bos', False)), balanced=bool(ft.get('balanced', True)),
+                 seed=int(ft.get('demonstration_seed') or 0), separator=str(ft.get('separator', '\n\n')))
+  templates, words = parse_templates(template, fields, arch), parse_verbalizer(verbalizer, list(label_names))
+  return PromptSpec(templates=templates, verbalizer=words, arch=arch, demonstrations=demos, **options)
+
+
+def _template_fields(task, data) -> dict[str, str]:
+  """The names a template may use for the record's texts: text_a, text_b and the task's text columns."""
+  from train import tasks  # pylint: disable=g-import-not-at-top
+  text, _ = tasks.columns_of(task.columns or ('sentence', 'label'), data)
+  return {'text_a': 'text_a', 'text_b': 'text_b', **{c: k for c, k in zip(text, ('text_a', 'text_b'))}}
+
+
+def prompt_builder(task, config, arch: str, tokenizer, data):
+  spec = prompt_spec(task, config, arch, data.label_names)
+  pool = None
+  if spec.demonstrations:
+    from train.data import pipeline  # pylint: disable=g-import-not-at-top
+    pool = task.read(pipeline.sources(data.train, data), data)
+  return PromptExamples(tokenizer, spec, seq_len=data.seq_len, label_names=data.label_names,
+                        fields=_template_fields(task, data), pool=pool)

@@ -119,91 +119,15 @@ def for_run(task: Task, config, arch: str) -> Task:
   """The record as `config` runs it on `arch`: for_arch, then, with config.finetune.prompt, as prompt-based
   classification: the 'prompt' head (MLM or LM head + verbalizer) instead of the classifier, prompt examples
   (train/prompts.py); its loss (cross-entropy over the label log-probabilities) and scorer stay the task's."""
+  from train import prompts  # pylint: disable=g-import-not-at-top
   task = for_arch(task, arch)
   if prompting(config):
-    task = _as_prompt(task, config, arch)
+    task = prompts.as_prompt_task(task, config, arch)
   n = finetune.soft_prompt_length(config)
-  return _with_soft_prompt(task, n, 1 if arch == 'encoder' or not prompting(config) or config.finetune.bos else 0) \
-      if n else task
-
-
-def _with_soft_prompt(task: Task, n: int, offset: int) -> Task:
-  """The record with n soft-prompt slots in every input after its first `offset` tokens (prompts.SoftPromptSlots)."""
-  from train import prompts  # pylint: disable=g-import-not-at-top
-  if task.heads not in (('classifier',), ('prompt',)):
-    raise ValueError(f"config.finetune.strategy='soft_prompt' serves classification (a classifier head or "
-                     f'finetune.prompt); task {task.name!r} reads head(s) {task.heads}.')
-  inner_examples, inner_eval = task.examples, task.eval_examples
-  shorter = lambda data: type(data)({**data.to_dict(), 'seq_len': int(data.seq_len) - n})
-
-  def examples(records, tokenizer, data):
-    transform, source = inner_examples(records, tokenizer, shorter(data))
-    return prompts.SoftPromptSlots(transform, length=n, offset=offset), source
-
-  def eval_examples(records, tokenizer, data):
-    slots = prompts.SoftPromptSlots(None, length=n, offset=offset)
-    return [slots.insert(e) for e in inner_eval(records, tokenizer, shorter(data))]
-
-  return dataclasses.replace(task, examples=examples, eval_examples=eval_examples, provides=task.provides +
-                             ('soft_prompt_slots',))
-
-
-def _as_prompt(task: Task, config, arch: str) -> Task:
-  """The classification record as a cloze (encoder) or continuation (decoder) over the 'prompt' head."""
-  if task.heads != ('classifier',) or task.label_field != 'label_names':
-    raise ValueError(f'config.finetune.prompt=True rewords a classification task as a cloze or a continuation; '
-                     f'task {task.name!r} reads head(s) {task.heads}. Turn prompt off for it.')
-  if arch not in ('encoder', 'decoder'):
-    raise ValueError(f"config.finetune.prompt=True needs an encoder (MLM head) or a decoder (LM head); arch={arch!r} "
-                     "classifies with 'seq2seq' and the label as target text.")
-  examples = lambda records, tokenizer, data: (_prompt_builder(task, config, arch, tokenizer, data), records)
-
-  def eval_examples(records, tokenizer, data):
-    builder = _prompt_builder(task, config, arch, tokenizer, data)
-    return [builder(r, index=i) for i, r in enumerate(records)]
-
-  from train import prompts  # pylint: disable=g-import-not-at-top
-  return dataclasses.replace(task, heads=('prompt',), examples=examples, eval_examples=eval_examples,
-                             provides=prompts.PROVIDES + (('token_type_ids',) if arch == 'encoder' else ()))
-
-
-def prompt_spec(task: Task, config, arch: str, label_names):
-  """config.finetune's prompt fields (or the task's default prompt for arch) as a checked prompts.PromptSpec."""
-  from train import prompts  # pylint: disable=g-import-not-at-top
-  ft = config.finetune
-  default = task.prompts.get(arch, ('', ''))
-  template, verbalizer = ft.get('template') or default[0], ft.get('verbalizer') or default[1]
-  if not template or not verbalizer:
-    raise ValueError(f'task {task.name!r} has no default prompt for arch={arch!r}; set config.finetune.template '
-                     "(e.g. '{sentence} It was {mask}.') and config.finetune.verbalizer (e.g. '0:bad;1:good').")
-  demos = int(ft.get('demonstrations') or 0)
-  if demos < 0 or (demos and arch != 'decoder'):
-    raise ValueError(f'config.finetune.demonstrations={demos}: in-context demonstrations are >= 0 and for decoders '
-                     '(an encoder fine-tunes on its few examples instead).')
-  return prompts.PromptSpec(templates=prompts.parse_templates(template, _template_fields(task, config.data), arch),
-                            verbalizer=prompts.parse_verbalizer(verbalizer, list(label_names)), arch=arch,
-                            length_norm=bool(ft.get('length_norm', False)), word_prefix=str(ft.get('word_prefix', ' ')),
-                            bos=bool(ft.get('bos',
-                                            False)), demonstrations=demos, balanced=bool(ft.get('balanced', True)),
-                            seed=int(ft.get('demonstration_seed', config.get('seed', 0))
-                                     or 0), separator=str(ft.get('separator', '\n\n')))
-
-
-def _template_fields(task: Task, data) -> dict[str, str]:
-  """The names a template may use for the record's texts: text_a, text_b and the task's text columns."""
-  text, _ = _columns(task.columns or ('sentence', 'label'), data)
-  return {'text_a': 'text_a', 'text_b': 'text_b', **{c: k for c, k in zip(text, ('text_a', 'text_b'))}}
-
-
-def _prompt_builder(task: Task, config, arch: str, tokenizer, data):
-  from train import prompts  # pylint: disable=g-import-not-at-top
-  spec = prompt_spec(task, config, arch, data.label_names)
-  pool = None
-  if spec.demonstrations:
-    from train.data import pipeline  # pylint: disable=g-import-not-at-top
-    pool = task.read(pipeline.sources(data.train, data), data)
-  return prompts.PromptExamples(tokenizer, spec, seq_len=data.seq_len, label_names=data.label_names,
-                                fields=_template_fields(task, data), pool=pool)
+  if not n:
+    return task
+  return prompts.with_soft_prompt(task, n,
+                                  1 if arch == 'encoder' or not prompting(config) or config.finetune.bos else 0)
 
 
 def run_heads(config) -> tuple[str, ...]:
@@ -305,7 +229,7 @@ def _completion_prompts(records, tokenizer, data):
 # ------------------------------------------------------------------------------------------------- readers
 
 
-def _columns(task_columns, data):
+def columns_of(task_columns, data):
   """(text columns, label column): config.data's when set, else the task's own."""
   text = tuple(data.get('text_columns') or ()) or task_columns[:-1]
   return text, data.get('label_column') or task_columns[-1]
@@ -314,7 +238,7 @@ def _columns(task_columns, data):
 def _read_classification(columns):
 
   def read(paths, data):
-    text, label = _columns(columns, data)
+    text, label = columns_of(columns, data)
     return list(
         readers.classification_records(paths, text_columns=text, label_column=label,
                                        label_names=list(data.label_names)))
@@ -323,7 +247,7 @@ def _read_classification(columns):
 
 
 def _classification_labels(columns):
-  return lambda paths, data: readers.infer_labels(paths, label_column=_columns(columns, data)[1])
+  return lambda paths, data: readers.infer_labels(paths, label_column=columns_of(columns, data)[1])
 
 
 def _sequence_features(data) -> dict[str, str]:
