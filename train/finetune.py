@@ -100,7 +100,7 @@ def init_soft_prompt(params, config, *, pad_id: int, num_special: int = 5):
   """params with the soft prompt started from vocabulary rows (config.finetune.soft_prompt_init='vocab', as Lester
   et al.): vector i = E[v_i] - E[pad] for words v_i drawn with config.seed among the first 5000 ids past the
   specials, so placeholder + vector i embeds exactly as word v_i. 'random' keeps the normal initialization."""
-  ft = config.finetune
+  ft = config.get('finetune') or {}
   if 'soft_prompt' not in params or ft.get('soft_prompt_init', 'vocab') == 'random':
     return params
   if ft.get('soft_prompt_init', 'vocab') != 'vocab':
