@@ -137,6 +137,8 @@ def base() -> ml_collections.ConfigDict:
       async_checkpoints=True,   # save in the background while training goes on
       max_param_norm=0.0,       # divergence guard: stop without saving when the global parameter norm exceeds it; 0: off
       max_loss_ratio=0.0,       # divergence guard: stop when a logged loss exceeds this times the lowest so far; 0: off
+      memory_check=True,        # refuse a run whose estimated bytes per device (train/selection/cost.py) exceed the
+      #                           device's memory, before anything is built
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP
