@@ -21,6 +21,9 @@ _CORE = [
     "matplotlib>=3.8,<4",
     "seqeval>=1.2.2,<2",  # tagging metrics (entity-level F1) for fine-tuning
     "sacrebleu>=2.4,<3",  # BLEU / chrF for generation tasks
+    "optuna>=4,<5",  # model selection: the study of evaluations (SQLite in the workdir)
+    "scipy>=1.11,<2",  # scaling-law fit (L-BFGS)
+    "threadpoolctl>=3,<4",  # one BLAS thread during the many small scaling-law fits
 ]
 
 setup(

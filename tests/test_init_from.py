@@ -68,3 +68,22 @@ def test_generate_cli_reads_a_run(trained):
   bad = subprocess.run([sys.executable, '-m', 'train.generate', '--from=/nonexistent/run', '--prompt=x'], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and 'does not exist' in bad.stderr
+
+
+def test_an_electra_run_is_a_starting_point_through_its_discriminator(tmp_path):
+  """ELECTRA fine-tunes its discriminator: loading an rtd run gives the discriminator's architecture and weights (the
+  shared embeddings, its encoder and RTD head), not the generator's."""
+  from configs import electra
+  c = electra.get_config('runlocal')
+  c.data.seq_len, c.data.batch_size, c.data.vocab_size, c.data.tokenizer_train_records = 32, 4, 500, 600
+  c.optim.total_steps = c.train.steps = c.train.log_every = c.train.checkpoint_every = 3
+  c.optim.warmup_steps, c.train.eval_every, c.train.eval_steps = 1, 0, 0
+  summary = trainer.train_and_evaluate(c, str(tmp_path / 'electra'), log=lambda m: None)
+  loaded = pretrained.load(str(tmp_path / 'electra'))
+  trained_params = jax.device_get(summary['state']['params'])
+  assert loaded.heads == ('rtd',) and loaded.cfg.d_model == 256 and sorted(loaded.params) == ['embed', 'rtd',
+                                                                                              'transformer']
+  for ours, theirs in ((loaded.params['transformer'], trained_params['discriminator']),
+                       (loaded.params['embed'], trained_params['embed']), (loaded.params['rtd'], trained_params['rtd'])):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -179,6 +179,12 @@ def test_bleu_and_chrf_of_identical_text_are_100():
   assert M.chrf(predictions=["abc"], references=["xyz"]) == 0.0
 
 
+def test_generation_accuracy_is_the_share_of_exact_matches_with_any_reference():
+  got = M.generation_metrics(predictions=["positive ", "negative", "positive"],
+                             references=[["positive"], ["neutral", "negative"], "negative"])
+  assert got["accuracy"] == pytest.approx(2 / 3)
+
+
 def test_bleu_equals_the_hand_computed_corpus_value_without_smoothing():
   hyps = ["a b c d e", "the cat sat on the mat"]
   refs = ["a b c d e", "the cat sat on a red mat"]

@@ -186,8 +186,13 @@ def chrf(*, predictions: Sequence[str], references: Sequence[Sequence[str] | str
 
 
 def generation_metrics(*, predictions: Sequence[str], references: Sequence[Sequence[str] | str]) -> dict[str, float]:
-  """{"bleu", "chrf"} of detokenized predictions against their reference(s), sacrebleu defaults, in [0, 100]."""
+  """{"bleu", "chrf"} of detokenized predictions against their reference(s), sacrebleu defaults, in [0, 100], and
+    "accuracy": the fraction of predictions equal to a reference after stripping whitespace (exact match, as T5 scores
+    a classification task trained as text-to-text), in [0, 1]."""
+  refs = [[r] if isinstance(r, str) else list(r) for r in references]
+  exact = [p.strip() in {r.strip() for r in rs} for p, rs in zip(predictions, refs)]
   return {
       "bleu": bleu(predictions=predictions, references=references),
-      "chrf": chrf(predictions=predictions, references=references)
+      "chrf": chrf(predictions=predictions, references=references),
+      "accuracy": float(np.mean(exact)) if exact else 0.0,
   }

@@ -67,11 +67,11 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
   cfg, config = ModelConfig(**saved['model']), ml_collections.ConfigDict(saved['config'])
   objectives = dict(config.objectives)
   own = [n for n in objectives if tasks.get(n).model is not None]
-  if own:  # ELECTRA: a generator and a discriminator, not one LanguageModel
-    raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model (for rtd a generator and a discriminator); '
-                     'export the part to start from with model.convert.')
-  heads = tasks.run_heads(config)
-  shapes = heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
+  if own and own != ['rtd']:
+    raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model; export the part to start from with '
+                     'model.convert.')
+  heads = ('rtd',) if own else tasks.run_heads(config)
+  shapes = _electra_shapes(config, cfg) if own else heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   tc = config.get('train', {})
@@ -82,9 +82,19 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
     params = ckpts.restore_params(abstract, at)
   finally:
     ckpts.close()
+  if own:  # ELECTRA fine-tunes its discriminator: the shared embeddings, the discriminator encoder and its RTD head
+    params = {'embed': params['embed'], 'transformer': params['discriminator'], 'rtd': params['rtd']}
   tok = os.path.join(workdir, 'tokenizer')
   tok = tok if os.path.exists(tok) else (config.data.get('tokenizer_path') or None)
-  return LoadedRun(config, tasks.build_model(config, cfg), Pretrained(cfg, params, heads, tok, 'lmlab-run'), at)
+  model = heads_lib.LanguageModel(cfg, heads=heads) if own else tasks.build_model(config, cfg)
+  return LoadedRun(config, model, Pretrained(cfg, params, heads, tok, 'lmlab-run'), at)
+
+
+def _electra_shapes(config, cfg: ModelConfig):
+  """The params' shapes of an ELECTRA run's Electra(generator, discriminator) module, allocating nothing."""
+  model = tasks.build_model(config, cfg)
+  batch = {'tokens': jnp.zeros((1, 2), jnp.int32), 'masked_positions': jnp.zeros((1, 1), jnp.int32)}
+  return jax.eval_shape(lambda: heads_lib.init_params(model, jax.random.key(0), batch))
 
 
 def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,

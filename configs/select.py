@@ -1,0 +1,140 @@
+"""Model selection: pre-train candidates (or start from local checkpoints), fine-tune each on a task, and choose one
+within a compute budget by successive halving on the dev metric (train/selection/).
+
+  python -m train.select --config=configs/select.py --workdir=/tmp/select \
+      --config.pretrain.source=files --config.pretrain.path=../shared/data/gutenberg_books \
+      --config.data.train=../shared/data/sst2/train.tsv --config.data.dev=../shared/data/sst2/dev.tsv \
+      --config.search.budget=2e14
+  python -m train.select --config=configs/select.py:demo --workdir=/tmp/select   # embedded data, no files (make demo)
+  python -m train.select --config=configs/select.py:mode=equal_compute ...        # every candidate the same FLOPs
+
+  python -m train.select --config=configs/select.py:mode=scaling ...              # loss against N and D, fitted
+
+Arguments: `mode=halving` (default) | `equal_compute` | `scaling` (config.scaling: one pre-training per size and
+token budget, L = E + A/N^alpha + B/D^beta fitted with bootstrap intervals); `demo` (embedded corpus and the embedded docstring-package
+task, tiny candidates, minutes on a CPU); `runlocal` (tests: seconds).
+
+Each candidate names a config family (configs/<family>.py and its argument) whose pre-training objective it brings
+(bert: mlm+nsp, electra: rtd, gpt/llama: clm, t5: span; `objectives` replaces them), model overrides, or a local
+checkpoint in `init_from` (no pre-training), and the fine-tuning strategy and learning rate. Candidates are a dict, so
+one is changed from the command line (--config.candidates.gpt.overrides.num_layers=4) or removed by its config file.
+
+The budget (search.budget in search.budget_kind units: 'flops' as the cost model counts them, 'seconds' converted to
+FLOPs by a short calibration on this machine, or 'steps' of pre-training summed over candidates) covers the whole
+search: every rung's pre-training and fine-tuning and the final seeds. The plan is the largest pre-training length
+whose worst case fits, printed before anything trains. A killed selection restarted with the same command resumes:
+finished evaluations are read back from the study (optuna, SQLite in the workdir) and a half-done run resumes from
+its checkpoint, so the leaderboard comes out the same.
+"""
+import ml_collections
+
+from configs import common
+
+MODES = ('halving', 'equal_compute', 'scaling')
+
+
+def _candidate(family, arg='', *, strategy='full', learning_rate=0.0, pretrain_learning_rate=0.0, init_from='',
+               objectives=None, generator=None, **overrides):
+  return dict(family=family, arg=arg, init_from=init_from, strategy=strategy, learning_rate=learning_rate,
+              pretrain_learning_rate=pretrain_learning_rate, objectives=objectives or {}, overrides=overrides,
+              generator=generator or {})
+
+
+def _shape(layers: int, width: int) -> dict:
+  return dict(num_layers=layers, d_model=width, num_heads=max(1, width // 64), d_ff=4 * width)
+
+
+def _candidates(layers: int, width: int, arg: str = '', lr: float = 1e-4) -> ml_collections.ConfigDict:
+  """One candidate per pre-training objective, all of one shape (ELECTRA's generator a quarter as wide)."""
+  shape, pre = _shape(layers, width), 1e-3  # pre-training rates for short runs of small models (Adafactor: 1e-2)
+  return ml_collections.ConfigDict({
+      'bert_mlm': _candidate('bert', arg, objectives={'mlm': 1.0}, learning_rate=lr, pretrain_learning_rate=pre,
+                             **shape),
+      'electra_rtd': _candidate('electra', arg, learning_rate=lr, pretrain_learning_rate=pre, embed_dim=width,
+                                generator=dict(_shape(layers, max(32, width // 4)), embed_dim=width), **shape),
+      'gpt_clm': _candidate('gpt', arg, learning_rate=lr, pretrain_learning_rate=pre, **shape),
+      't5_span': _candidate('t5', arg, learning_rate=lr, pretrain_learning_rate=10 * pre, **shape),
+  })
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, mode='halving', demo=False, layers='4', width='256')
+  if args.mode not in MODES:
+    raise ValueError(f'config argument mode={args.mode!r} is unknown; known: {", ".join(MODES)}.')
+  c = ml_collections.ConfigDict()
+  # yapf: disable (a table: one field per line, its meaning aligned beside it)
+  c.seed = 0                    # pre-training seed of every candidate; fine-tuning seeds are 0..search.seeds-1
+  c.task = 'sst2'               # the fine-tuning task (configs/finetune.py task=...); encoder-decoders train it as
+  #                               seq2seq with the label as target text and are scored by exact match (accuracy)
+  c.metric = 'eval/accuracy'    # dev metric the search ranks by (higher is better)
+  c.data = ml_collections.ConfigDict(dict(
+      train='',                 # fine-tuning training file (configs/finetune.py data.train); 'embedded:package'
+      dev='',                   # fine-tuning dev file; 'embedded:package' (the task the demo writes)
+      text_columns=(),          # classification: the text column(s); (): the task's own
+      label_column='',          # classification: the label column; '': the task's own
+  ))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      source='embedded',        # pre-training text: 'embedded' | 'files' | 'tfds' (configs/common.py data.source)
+      path='',                  # files: a text file or folder (../shared/data/gutenberg_books)
+      embedded_kind='docs',     # embedded: 'docs' | 'code'
+      seq_len=128,              # tokens per pre-training example
+      batch_size=32,            # pre-training global batch
+      vocab_size=8000,          # tokenizer trained per candidate on the pre-training text
+      tokenizer_train_records=20_000,
+      warmup_steps=100,
+      max_steps=0,              # the longest pre-training of the plan; 0: the most the budget allows
+      checkpoint_every=200,     # a killed pre-training resumes from here
+  ))
+  c.finetune = ml_collections.ConfigDict(dict(
+      steps=300,                # fine-tuning steps of every evaluation
+      batch_size=32,
+      seq_len=128,
+      warmup_steps=30,
+      eval_every=100,           # dev evaluations per fine-tuning (the best one counts, as train.best_metric keeps)
+      targets_len=8,            # encoder-decoders: label text tokens
+  ))
+  c.search = ml_collections.ConfigDict(dict(
+      mode=args.mode,           # 'halving': successive halving over pre-training length; 'equal_compute': every
+      #                           candidate pre-trains on the same FLOPs, then fine-tunes with every seed
+      budget_kind='flops',      # 'flops' | 'seconds' | 'steps'
+      budget=1e15,              # the whole search's budget in budget_kind units
+      eta=2,                    # halving: the top 1/eta of the candidates go on to eta times the pre-training
+      rungs=3,                  # halving: rungs; the last rung's survivors fine-tune with every seed
+      seeds=3,                  # fine-tuning seeds at the last rung (mean +- std in the leaderboard)
+  ))
+  c.candidates = _candidates(int(args.layers), int(args.width))  # config arguments layers=, width= set the shape
+  c.scaling = ml_collections.ConfigDict(dict(
+      family='gpt',             # mode=scaling: the config family every size pre-trains with (its objective)
+      arg='',                   # its config argument
+      sizes=('2x64', '2x96', '3x128', '4x192'),  # LAYERSxD_MODEL (heads of width 32, d_ff = 4 d_model)
+      tokens=(250_000, 500_000, 1_000_000),  # pre-training tokens per run; every size trains on each
+      overrides=dict(dropout_rate=0.0, attention_dropout_rate=0.0, max_len=128),  # more ModelConfig fields, every size
+      learning_rate=2e-3,
+      eval_steps=20,            # eval batches of the loss each point is
+      bootstrap=200,            # bootstrap refits for the intervals
+      target_flops=1e18,        # the compute budget whose optimal N and D the report gives
+  ))
+  # yapf: enable
+  if args.mode == 'scaling':
+    c.pretrain.seq_len, c.pretrain.batch_size = 64, 16
+  if args.demo or args.runlocal:
+    _small(c, demo=args.demo)
+  return c
+
+
+def _small(c, *, demo):
+  """Tiny candidates on the embedded corpus and the embedded docstring-package task: minutes (demo), seconds."""
+  c.task = 'classification'
+  c.data.train = c.data.dev = 'embedded:package'
+  c.data.text_columns, c.data.label_column = ('text_a',), 'label'
+  p, f, s = c.pretrain, c.finetune, c.search
+  p.seq_len, p.batch_size, p.vocab_size, p.tokenizer_train_records = 64, 16, 2000, 3000
+  p.warmup_steps, p.checkpoint_every = 10, 50
+  f.steps, f.batch_size, f.seq_len, f.warmup_steps, f.eval_every = 120, 16, 64, 10, 40
+  s.budget_kind, s.budget, s.eta, s.rungs, s.seeds = 'steps', 1200, 2, 2, 2
+  c.candidates = _candidates(2, 128, 'runlocal', 1e-3)
+  if not demo:  # runlocal: seconds
+    p.seq_len, p.batch_size, p.checkpoint_every = 32, 8, 10
+    f.steps, f.batch_size, f.seq_len, f.eval_every, f.warmup_steps = 20, 8, 32, 20, 2
+    s.budget, s.rungs, s.seeds = 120, 2, 2
+    c.candidates = _candidates(1, 64, 'runlocal', 1e-3)

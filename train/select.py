@@ -1,0 +1,93 @@
+"""Command line: `python -m train.select --config=configs/select.py[:args] --workdir=DIR [--config.key=value ...]`.
+
+Plans the search within config.search.budget (printed before anything trains), pre-trains and fine-tunes the
+candidates by successive halving on the dev metric, and writes the report into DIR: leaderboard.md / .csv, the plots
+(metric_vs_compute.png, training_curves.png), TensorBoard hparams, and chosen.py, the chosen configuration as a config
+file for train.main. The same command after a kill resumes (finished evaluations come back from DIR/select.db).
+Flags and their mistakes behave as train.main's (`--print_config`, one-line `error:` with exit code 2).
+"""
+import os
+import sys
+import time
+
+from absl import app
+from absl import logging
+
+from train import main as cli
+
+
+def describe(s) -> str:
+  """The plan, in the lines people read before it runs."""
+  plan, costs = s.plan, s.costs
+  lines = [f'selection: {len(s.cands)} candidates for {s.config.task}, ranked by dev {s.config.metric}; plan '
+           f'({plan.mode}): pre-training steps per rung {list(plan.rung_steps)}, candidates per rung '
+           f'{list(plan.survivors)}, {plan.seeds} seeds at the last rung; worst case {plan.worst_case:.3g} of '
+           f'{plan.budget:.3g} {s.config.search.budget_kind}']
+  for cand in s.cands:
+    pre = costs.pretrain[cand.name]
+    what = f'pre-train {pre.summary()}' if pre else f'from {cand.init_from}'
+    lines.append(f'  {cand.name:<14} {what}; fine-tune ({cand.strategy}) {costs.finetune[cand.name].summary()}')
+  return '\n'.join(lines)
+
+
+def use_compilation_cache(workdir: str) -> None:
+  """JAX's persistent compilation cache in <workdir>/jax_cache: a candidate's later rungs and its fine-tuning seeds
+  compile the same steps again, and a cached executable is the same program (results are unchanged). Takes effect
+  only if nothing was compiled in this process before, and only where the user has not set a cache."""
+  import jax
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(workdir, 'jax_cache')))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def scaling(config, workdir: str, *, log=print) -> dict:
+  """mode=scaling: the sweep over config.scaling's sizes and token budgets, and its fit -> the sweep's result."""
+  from train.selection import scaling_sweep, search
+  use_compilation_cache(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  search.check_same_config(workdir, config)
+  return scaling_sweep.run(config, workdir, log=log)
+
+
+def select(config, workdir: str, *, log=print):
+  """The whole job -> (search, result {'rungs', 'chosen', 'means'}, report paths)."""
+  from train.selection import report, search
+  use_compilation_cache(workdir)
+  s = search.prepare(config, workdir, log=log)
+  log(describe(s))
+  result = search.run(s)
+  paths = report.write(s, result)
+  return s, result, paths
+
+
+def main(argv):
+  del argv
+  if cli._PRINT_CONFIG.value:
+    print('\n'.join(cli._config_lines(cli._CONFIG.value)))
+    return
+  from train.selection import search
+  from train.workdir import WorkdirBusy, WorkdirLock
+  t0 = time.time()
+  config, workdir, log = cli._CONFIG.value, cli._WORKDIR.value, lambda m: print(m, flush=True)
+  try:
+    with WorkdirLock(workdir):
+      if config.search.mode == 'scaling':
+        out = scaling(config, workdir, log=log)
+        print(out['fit'].summary(float(config.scaling.target_flops)))
+        print(f'plot {out["paths"]["plot"]}, table {out["paths"]["summary"]} ({time.time() - t0:.0f} s)')
+        return
+      s, result, paths = select(config, workdir, log=log)
+  except (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy) as e:
+    cli._fail(e)
+  except search.Preempted as e:
+    print(e, flush=True)
+    sys.exit(143)
+  with open(paths['leaderboard']) as f:
+    print('\n' + f.read())
+  print(f'chosen: {result["chosen"]} ({time.time() - t0:.0f} s); report in {s.workdir}: ' +
+        ', '.join(f'{k} {v}' for k, v in paths.items()))
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.WARNING)
+  app.run(main, flags_parser=cli._parse_flags)
