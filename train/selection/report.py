@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import pprint
 from typing import Any
 
 import numpy as np
 
+from train import plots
 from train.selection import search as search_lib
 
 
@@ -107,16 +107,11 @@ def write_csv(path: str, rows) -> None:
 
 
 def _read_metrics(workdir: str, split: str, name: str) -> tuple[list[int], list[float]]:
-  steps, values = [], []
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        rec = json.loads(line)
-        if rec.get('split') == split and name in rec:
-          steps.append(int(rec['step']))
-          values.append(float(rec[name]))
-  return steps, values
+  """(steps, values) of `name` in the run's `split` lines; nothing for a run that has not logged yet."""
+  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    return [], []
+  rows = [r for r in plots.read_metrics(workdir) if r.get('split') == split and name in r]
+  return [int(r['step']) for r in rows], [float(r[name]) for r in rows]
 
 
 def _points(s: search_lib.Search) -> dict[str, list[tuple[float, float]]]:
@@ -141,11 +136,18 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
   return front
 
 
+def _figure(width: float, height: float):
+  """A matplotlib Figure on the Agg canvas: no pyplot, so a notebook's backend and open figures stay as they were."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
 def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig = _figure(7, 4.5)
+  ax = fig.subplots()
   points = _points(s)
   for i, (name, pts) in enumerate(points.items()):
     xs, ys = zip(*pts)
@@ -163,14 +165,11 @@ def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str) -> None
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def plot_training_curves(s: search_lib.Search, result: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (pre_ax, ft_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig = _figure(11, 4.2)
+  pre_ax, ft_ax = fig.subplots(1, 2)
   metric = s.config.metric.split('/')[-1]
   for cand in s.cands:
     if cand.pretrains:
@@ -187,7 +186,6 @@ def plot_training_curves(s: search_lib.Search, result: dict, path: str) -> None:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def write_hparams(s: search_lib.Search) -> None:

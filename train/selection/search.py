@@ -352,13 +352,9 @@ def _write_embedded(name: str, split: str, folder: str) -> str:
 
 def best_metric(workdir: str, metric: str) -> float:
   """The best value of `metric` ('eval/accuracy') in a run's metrics.jsonl: what train.best_metric kept."""
+  from train import plots
   split, name = metric.split('/', 1) if '/' in metric else ('eval', metric)
-  values = []
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      rec = json.loads(line)
-      if rec.get('split') == split and name in rec:
-        values.append(float(rec[name]))
+  values = [float(r[name]) for r in plots.read_metrics(workdir) if r.get('split') == split and name in r]
   if not values:
     raise ValueError(f'{workdir}/metrics.jsonl has no {metric!r}: set config.metric to one the task reports '
                      '(e.g. eval/accuracy) and give a dev file (config.data.dev).')
