@@ -53,8 +53,8 @@ def _candidates(layers: int, width: int, arg: str = '', lr: float = 1e-4) -> ml_
       'electra_rtd': _candidate('electra', arg, learning_rate=lr, pretrain_learning_rate=pre, embed_dim=width,
                                 generator=dict(_shape(layers, max(32, width // 4)), embed_dim=width), **shape),
       'gpt_clm': _candidate('gpt', arg, learning_rate=lr, pretrain_learning_rate=pre, **shape),
-      # T5 fine-tunes its text-to-text labels at 10x the rate too (T5's 1e-3): at 1e-4 it stays at the empty string
-      't5_span': _candidate('t5', arg, learning_rate=10 * lr, pretrain_learning_rate=10 * pre, **shape),
+      # T5 fine-tunes its text-to-text labels at T5's 1e-3: at 1e-4 it stays at the empty string
+      't5_span': _candidate('t5', arg, learning_rate=1e-3, pretrain_learning_rate=10 * pre, **shape),
   })
 
 

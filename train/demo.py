@@ -1,62 +1,52 @@
-"""`make demo`: pre-trains a small GPT on the embedded stdlib-docstring corpus (no files, no network) and reports.
+"""`make demo`: the whole mission on the embedded default (no files, no network), in minutes on a laptop CPU.
 
-Prints loss at start and end, throughput, where the outputs are, and a greedy continuation from the trained model.
+Pre-trains four tiny candidates on the embedded stdlib-docstring corpus (an encoder with MLM, an ELECTRA encoder with
+replaced-token detection, a decoder with causal LM, an encoder-decoder with span corruption), fine-tunes each on the
+embedded task (which package a docstring comes from, 8 classes), chooses one by successive halving within the budget,
+prints the leaderboard and where the plots are, and shows the chosen model at work on dev docstrings. It is
+`python -m train.select --config=configs/select.py:demo --workdir=workdir/demo`, plus the example at the end.
 """
+import json
 import os
 import shutil
 import sys
 import time
 
-import numpy as np
-
-from configs import gpt
-from model import decode
-from model import heads
-from train import pretrained
-from train import trainer
-from train.data import tokenizers
+from configs import select as select_configs
+from train import evaluate
+from train import select
 
 WORKDIR = os.path.join('workdir', 'demo')
 
 
-def main():
-  config = gpt.get_config('runlocal')
-  config.model.overrides = {'num_layers': 4, 'd_model': 192, 'num_heads': 3, 'd_ff': 768, 'max_len': 128}
-  config.data.seq_len = 128
-  config.data.batch_size = 16
-  config.data.vocab_size = 4000
-  config.optim.learning_rate = 2e-3
-  config.train.steps = int(os.environ.get('DEMO_STEPS', 250))
-  config.optim.warmup_steps = max(1, config.train.steps // 10)
-  config.train.log_every = 25
-  config.train.eval_every = 100
-  config.train.eval_steps = 4
-  config.train.checkpoint_every = 100
-  shutil.rmtree(WORKDIR, ignore_errors=True)  # the demo always starts fresh; real runs resume
-  t0 = time.time()
-  s = trainer.train_and_evaluate(config, WORKDIR, log=lambda m: print(m, flush=True))
-  wall = time.time() - t0
+def _examples(s, result, log) -> None:
+  """The chosen model's predictions on a few dev docstrings, as `train.evaluate` writes them."""
+  name = result['chosen']
+  run = os.path.join(s.workdir, 'finetune', f'{name}-{s.plan.steps(len(s.plan.rung_steps) - 1, name)}-seed0')
+  out = os.path.join(s.workdir, 'chosen_eval')
+  scores = evaluate.evaluate_run(run, s.files[1], out, log=lambda *_: None)
+  log(f'\nthe chosen model ({name}) at work, from {out}/predictions.jsonl (dev accuracy {scores["accuracy"]:.3f}):')
+  with open(os.path.join(out, 'predictions.jsonl')) as f:
+    rows = [json.loads(line) for line, _ in zip(f, range(4))]
+  for row in rows:
+    text = str(row.get('text_a') or row.get('source') or row.get('sentence') or '')[:70]
+    gold, pred = row.get('label', row.get('target')), row.get('prediction')
+    log(f'  {"ok  " if str(gold) == str(pred) else "miss"} {text!r:74} gold {gold!s:9} predicted {pred}')
 
-  run = pretrained.load(WORKDIR)  # the run as any later user loads it: config.json, checkpoint, tokenizer
-  tok = tokenizers.Tokenizer.load(run.tokenizer_dir)
-  model_cfg = run.cfg
-  prompt = 'Return the number of'
-  ids = np.asarray([tok.encode(prompt)], np.int32)
-  out, _ = decode.generate(heads.LanguageModel(model_cfg, heads=run.heads), run.params, ids,
-                           config=decode.DecodeConfig(max_new_tokens=24))
-  text = tok.decode([int(t) for t in out[0] if t != model_cfg.pad_id])
-  print('\n==== lmlab demo summary ====')
-  print(f'model           gpt2 (4 layers, d=192), {s["params"] / 1e6:.2f}M params, vocab {model_cfg.vocab_size}')
-  print(f'data            embedded stdlib docstrings, {config.data.batch_size} x {config.data.seq_len} tokens/step')
-  print(f'train loss      {s["first_loss"]:.3f} (first {config.train.log_every} steps) -> {s["final_loss"]:.3f} '
-        f'(last {config.train.log_every}), {s["steps"]} steps')
-  if s['eval']:
-    print(f'eval            loss {s["eval"]["loss"]:.3f}, perplexity {s["eval"]["clm/perplexity"]:.1f}')
-  print(f'throughput      {s["steps_per_sec"]:.2f} steps/s, {s["tokens_per_sec"]:.0f} tokens/s')
-  print(f'wall time       {wall:.0f} s')
-  print(f'outputs         {s["workdir"]} (config.json, metrics.jsonl, tensorboard/, checkpoints/, tokenizer/)')
-  print(f'greedy sample   {prompt!r} -> {text!r}')
-  return 0 if s['final_loss'] < s['first_loss'] else 1
+
+def main():
+  config = select_configs.get_config('demo')
+  shutil.rmtree(WORKDIR, ignore_errors=True)  # the demo always starts fresh; `train.select` resumes
+  t0 = time.time()
+  s, result, paths = select.select(config, WORKDIR, log=lambda m: print(m, flush=True))
+  with open(paths['leaderboard']) as f:
+    print('\n' + f.read())
+  print('plots:  ' + ', '.join(paths[k] for k in ('metric_vs_compute', 'training_curves')))
+  print(f'chosen: {result["chosen"]}; its config {paths["chosen"]} runs as it is with '
+        f'`python -m train.main --config={paths["chosen"]} --workdir=W`')
+  _examples(s, result, print)
+  print(f'\nwall time {time.time() - t0:.0f} s; everything is in {os.path.abspath(WORKDIR)}')
+  return 0
 
 
 if __name__ == '__main__':
