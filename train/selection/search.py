@@ -411,9 +411,9 @@ def evaluate(s: Search, name: str, steps: int, seed: int, *, rung: int) -> dict:
   flops = 0.0
   if cand.pretrains:
     pc = pretrain_config(s.config, cand, steps=steps, max_steps=s.plan.max_steps)
-    before = _steps_done(pre_dir)
     _train(pc, pre_dir, os.path.join(w, 'logs', f'pretrain-{name}.log'))
-    flops += s.costs.pretrain[name].flops_per_step * max(0, steps - before)
+    if seed == 0:  # the rung's pre-training, counted once (by the plan, so a resumed run counts the same)
+      flops += s.costs.pretrain[name].flops_per_step * (steps - (s.plan.steps(rung - 1, name) if rung else 0))
   ft_dir = os.path.join(w, 'finetune', f'{name}-{steps}-seed{seed}')
   fc = finetune_config(s.config, cand, init_from=pre_dir if cand.pretrains else cand.init_from, seed=seed,
                        arch=arch_of(cand), data_files=s.files)
@@ -424,13 +424,6 @@ def evaluate(s: Search, name: str, steps: int, seed: int, *, rung: int) -> dict:
                finetune_dir=ft_dir)
   s.study.add(name, steps, seed, value, attrs)
   return dict(attrs, value=value)
-
-
-def _steps_done(workdir: str) -> int:
-  """The latest checkpoint step of a run workdir (0 when there is none), without restoring it."""
-  folder = os.path.join(workdir, 'checkpoints')
-  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
-  return max(steps, default=0)
 
 
 def _ranked(s: Search, names: list[str], rung: int) -> list[str]:
