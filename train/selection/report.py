@@ -156,7 +156,8 @@ def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str) -> None
   front = pareto([p for pts in points.values() for p in pts])
   if front:
     fx, fy = zip(*front)
-    ax.step(fx, fy, 'k--', where='post', alpha=0.6, label='Pareto front')
+    ax.plot(fx, fy, 'k--', drawstyle='steps-post', marker='o', ms=14, mfc='none', alpha=0.6,
+            label='Pareto front (circled)')
   ax.set_xscale('log')
   ax.set_xlabel('training compute of the model (FLOPs: pre-training + fine-tuning)')
   ax.set_ylabel(f'dev {s.config.metric} (seed 0)')
