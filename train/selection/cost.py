@@ -929,11 +929,16 @@ def predict_seconds(cost: Cost, flops_per_sec: float) -> float:
 
 
 def device_memory() -> tuple[int, str]:
-  """(bytes, where it came from): jax's memory_stats()['bytes_limit'] of the first device where it reports one (GPU,
-  TPU), else this host's physical memory (os.sysconf), which CPU devices share."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """(bytes, where it came from): jax's memory_stats()['bytes_limit'] of this process's first device where it reports
+  one (GPU, TPU; another host's devices cannot be asked), else this host's physical memory (os.sysconf), which CPU
+  devices share."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats() or {}
+  except jax.errors.JaxRuntimeError:  # a backend that keeps no statistics
+    stats = {}
   if stats.get('bytes_limit'):
-    return int(stats['bytes_limit']), f'{jax.devices()[0].device_kind} bytes_limit'
+    return int(stats['bytes_limit']), f'{device.device_kind} bytes_limit'
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'), 'host physical memory'
 
 
