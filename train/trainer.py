@@ -290,26 +290,6 @@ def check_train(config) -> None:
     raise ValueError(f"config.train.best_mode={tc.best_mode!r}: must be 'min' or 'max'.")
 
 
-def _check_memory(config, devices, log) -> None:
-  """A run the cost model says will not fit in a device's memory is refused with its numbers before anything is
-  built (config.train.memory_check=False trusts the run instead). Prompt-based runs and GGUF starting points are
-  not modelled and go unchecked."""
-  if not config.train.get('memory_check', True) or tasks.prompting(config):
-    return
-  if str(config.model.get('init_from') or '').endswith('.gguf'):
-    return
-  from train.selection import cost  # pylint: disable=g-import-not-at-top
-  try:
-    estimate = cost.of_config(config, num_devices=len(devices) if devices else None)
-  except Exception as e:  # pylint: disable=broad-except  (a model the cost model does not cover: run unchecked)
-    log(f'memory check skipped: the cost model does not cover this run ({type(e).__name__}: {e})')
-    return
-  try:
-    cost.check_fits(estimate)
-  except ValueError as e:
-    raise ValueError(f'{e} (config.train.memory_check=False skips this check)') from None
-
-
 def _schedule_steps(config):
   """optim.total_steps = 0 (the default) -> the run's optimizer steps, so the schedule ends with train.steps."""
   if config.optim.get('total_steps'):
@@ -340,7 +320,8 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   task = tasks.task_of(config) or tasks.pretraining_task(objectives)
   pipeline.check_config(config.data, task)
   labeled, config = _labeled(config, task)
-  _check_memory(config, devices, log)
+  from train.selection import cost  # pylint: disable=g-import-not-at-top  (cost reads trainer's arch_config)
+  cost.check_config(config, num_devices=len(devices) if devices else None, log=log)
   mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
   init, config = _start_from(config, workdir, log)
   arch_cfg = arch_config(config, init)
