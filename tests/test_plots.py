@@ -99,3 +99,34 @@ def test_no_pyplot_and_no_backend_switch(tmp_path):
   plots.plot_curves(_write_run(tmp_path / 'r', [3.0, 2.0]), 'loss', path=str(tmp_path / 'x.png'))
   assert dict.__getitem__(matplotlib.rcParams, 'backend') is backend
   assert had_pyplot or 'matplotlib.pyplot' not in sys.modules
+
+
+def test_overlapping_runs_get_different_dashes(tmp_path):
+  a = _write_run(tmp_path / 'one', [5.0, 4.0])
+  b = _write_run(tmp_path / 'eight', [5.0, 4.0])
+  lines = plots.plot_curves([a, b], 'loss').get_lines()
+  assert lines[0].get_linestyle() == '-' and lines[1].get_linestyle() == '--'  # equal curves: both visible
+
+
+def test_plot_bars_means_stds_seeds_and_baseline(tmp_path):
+  results = {'full': 0.85, 'head': 0.80, 'few-shot': [0.6, 0.7, 0.65]}
+  ax = plots.plot_bars(results, metric='dev accuracy', baseline=0.51, baseline_label='majority',
+                       path=str(tmp_path / 'bars.png'))
+  heights = [p.get_height() for p in ax.patches]
+  assert np.allclose(heights, [0.85, 0.80, 0.65])
+  texts = [t.get_text() for t in ax.texts]
+  assert texts[:2] == ['0.850', '0.800'] and texts[2] == f'0.650\n± {np.std([0.6, 0.7, 0.65]):.3f}', texts
+  # One error bar (the only multi-seed result), its half-length the population std; the seeds as dots.
+  bars = [c for c in ax.containers if type(c).__name__ == 'ErrorbarContainer']
+  assert len(bars) == 1
+  segment = bars[0].lines[2][0].get_segments()[0]
+  assert np.isclose(segment[1][1] - segment[0][1], 2 * np.std([0.6, 0.7, 0.65]))
+  dots = [line for line in ax.get_lines() if line.get_marker() == '.']
+  assert len(dots) == 1 and np.allclose(dots[0].get_ydata(), [0.6, 0.7, 0.65])
+  assert ax.get_legend().get_texts()[0].get_text() == 'majority 0.510'
+  assert [t.get_text() for t in ax.get_xticklabels()] == list(results)
+  assert (tmp_path / 'bars.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(ValueError, match='nothing to plot'):
+    plots.plot_bars({})
+  with pytest.raises(ValueError, match='finite number.*one per seed'):
+    plots.plot_bars({'lora': [0.5, float('nan')]})

@@ -85,12 +85,27 @@ def runs_of(runs) -> list[tuple[str, list]]:
   return out
 
 
-def _new_axes(figsize):
+def new_figure(figsize):
+  """A matplotlib Figure on the Agg canvas (no pyplot: nothing global changes, nothing is left open)."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=figsize)
   FigureCanvasAgg(fig)
-  return fig.subplots()
+  return fig
+
+
+def new_axes(figsize):
+  return new_figure(figsize).subplots()
+
+
+def save(ax, path: Optional[str]):
+  """Writes the figure of `ax` (an Axes or a Figure) as a PNG at `path` (its folder made) when a path is given; -> ax."""
+  if path:
+    fig = getattr(ax, 'figure', ax)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110, format='png')
+  return ax
 
 
 def plot_curves(runs, metric: Union[str, Sequence[str]] = 'loss', *, ax=None, logy: bool = False,
@@ -106,8 +121,9 @@ def plot_curves(runs, metric: Union[str, Sequence[str]] = 'loss', *, ax=None, lo
   if not metrics:
     raise ValueError('metric: name at least one metric, e.g. "loss" or "eval/loss".')
   loaded = runs_of(runs)
-  ax = _new_axes(figsize) if ax is None else ax
-  for label, records in loaded:
+  ax = new_axes(figsize) if ax is None else ax
+  for run_index, (label, records) in enumerate(loaded):
+    dash = ('-', '--', ':', '-.')[run_index % 4]  # runs that overlap (equal losses) stay visible
     for m in metrics:
       steps, values = curve(records, m)
       if not len(steps):
@@ -118,7 +134,8 @@ def plot_curves(runs, metric: Union[str, Sequence[str]] = 'loss', *, ax=None, lo
                          f'{", ".join(have) or "nothing"}{hint}.')
       name = label if len(metrics) == 1 else m if len(loaded) == 1 else f'{label}: {m}'
       is_eval = split_metric(m)[0] == 'eval'
-      ax.plot(steps, values, 'o--' if is_eval else '-', ms=5, lw=1.2 if is_eval else 1.6, label=name)
+      ax.plot(steps, values, marker='o' if is_eval else None, ls='--' if is_eval else dash, ms=5,
+              lw=1.2 if is_eval else 1.6 + 0.6 * (run_index == 0 and len(loaded) > 1), label=name)
   if logy:
     from matplotlib import ticker
     ax.set_yscale('log')
@@ -134,8 +151,44 @@ def plot_curves(runs, metric: Union[str, Sequence[str]] = 'loss', *, ax=None, lo
   ax.grid(alpha=0.3, which='both' if logy else 'major')
   if len(loaded) > 1 or len(metrics) > 1:
     ax.legend(fontsize=8)
-  if path:
-    ax.figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    ax.figure.savefig(path, dpi=110, format='png')
-  return ax
+  return save(ax, path)
+
+
+def _mean_std(value) -> tuple[float, float, np.ndarray]:
+  values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+  if not values.size or not np.all(np.isfinite(values)):
+    raise ValueError(f'a result must be a finite number or a non-empty sequence of them (one per seed); got {value!r}.')
+  return float(values.mean()), float(values.std()), values
+
+
+def plot_bars(results: Mapping[str, Union[float, Sequence[float]]], *, metric: str = 'accuracy',
+              baseline: Optional[float] = None, baseline_label: str = 'baseline', ax=None, title: str = '',
+              path: Optional[str] = None, figsize=(7.0, 3.8)):
+  """One bar per result (label -> a number, or one number per seed: the bar is the mean, the error bar the std
+  (ddof=0, as train/sweep.py reports it) and each seed a dot), each labelled with its value; `baseline` (e.g. the
+  majority class) is a dashed line. -> the Axes."""
+  if not results:
+    raise ValueError('results: nothing to plot; give {label: value or [value per seed]}.')
+  stats = {label: _mean_std(v) for label, v in results.items()}
+  ax = new_axes(figsize) if ax is None else ax
+  x = np.arange(len(stats))
+  means = [m for m, _, _ in stats.values()]
+  stds = [s for _, s, _ in stats.values()]
+  ax.bar(x, means, color='#80b1d3', edgecolor='#335577')
+  for i, (mean, std, values) in enumerate(stats.values()):
+    if values.size > 1:  # the spread over seeds: mean ± std and every seed
+      ax.errorbar([i], [mean], yerr=[std], color='black', capsize=4, lw=1.2)
+      ax.plot(np.full(values.size, i) + np.linspace(-0.12, 0.12, values.size), values, 'k.', ms=4)
+    ax.text(i, mean + std, f'{mean:.3f}' + (f'\n± {std:.3f}' if values.size > 1 else ''), ha='center', va='bottom',
+            fontsize=7.5)
+  if baseline is not None:
+    ax.axhline(baseline, color='#aa3333', ls='--', lw=1.0, label=f'{baseline_label} {baseline:.3f}')
+    ax.legend(fontsize=8, loc='lower right')
+  ax.set_xticks(x, list(stats), rotation=20 if len(stats) > 4 else 0, ha='right' if len(stats) > 4 else 'center',
+                fontsize=8)
+  top = max(m + s for m, s in zip(means, stds))
+  ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
+  ax.set_ylabel(metric)
+  ax.set_title(title or f'{metric} by run')
+  ax.grid(axis='y', alpha=0.3)
+  return save(ax, path)
