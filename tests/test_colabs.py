@@ -19,7 +19,7 @@ nbclient = pytest.importorskip('nbclient')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, 'colabs', '*.ipynb')))
 # The figures each notebook displays at the least (a notebook that silently stops showing one fails).
-FIGURES = {'quickstart': 2, 'model_selection': 3}
+FIGURES = {'quickstart': 2, 'model_selection': 3, 'objectives': 6, 'sharding': 2, 'finetuning_strategies': 1}
 CELL_TIMEOUT = 600  # seconds per cell: generous, the CPU is shared; a tiny notebook takes well under a minute whole
 KERNEL = 'python3'  # jupyter_client starts it with this very Python (sys.executable): the .venv's
 
@@ -45,7 +45,8 @@ def _execute(nb, cwd):
 
 
 def test_the_colabs_are_there():
-  assert {'quickstart', 'model_selection'} <= {_name(p) for p in NOTEBOOKS}, NOTEBOOKS
+  assert {'quickstart', 'objectives', 'finetuning_strategies', 'model_selection',
+          'sharding'} <= {_name(p) for p in NOTEBOOKS}, NOTEBOOKS
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)
