@@ -126,6 +126,9 @@ def test_plot_bars_means_stds_seeds_and_baseline(tmp_path):
   assert ax.get_legend().get_texts()[0].get_text() == 'majority 0.510'
   assert [t.get_text() for t in ax.get_xticklabels()] == list(results)
   assert (tmp_path / 'bars.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # A baseline above every bar (results worse than the majority class) stays inside the axes.
+  low = plots.plot_bars({'lora': 0.12, 'full': [0.15, 0.17]}, baseline=0.29)
+  assert low.get_ylim()[1] > 0.29
   with pytest.raises(ValueError, match='nothing to plot'):
     plots.plot_bars({})
   with pytest.raises(ValueError, match='finite number.*one per seed'):

@@ -186,7 +186,7 @@ def plot_bars(results: Mapping[str, Union[float, Sequence[float]]], *, metric: s
     ax.legend(fontsize=8, loc='lower right')
   ax.set_xticks(x, list(stats), rotation=20 if len(stats) > 4 else 0, ha='right' if len(stats) > 4 else 'center',
                 fontsize=8)
-  top = max(m + s for m, s in zip(means, stds))
+  top = max([m + s for m, s in zip(means, stds)] + ([baseline] if baseline is not None else []))  # the line shows too
   ax.set_ylim(0, top * 1.2 if top > 0 else 1.0)
   ax.set_ylabel(metric)
   ax.set_title(title or f'{metric} by run')
