@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := model train configs tests benchmarks
+CODE := model train configs tests benchmarks colabs
 
 .PHONY: demo test lint format install clean
 
