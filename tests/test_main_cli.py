@@ -2,7 +2,9 @@
 naming the field or file and the fix, exit code 2, and nothing in an existing workdir touched; --print_config shows
 every field after overrides without training; nested model overrides, runlocal with a named size, and config paths
 that work from any directory. Every case stops before anything compiles, so each subprocess takes seconds."""
+import errno
 import importlib
+import json
 import os
 import re
 import subprocess
@@ -64,9 +66,9 @@ def _env():
   return env
 
 
-def _cli(*args, cwd=REPO):
+def _cli(*args, cwd=REPO, **kwargs):
   return subprocess.run([sys.executable, '-m', 'train.main', *args], cwd=cwd, env=_env(), capture_output=True,
-                        text=True, timeout=300, check=False)
+                        text=True, timeout=300, check=False, **kwargs)
 
 
 def _snapshot(workdir: Path):
@@ -257,6 +259,72 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_the_run_resumes_from_the_l
   assert 'resumed from step 3' in again.stdout and 'Traceback' not in again.stdout + again.stderr
   assert (workdir / 'checkpoints' / 'corrupt-6' / 'state').is_dir()  # set aside, never deleted
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == ['3', '6', '9']
+
+
+def _file_size_limit(limit: int):
+  """preexec_fn: `ulimit -f` for the child (SIGXFSZ left at its default: train.main must keep it from killing)."""
+  import resource
+
+  def set_limit():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+  return set_limit
+
+
+def test_a_disk_that_fills_inside_an_async_save_is_one_line_and_the_rerun_resumes_from_the_last_good_step(tmp_path):
+  # Steps 3 and 6 saved; then a run to step 9 under a 1 MiB file-size limit (ulimit -f 1024): the small files still
+  # write, orbax's array file of step 9 (~7 MB) fails partway in its background thread. One line, not orbax's
+  # tracebacks; step 6 stays the newest checkpoint, and the rerun with room resumes from it to the same numbers.
+  workdir = tmp_path / 'run'
+  run = ('--config=configs/gpt.py:runlocal', f'--workdir={workdir}', '--config.optim.total_steps=9',
+         '--config.train.checkpoint_every=3', '--config.train.log_every=3')
+  first = _cli(*run, '--config.train.steps=6')
+  assert first.returncode == 0, first.stderr[-2000:]
+  full = _cli(*run, '--config.train.steps=9', preexec_fn=_file_size_limit(1 << 20))
+  print(f'\nfull disk: rc {full.returncode}, stderr: {full.stderr.strip()}')
+  _assert_one_line_error(full, 'the disk is full (File too large) writing', 'checkpoints/9.orbax-checkpoint-tmp',
+                         'ulimit -f', 'it resumes from step 6')
+  checkpoints = workdir / 'checkpoints'
+  assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ['3', '6']
+  assert (checkpoints / '6' / 'lmlab_digest.json').exists()
+  logged = (workdir / 'metrics.jsonl').read_text()  # step 9 was trained, logged and evaluated before the save
+
+  again = _cli(*run, '--config.train.steps=9')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resumed from step 6' in again.stdout and 'is corrupt' not in again.stdout, again.stdout
+  assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ['3', '6', '9']
+
+  def numbers(text):  # every logged value but the timings
+    timing = ('steps_per_sec', 'tokens_per_sec')
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in text.splitlines()]
+
+  resumed = numbers((workdir / 'metrics.jsonl').read_text())
+  assert [(r['step'], r['split']) for r in resumed][-2:] == [(9, 'train'), (9, 'eval')]
+  assert resumed == numbers(logged)  # bitwise: the resumed steps 7-9 are the ones the failed run computed
+
+
+def test_a_full_disk_is_recognised_from_every_layer_and_nothing_else_is(tmp_path):
+  from train import failures  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'checkpoints' / '12').mkdir(parents=True)
+  (tmp_path / 'checkpoints' / '15.orbax-checkpoint-tmp').mkdir()
+  orbax = ValueError('OUT_OF_RANGE: Error writing "params/0" in OCDBT database at local file "/w/ckpt/": Failed '
+                     'writing: "/w/ckpt/d/ab12": Failed to write 3203072 bytes to file 5: No space left on device '
+                     "[os_error_code='28']")
+  cases = {
+      'orbax': (orbax, 'the disk is full (No space left on device) writing /w/ckpt/d/ab12:'),
+      'python': (OSError(errno.EDQUOT, 'Disk quota exceeded',
+                         '/w/metrics.jsonl'), 'the disk is full (Disk quota exceeded) writing /w/metrics.jsonl:'),
+      'rust_tokenizer':
+          (Exception('File too large (os error 27)'), f'the disk is full (File too large) writing {tmp_path}:'),
+      'wrapped': (RuntimeError('save failed'), 'the disk is full (No space left on device)'),
+  }
+  cases['wrapped'][0].__cause__ = OSError(errno.ENOSPC, 'No space left on device')
+  for name, (error, start) in cases.items():
+    line = failures.disk_full(error, str(tmp_path))
+    assert line is not None and line.startswith(start), (name, line)
+    assert 'ulimit -f' in line and 'it resumes from step 12, the newest complete checkpoint' in line, (name, line)
+  for other in (ValueError('File too large to parse as a config'), OSError(errno.EACCES, 'Permission denied')):
+    assert failures.disk_full(other, str(tmp_path)) is None
 
 
 def test_the_lock_leaves_another_runs_lock_file_alone(tmp_path):

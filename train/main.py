@@ -6,12 +6,18 @@ slice pass --multihost (JAX finds its peers itself); elsewhere pass --coordinato
 --process_id=I on every host. A run started on a workdir that already has checkpoints resumes from the latest one.
 Mistakes in the flags (a misspelt field, a value of the wrong type, a missing config file, a bad config argument) stop
 with one line `error: ...` and exit code 2, before anything is compiled or written.
+
+Exit codes: 0 done (or the workdir was already finished); 2 one-line `error: ...` the user can fix (flags, config,
+data, divergence, a busy workdir, a full disk: rerun once fixed, a checkpointed run resumes from its newest complete
+step); 143 stopped by SIGTERM after saving; 75 (multi-host) another process of the run was killed, crashed or stopped
+answering for --peer_timeout seconds (default 30), or stopped on an error of its own: this one names it in one line
+and exits rather than hang in a collective; restart every process to resume from the newest complete checkpoint.
 """
 import difflib
-import errno
 import importlib.util
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -19,6 +25,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from train import failures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,12 +44,25 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how ma
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0..num_processes-1.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-host run whose peers JAX discovers (Cloud TPU).')
 _INIT_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300, 'Seconds to wait for every host to join.')
+_PEER_TIMEOUT = flags.DEFINE_integer(
+    'peer_timeout', 30, 'Multi-host: seconds a process may stay silent (killed, hung, unreachable) before the others '
+    'stop with one line naming it and exit code 75, instead of hanging in a collective (a killed process is noticed '
+    'at once). Keep it below the collective backend\'s own timeout (gloo: 60 s); 0 turns the watchdog off.')
+
+_WATCHDOG = []  # the multi-host peer watchdog (train/distributed.py), once started
 
 
-def _fail(message: str):
-  """A mistake the user can fix from the command line: one line, exit code 2, nothing written."""
-  print(f'error: {" ".join(str(message).split())}', file=sys.stderr)
-  sys.exit(2)
+def _fail(message: str, code: int = 2):
+  """A mistake the user can fix from the command line: one line, exit code 2, nothing written. In a multi-host run
+  the peers are told (they stop too, naming this process) and the process ends at once: jax's exit-time shutdown
+  would wait minutes for peers that may be blocked in a collective."""
+  line = f'error: {" ".join(str(message).split())}'
+  if _WATCHDOG:
+    from train import distributed  # pylint: disable=g-import-not-at-top
+    _WATCHDOG[0].stop(failed=line.removeprefix('error: '))
+    distributed.exit_with(line, code)
+  print(line, file=sys.stderr)
+  sys.exit(code)
 
 
 # ------------------------------------------------------------------------------------------------- flag parsing
@@ -197,6 +218,15 @@ def _config_lines(node, prefix: str = 'config') -> list[str]:
   return lines
 
 
+def _unexpected(error: BaseException):
+  """Multi-host, an error that is not the user's: a collective that failed because a peer died is first given the
+  peer watchdog's time to name that peer (which ends the process); otherwise the traceback, and the peers are told
+  (exit code 1, without waiting in jax's exit-time shutdown for peers that may be stuck in a collective)."""
+  _WATCHDOG[0].wait_for_verdict(_WATCHDOG[0].timeout_s + 2 * _WATCHDOG[0].interval_s)
+  traceback.print_exception(error)
+  _fail(f'{type(error).__name__}: {" ".join(str(error).split())[:300]} (traceback above)', code=1)
+
+
 def main(argv):
   del argv
   if _PRINT_CONFIG.value:
@@ -204,26 +234,37 @@ def main(argv):
           '(model.overrides: model/config.py); set one with --config.<field>=<value>.')
     print('\n'.join(_config_lines(_CONFIG.value)))
     return
+  # A write past the file-size limit (ulimit -f) fails with EFBIG, reported below, instead of killing the process.
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  failures.quiet_disk_full_noise()
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
   from train import distributed, trainer
+  if _PEER_TIMEOUT.value < 0:
+    _fail(f'--peer_timeout={_PEER_TIMEOUT.value}: give seconds >= 0 (0 turns the peer watchdog off).')
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
     try:
       distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                         _INIT_TIMEOUT.value)
+                                         _INIT_TIMEOUT.value, heartbeat_timeout_s=max(100, 2 * _PEER_TIMEOUT.value))
+      watchdog = distributed.start_watchdog(_PEER_TIMEOUT.value, connect_timeout_s=_INIT_TIMEOUT.value)
     except (ValueError, RuntimeError) as e:  # bad flags, or peers that never joined: named, one line
       _fail(e)
+    if watchdog is not None:
+      _WATCHDOG.append(watchdog)
   log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
   from train.workdir import WorkdirBusy
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))
-  except (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy) as e:
-    # Config, data and divergence errors are the user's to fix: one line, no traceback, non-zero exit.
-    _fail(e)
-  except OSError as e:
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+  except Exception as e:  # pylint: disable=broad-except
+    # A full disk (from any layer: Python, orbax/tensorstore, the Rust tokenizer) and config, data and divergence
+    # errors are the user's to fix: one line, no traceback, exit code 2. Anything else keeps its traceback.
+    full = failures.disk_full(e, _WORKDIR.value)
+    if full is not None or isinstance(e, (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy)):
+      _fail(full or e)
+    if not _WATCHDOG:
       raise
-    _fail(f'{e.strerror} writing {e.filename or _WORKDIR.value}: free space (or raise the quota) and rerun the same '
-          'command; it resumes from the last complete checkpoint.')
+    _unexpected(e)
+  if _WATCHDOG:
+    _WATCHDOG[0].stop()  # done: the peers stop watching this process
   summary.pop('state', None)
   if summary['status'] == 'preempted':
     sys.exit(143)
