@@ -51,6 +51,21 @@ def test_cross_entropy_matches_numpy():
   assert float(m['weight_sum']) == 4.5
 
 
+@pytest.mark.parametrize('eps,c', [(0.0, 0.0), (0.1, 1e-2)])
+def test_cross_entropy_gradient_matches_numpy(eps, c):
+  """The hand-written VJP: d loss / d logits = w/W [(1-eps)(p - onehot) + eps (p - 1/V) + 2 c log_z p], float64."""
+  grad = jax.grad(lambda x: obj.cross_entropy(logits=x, targets=jnp.asarray(LABELS), weights=jnp.asarray(WEIGHTS),
+                                              label_smoothing=eps, z_loss=c)[0])(jnp.asarray(LOGITS))
+  x = LOGITS.astype(np.float64)
+  p = np.exp(np_log_softmax(x))
+  onehot = np.eye(x.shape[-1])[LABELS]
+  log_z = np.log(np.exp(x).sum(-1, keepdims=True))
+  w = WEIGHTS.astype(np.float64)[..., None] / WEIGHTS.sum()
+  expected = w * ((1 - eps) * (p - onehot) + eps * (p - 1 / x.shape[-1]) + 2 * c * log_z * p)
+  np.testing.assert_allclose(grad, expected, atol=1e-6)
+  assert np.all(np.asarray(grad)[0, 2] == 0)  # a weight-0 target sends no gradient
+
+
 def test_label_smoothing_and_z_loss_match_numpy():
   eps, c = 0.1, 1e-2
   loss, m = obj.cross_entropy(logits=jnp.asarray(LOGITS), targets=jnp.asarray(LABELS), weights=jnp.asarray(WEIGHTS),

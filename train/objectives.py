@@ -27,33 +27,65 @@ def _weighted_mean(values, weights):
   return jnp.where(total > 0, num / jnp.where(total > 0, total, 1.0), 0.0), total
 
 
+@jax.custom_vjp
+def _normalizer_and_target(logits, targets):
+  """logits [..., V] float32, targets [...] int -> (logsumexp over V, the target's logit), each [...].
+
+  Its own VJP, d/dlogits = g_lse * softmax + g_target * onehot(target), is one elementwise pass over [..., V]: autodiff
+  of the plain formula would keep log-probabilities [..., V] alive and scatter the target's gradient into a zero
+  array of that size, both a full extra pass over the largest activation of a language model."""
+  return _normalizer_and_target_fwd(logits, targets)[0]
+
+
+def _normalizer_and_target_fwd(logits, targets):
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return (log_z, picked), (logits, log_z, targets)
+
+
+def _normalizer_and_target_bwd(res, g):
+  logits, log_z, targets = res
+  g_z, g_picked = g
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  grad = g_z[..., None] * jnp.exp(logits - log_z[..., None]) + jnp.where(onehot, g_picked[..., None], 0.0)
+  # Computed once and kept: the output projection's two gradients read it in two layouts, and XLA:CPU would otherwise
+  # recompute the exponentials inside a transposing loop for the second (several times slower than a plain transpose).
+  return jax.lax.optimization_barrier(grad), None
+
+
+_normalizer_and_target.defvjp(_normalizer_and_target_fwd, _normalizer_and_target_bwd)
+
+
 def cross_entropy(*, logits, targets, weights=None, label_smoothing: float = 0.0, z_loss: float = 0.0):
   """Softmax cross-entropy, weighted mean over the targets.
 
   logits [..., V] (any float dtype; computed in float32), targets [...] int, weights [...] float (default all 1).
   label_smoothing eps: the target distribution is (1 - eps) one-hot + eps uniform over V. z_loss c adds
   c * logsumexp(logits)^2 per target (PaLM), which keeps the softmax normalizer near 1 in low precision.
-  Metrics: loss (what is optimized), accuracy (argmax == target), perplexity (exp of the plain token-mean NLL,
+  Metrics: loss (what is optimized), accuracy (argmax == target; a tie at the top counts), perplexity (exp of the plain token-mean NLL,
   without smoothing or z-loss, so it stays comparable across settings), weight_sum.
   """
   logits = logits.astype(jnp.float32)
   weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
   # Padding targets may hold any id (even out of range); point them at 0 so the gather is always in bounds.
   targets = jnp.where(weights > 0, targets, 0).astype(jnp.int32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)  # [...]
-  log_probs = logits - log_z[..., None]  # [..., V]
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [...]
+  log_z, picked = _normalizer_and_target(logits, targets)  # [...], [...]
+  nll = log_z - picked  # [...]
   per_target = nll
   if label_smoothing:
-    per_target = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(log_probs, axis=-1)
+    # -mean_v log p_v = log_z - mean_v logits_v
+    per_target = (1.0 - label_smoothing) * nll + label_smoothing * (log_z - jnp.mean(logits, axis=-1))
   if z_loss:
     per_target = per_target + z_loss * jnp.square(log_z)
   loss, weight_sum = _weighted_mean(per_target, weights)
-  mean_nll, _ = _weighted_mean(nll, weights)
-  accuracy, _ = _weighted_mean((jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32), weights)
+  mean_nll, _ = _weighted_mean(jax.lax.stop_gradient(nll), weights)
+  # The target's logit is the largest (a tie counts as a hit): the same answer as argmax == target for real-valued
+  # logits, without argmax's separate pass over [..., V].
+  hit = jax.lax.stop_gradient(picked) >= jnp.max(jax.lax.stop_gradient(logits), axis=-1)
+  accuracy, _ = _weighted_mean(hit.astype(jnp.float32), weights)
   metrics = {'loss': loss, 'accuracy': accuracy, 'perplexity': jnp.exp(mean_nll), 'weight_sum': weight_sum}
   if z_loss:
-    metrics['z_loss'] = _weighted_mean(jnp.square(log_z), weights)[0]
+    metrics['z_loss'] = _weighted_mean(jnp.square(jax.lax.stop_gradient(log_z)), weights)[0]
   return loss, metrics
 
 
