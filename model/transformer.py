@@ -69,7 +69,8 @@ class Stack(nn.Module):
       }, split_rngs={
           'params': True,
           'dropout': True
-      }, in_axes=(nn.broadcast,) * len(args), length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})
+      }, in_axes=(nn.broadcast,) * len(args), length=self.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'},
+                        unroll=cfg.layers_per_iteration(self.num_layers))
       x, _ = scanned(cfg, name='layers', **kw)(x, *args)
     else:
       for i in range(self.num_layers):

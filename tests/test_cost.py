@@ -67,14 +67,16 @@ def test_param_count_is_exact_for_every_preset(name):
   assert estimated.params == sum(math.prod(s) for s in want.values()) == estimated.trainable_params
 
 
-@pytest.mark.parametrize('name,heads,fields,kw', [
-    ('bert-tiny', ('classifier',), {}, dict(num_labels=3)),  # [CLS] pooler + classifier
-    ('bert-mini', ('tagger',), dict(lora_rank=4, lora_targets=('query', 'value', 'mlp/*')), dict(num_tags=7)),
-    ('gpt2-tiny', ('classifier',), dict(lora_rank=2, scan_layers=False), dict(num_labels=5)),  # last-token pooling
-    ('llama-tiny', ('qa',), dict(lora_rank=8, lora_targets=('self_attn/out', 'wi_0')), {}),
-    ('t5-tiny', ('lm',), dict(lora_rank=4, scan_layers=False), {}),
-    ('roberta-base', ('classifier',), {}, dict(classifier_pooling='mean', soft_prompt_length=20)),
-])
+@pytest.mark.parametrize(
+    'name,heads,fields,kw',
+    [
+        ('bert-tiny', ('classifier',), {}, dict(num_labels=3)),  # [CLS] pooler + classifier
+        ('bert-mini', ('tagger',), dict(lora_rank=4, lora_targets=('query', 'value', 'mlp/*')), dict(num_tags=7)),
+        ('gpt2-tiny', ('classifier',), dict(lora_rank=2, scan_layers=False), dict(num_labels=5)),  # last-token pooling
+        ('llama-tiny', ('qa',), dict(lora_rank=8, lora_targets=('self_attn/out', 'wi_0')), {}),
+        ('t5-tiny', ('lm',), dict(lora_rank=4, scan_layers=False), {}),
+        ('roberta-base', ('classifier',), {}, dict(classifier_pooling='mean', soft_prompt_length=20)),
+    ])
 def test_param_count_with_task_heads_and_lora(name, heads, fields, kw):
   cfg = preset(name, **fields)
   tree = heads_lib.abstract_params(cfg, heads, **kw)
@@ -88,7 +90,8 @@ def test_param_count_with_task_heads_and_lora(name, heads, fields, kw):
   assert est.params == sum(math.prod(s) for s in want.values())
   assert est.trainable_params == trained and (trained < est.params) == bool(cfg.lora_rank)
   # The same mask given as a bool pytree or as a callable counts the same.
-  assert cost.estimate(cfg, heads=heads, batch_size=2, seq_len=16, trainable=mask, model_kw=kw).trainable_params == trained
+  assert cost.estimate(cfg, heads=heads, batch_size=2, seq_len=16, trainable=mask,
+                       model_kw=kw).trainable_params == trained
   flags = pytree.flatten(mask)
   assert cost.estimate(cfg, heads=heads, batch_size=2, seq_len=16, trainable=flags.__getitem__,
                        model_kw=kw).trainable_params == trained
@@ -130,8 +133,8 @@ def _compile(run, batch, setup=None):
 
 
 def _scanned(run, example):
-  """The same run's setup with its layers scanned (the default), for the memory comparison."""
-  cfg = run.setup.model_cfg.replace(scan_layers=True)
+  """The same run's setup with its layers scanned in a loop (scan_unroll=1), for the memory comparison."""
+  cfg = run.setup.model_cfg.replace(scan_layers=True, scan_unroll=1)
   parts = trainer.Parts(tasks.build_model(run.config, cfg), cfg, run.setup.loss_fn, run.setup.optimizer,
                         run.setup.lr_fn, run.setup.mesh, run.setup.rules, run.setup.train_patterns)
   return trainer.make_setup(parts, example)
@@ -142,12 +145,13 @@ def _estimate(run, batch, **kw):
   model, cfg = run.setup.model, kw.pop('model_cfg', run.setup.model_cfg)
   encdec = cfg.arch == 'encoder_decoder'
   rows, seq = batch['encoder_tokens' if encdec else 'tokens'].shape
-  kw = dict(heads=model.heads, batch_size=rows, seq_len=seq,
-            targets_len=batch['decoder_tokens'].shape[1] if encdec else 0,
-            max_predictions=batch['masked_positions'].shape[1] if 'masked_positions' in batch else 0,
-            trainable=tuple(run.config.optim.get('trainable') or ()), optimizer=run.config.optim,
-            model_kw={f: getattr(model, f) for f in ('num_labels', 'num_tags', 'classifier_pooling',
-                                                    'backbone_deterministic', 'soft_prompt_length')}, **kw)
+  kw = dict(
+      heads=model.heads, batch_size=rows, seq_len=seq, targets_len=batch['decoder_tokens'].shape[1] if encdec else 0,
+      max_predictions=batch['masked_positions'].shape[1] if 'masked_positions' in batch else 0,
+      trainable=tuple(run.config.optim.get('trainable') or ()), optimizer=run.config.optim, model_kw={
+          f: getattr(model, f)
+          for f in ('num_labels', 'num_tags', 'classifier_pooling', 'backbone_deterministic', 'soft_prompt_length')
+      }, **kw)
   return cost.estimate(cfg, **kw)
 
 
@@ -168,7 +172,7 @@ def measured(tmp_path_factory):
              flops=compiled.cost_analysis()['flops'], memory=compiled.memory_analysis())
     if scanned:
       r['scanned_memory'] = _compile(run, batch, _scanned(run, run.data.train[0])).memory_analysis()
-      r['scanned_est'] = _estimate(run, batch, model_cfg=run.setup.model_cfg.replace(scan_layers=True))
+      r['scanned_est'] = _estimate(run, batch, model_cfg=run.setup.model_cfg.replace(scan_layers=True, scan_unroll=1))
     out[name] = r
 
   base = tmp_path_factory.mktemp('cost')
@@ -222,7 +226,7 @@ def test_memory_matches_the_compiled_train_step(measured, name):
       'scanned': _memory_ratio(r['scanned_est'], r['scanned_memory']),
       'unrolled': _memory_ratio(r['est'], r['memory'])
   }
-  mib = {k: round(v / 2**20, 1) for k, v in r['scanned_est'].bytes.items()}
+  mib = {k: round(v / 2 ** 20, 1) for k, v in r['scanned_est'].bytes.items()}
   print(f'\n{name}: memory estimate / compiled {ratios}; scanned estimate {mib} MiB')
   for layout, ratio in ratios.items():
     assert 0.75 < ratio < 1.25, (name, layout, ratio)
@@ -236,11 +240,13 @@ def test_memory_matches_the_compiled_train_step(measured, name):
 # ------------------------------------------------------------------------------------ state, mesh, refusal
 
 
-@pytest.mark.parametrize('fields', [
-    dict(optimizer='adamw'),
-    dict(optimizer='adafactor', adafactor_momentum=0.9),  # factored second moments of the 2-D leaves
-    dict(optimizer='sgd', momentum=0.9, grad_accum_steps=4),  # a trace, and MultiSteps' accumulator
-])
+@pytest.mark.parametrize(
+    'fields',
+    [
+        dict(optimizer='adamw'),
+        dict(optimizer='adafactor', adafactor_momentum=0.9),  # factored second moments of the 2-D leaves
+        dict(optimizer='sgd', momentum=0.9, grad_accum_steps=4),  # a trace, and MultiSteps' accumulator
+    ])
 def test_optimizer_state_bytes_equal_optax_init(fields):
   cfg = preset('t5-tiny', vocab_size=300, d_model=128)
   heads, patterns = ('lm',), ('transformer/decoder',)  # the decoder trains; embeddings and encoder are frozen
@@ -289,7 +295,7 @@ def test_check_fits_refuses_with_the_numbers_and_the_fix():
     assert fix in message, fix
   # Without device_bytes: the device's own capacity (the host's memory on CPU) holds a tiny model.
   cost.check_fits(cost.estimate(preset('bert-tiny', vocab_size=500), heads=('mlm',), batch_size=2, seq_len=16))
-  assert cost.device_memory()[0] > 2**28
+  assert cost.device_memory()[0] > 2 ** 28
 
 
 def test_calibrate_and_predict_seconds():
@@ -300,7 +306,7 @@ def test_calibrate_and_predict_seconds():
   assert cost.predict_seconds(est, flops_per_sec) == pytest.approx(est.flops_per_step / flops_per_sec)
   state = {'x': jnp.ones((64, 64))}
   step = lambda: state['x'] @ state['x']
-  assert cost.calibrate(step, flops=2 * 64**3, repeats=2) > 0
+  assert cost.calibrate(step, flops=2 * 64 ** 3, repeats=2) > 0
   with pytest.raises(ValueError, match='flops='):
     cost.calibrate(step)
 
@@ -316,7 +322,8 @@ def test_of_config_reads_a_checkpoints_config_only(tmp_path):
   lora_cfg = cfg.replace(**finetune.model_fields(c))
   assert est.params == sum(math.prod(s) for s in cost.param_shapes(lora_cfg, ('classifier',), num_labels=3).values())
   assert est.trainable_params == sum(
-      math.prod(s) for p, s in cost.param_shapes(lora_cfg, ('classifier',), num_labels=3).items()
+      math.prod(s)
+      for p, s in cost.param_shapes(lora_cfg, ('classifier',), num_labels=3).items()
       if 'lora_' in p or p.startswith('classifier'))
   assert est.tokens_per_step == 32 * 128
   (tmp_path / 'model.gguf').write_bytes(b'GGUF')
@@ -332,7 +339,7 @@ def test_a_run_that_will_not_fit_is_refused_by_train_main_before_anything_is_bui
   from configs import gpt
   from train import trainer
   config = gpt.get_config('runlocal')
-  config.data.batch_size = 2**20  # about 2 TiB of activations at seq_len 64
+  config.data.batch_size = 2 ** 20  # about 2 TiB of activations at seq_len 64
   workdir = tmp_path / 'huge'
   with pytest.raises(ValueError, match=r'needs an estimated .* MiB per device .*activations.*batch_size.*memory_check'):
     trainer.prepare(config, str(workdir), log=lambda *_: None)

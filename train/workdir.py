@@ -86,7 +86,7 @@ def _read_holder(fd: int) -> str:
 
 # Model fields that change no parameter's shape or name: a resumed run may change them.
 RUNTIME_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate', 'remat_policy', 'attention_impl',
-                  'attention_chunk', 'dtype')
+                  'attention_chunk', 'dtype', 'scan_unroll')
 
 
 def check_same_model(workdir: str, model_cfg) -> None:

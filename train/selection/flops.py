@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-
 from model import lora as lora_lib
 from model.config import ModelConfig
 
@@ -45,8 +44,6 @@ _LOGIT_COPIES = 2.5  # float32 copies of the logits a log-softmax cross-entropy 
 _WORKING = {'none': 0.5, 'unrolled': 0.1, 'full': 1.3, 'dots': 1.0, 'dots_no_batch': 1.0}
 # Unrolled layers (scan_layers=False) let XLA fuse some of those residuals into the backward's consumers instead.
 _UNROLLED = 0.85
-
-
 
 # ------------------------------------------------------------------------------------------ flops and residuals
 
@@ -192,8 +189,9 @@ def _forward_live(cfg: ModelConfig, b: int, t: int, s: int) -> tuple[float, floa
 
 
 def _block_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, b: int, t: int, *, det: bool, policy: str,
-                 bias: Optional[bool] = None, cross: Optional[tuple[bool, int]] = None) -> bool:
-  """layers.Block on x [B,T,D] (cross: the encoder output's flag and its length S) -> the output's flag."""
+                 bias: Optional[bool] = None, cross: Optional[tuple[bool, int]] = None, looped: bool = False) -> bool:
+  """layers.Block on x [B,T,D] (cross: the encoder output's flag and its length S; looped: inside a scan loop)
+  -> the output's flag."""
   m, d = b * t, cfg.d_model
   before = (c.forward, c.matmuls, c.batched)
 
@@ -217,10 +215,10 @@ def _block_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, b: int, t: int
     c.backward += {'full': fwd - 2.0 * m * cfg.d_ff * d, 'dots': fwd - mm, 'dots_no_batch': fwd - mm + bmm}[policy]
   s = cross[1] if cross else 0
   saved = _block_saved(cfg, b, t, s, cross=cross is not None, det=det, policy=policy)
-  share = 1.0 if cfg.scan_layers or policy != 'none' else _UNROLLED
+  share = 1.0 if looped or policy != 'none' else _UNROLLED
   c.save(x, saved[0] * share, saved[1] * share)
   if x:  # a layer the backward pass goes through
-    work = policy if policy != 'none' else 'none' if cfg.scan_layers else 'unrolled'
+    work = policy if policy != 'none' else 'none' if looped else 'unrolled'
     c.work(_block_saved(cfg, b, t, s, cross=cross is not None, det=det, policy='none'), _WORKING[work])
   c.work(_forward_live(cfg, b, t, s), 1.0)
   return x
@@ -235,9 +233,12 @@ def _stack_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, b: int, t: int
     c.save(x or bias, 0.0, b * cfg.num_heads * t * t * _F32)  # the [B,N,T,T] bias, broadcast into every layer
   if cross is not None:
     c.save(x or cross[0], b * cross[1] * cfg.d_model * cfg.jnp_dtype.itemsize)  # the encoder output each layer reads
+  # A scanned stack that runs all its layers in one iteration (ModelConfig.layers_per_iteration) is laid out as
+  # unrolled layers are: no loop buffers.
+  looped = cfg.scan_layers and cfg.layers_per_iteration(layers) < layers
   for i in range(layers):
     layer = f'{path}/layers' if cfg.scan_layers else f'{path}/layers_{i}'
-    x = _block_flops(c, cfg, layer, x, b, t, det=det, policy=policy, bias=bias, cross=cross)
+    x = _block_flops(c, cfg, layer, x, b, t, det=det, policy=policy, bias=bias, cross=cross, looped=looped)
   if cfg.has_final_norm:
     x = _dropout(c, b * t * cfg.d_model, _norm_flops(c, cfg, f'{path}/final_norm', x, b * t, cfg.d_model),
                  cfg.dropout_rate, det)
