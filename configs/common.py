@@ -110,7 +110,9 @@ def base() -> ml_collections.ConfigDict:
       tfds_data_dir='',         # tfds: where the prepared dataset lives; '' is TFDS's default
       tfds_field_map={},        # tfds: {'text': <the dataset's text feature>}; empty: {'text': 'text'}
       tokenizer_path='',        # a saved tokenizer folder, tokenizer.json or vocab.txt; empty: train one
-      tokenizer_kind='',        # '' follows the objective: wordpiece (mlm/nsp/rtd), bpe (clm), unigram (span)
+      tokenizer_kind='',        # '' follows the objective: wordpiece (mlm/nsp/rtd), bpe (clm), unigram (span);
+                                # or 'char': one id per distinct character (+ <|endoftext|>, <unk>), as nanoGPT's
+                                # shakespeare_char; vocab_size then only caps it
       vocab_size=8000,          # size of the tokenizer trained here (a given tokenizer_path brings its own)
       tokenizer_train_records=20_000,  # training records the tokenizer is trained on
       seq_len=128,              # tokens per example (encoder input for span corruption)
@@ -139,6 +141,8 @@ def base() -> ml_collections.ConfigDict:
       max_loss_ratio=0.0,       # divergence guard: stop when a logged loss exceeds this times the lowest so far; 0: off
       memory_check=True,        # refuse a run whose estimated bytes per device (train/selection/cost.py) exceed the
       #                           device's memory, before anything is built
+      compilation_cache=True,   # JAX's persistent compilation cache in <workdir>/jax_cache (a rerun or resume starts
+      #                           from the compiled step); a cache directory the user set wins
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP

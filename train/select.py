@@ -13,6 +13,7 @@ import time
 from absl import app
 from absl import logging
 
+from train import host
 from train import main as cli
 
 
@@ -30,20 +31,10 @@ def describe(s) -> str:
   return '\n'.join(lines)
 
 
-def use_compilation_cache(workdir: str) -> None:
-  """JAX's persistent compilation cache in <workdir>/jax_cache: a candidate's later rungs and its fine-tuning seeds
-  compile the same steps again, and a cached executable is the same program (results are unchanged). Takes effect
-  only if nothing was compiled in this process before, and only where the user has not set a cache."""
-  import jax
-  if not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.abspath(os.path.join(workdir, 'jax_cache')))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-
-
 def scaling(config, workdir: str, *, log=print) -> dict:
   """mode=scaling: the sweep over config.scaling's sizes and token budgets, and its fit -> the sweep's result."""
   from train.selection import scaling_sweep, search
-  use_compilation_cache(workdir)
+  host.use_compilation_cache(workdir)
   os.makedirs(workdir, exist_ok=True)
   search.check_same_config(workdir, config)
   return scaling_sweep.run(config, workdir, log=log)
@@ -52,7 +43,7 @@ def scaling(config, workdir: str, *, log=print) -> dict:
 def select(config, workdir: str, *, log=print):
   """The whole job -> (search, result {'rungs', 'chosen', 'means'}, report paths)."""
   from train.selection import report, search
-  use_compilation_cache(workdir)
+  host.use_compilation_cache(workdir)
   s = search.prepare(config, workdir, log=log)
   log(describe(s))
   result = search.run(s)

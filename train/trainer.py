@@ -33,6 +33,7 @@ from train.workdir import WorkdirLock
 from train.writers import MetricsWriter
 from train import evaluate
 from train import finetune
+from train import host
 from train import optim
 from train import partitioning as part
 from train import pretrained
@@ -153,6 +154,7 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
 
 def jit_steps(setup: Setup):
   """(jitted train_step(state, batch), jitted eval_step(params, batch, rng)) under the setup's mesh and rules."""
+  host.tune_allocator()
   step = functools.partial(train_step, model=setup.model, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                            lr_fn=setup.lr_fn, trainable=setup.trainable)
   rep = part.replicated(setup.mesh)
@@ -535,6 +537,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict
 
 def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]:
   run = prepare(config, workdir, devices=devices, log=log)
+  if run.config.train.get('compilation_cache', True):
+    host.use_compilation_cache(run.workdir)
   ckpts = _checkpoints(run)
   try:
     state, start = restore_or_init(run, ckpts)

@@ -1,0 +1,65 @@
+"""Process-wide settings for running XLA on a CPU host, applied once before a train step is compiled.
+
+The allocator: glibc's malloc hands every request above its mmap threshold (at most 32 MiB) a fresh mmap and gives it
+back with munmap on free. XLA:CPU allocates a step's temporaries (activations kept for the backward pass, logits, the
+scan's stacked residuals: tens to hundreds of MiB each) anew on every execution, so every step page-faults and has the
+kernel zero all of that memory again before the first byte is computed. `tune_allocator` makes malloc serve large
+requests from its heap and keep freed memory for the next step instead (mallopt: no mmap, no trimming), which is what
+a caching allocator does for torch and what TCMalloc does for TensorFlow. The process then keeps its peak heap until
+it exits. LMLAB_MALLOC=system in the environment leaves glibc's defaults alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_applied: bool | None = None
+_cache_dir: str | None = None  # the compilation cache this module set (a later run in the process moves it)
+
+
+def tune_allocator() -> bool:
+  """Large allocations from the heap, freed memory kept for reuse; True when set (glibc on Linux), idempotent."""
+  global _applied
+  if _applied is not None:
+    return _applied
+  _applied = False
+  if os.environ.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux'):
+    return _applied
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+    return _applied
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  ok = mallopt(_M_MMAP_MAX, 0) == 1
+  ok &= mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+  ok &= mallopt(_M_TOP_PAD, 64 << 20) == 1
+  _applied = bool(ok)
+  return _applied
+
+
+def use_compilation_cache(workdir: str, min_compile_s: float = 0.5) -> bool:
+  """JAX's persistent compilation cache in <workdir>/jax_cache, unless the user has set a cache directory: a rerun,
+  a resumed run, later rungs of a selection and the seeds of a sweep compile the same steps again, and a cached
+  executable is the same program (results are unchanged). A later run in the same process moves the cache to its own
+  workdir unless it lies inside the first one's parent (a selection's candidates share the selection's cache). JAX's
+  cache is re-initialized, so this applies even after something was compiled. -> True if this call set it."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  global _cache_dir
+  path = os.path.abspath(os.path.join(workdir, 'jax_cache'))
+  current = jax.config.jax_compilation_cache_dir
+  if current and current != _cache_dir:  # the user's own cache
+    return False
+  if current and os.path.abspath(workdir).startswith(os.path.dirname(current) + os.sep):
+    return True  # a job over several runs (a selection, a sweep) keeps one cache for all of them
+  if current != path:
+    jax.config.update('jax_compilation_cache_dir', path)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_compile_s)
+    compilation_cache.reset_cache()
+  _cache_dir = path
+  return True
