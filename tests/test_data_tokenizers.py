@@ -148,3 +148,94 @@ def test_a_save_cut_short_leaves_the_saved_tokenizer_whole(trained, tmp_path, mo
   monkeypatch.undo()
   assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before  # no temporary files either
   assert T.Tokenizer.load(tmp_path / "tok").encode(TEXT) == old.encode(TEXT)
+
+
+# ---- char (nanoGPT's shakespeare_char) -------------------------------------------------------------------------------
+CHAR_TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak,  speak.\t(tab)\n"
+
+
+def test_char_vocab_is_two_specials_then_the_sorted_characters():
+  tok = T.train_tokenizer("char", [CHAR_TEXT[:30], CHAR_TEXT[30:]])
+  chars = sorted(set(CHAR_TEXT))  # nanoGPT's data/shakespeare_char/prepare.py
+  assert tok.kind == "char" and tok.vocab_size == len(chars) + 2
+  assert [tok.id_to_token(i) for i in range(tok.vocab_size)] == ["<|endoftext|>", "<unk>"] + chars
+  assert tok.pad_id == tok.bos_id == tok.eos_id == tok.cls_id == tok.sep_id == 0 and tok.unk_id == 1
+  assert tok.mask_id is None and tok.special_ids.tolist() == [0, 1]
+  assert tok.encode("hear") == [2 + chars.index(c) for c in "hear"]  # 2 + nanoGPT's id
+
+
+def test_char_round_trips_newlines_runs_of_spaces_and_tabs_exactly():
+  tok = T.train_tokenizer("char", [CHAR_TEXT])
+  for s in [CHAR_TEXT, "\n\n\n", "  Speak   \n  speak  ", "", " "]:
+    ids = tok.encode(s)
+    assert len(ids) == len(s) and tok.unk_id not in ids
+    assert tok.decode(ids) == s
+  assert tok.encode_batch([CHAR_TEXT, "a b"]) == [tok.encode(CHAR_TEXT), tok.encode("a b")]
+  ids, offsets = tok.encode_with_offsets("we  me")
+  assert offsets == [(i, i + 1) for i in range(6)] and len(ids) == 6
+
+
+def test_char_maps_unseen_characters_to_unk():
+  tok = T.train_tokenizer("char", [CHAR_TEXT])
+  ids = tok.encode("Speak, café 東京!")
+  assert len(ids) == len("Speak, café 東京!")
+  assert [i for i in ids if i == tok.unk_id] == [tok.unk_id] * 4  # 'é', '東', '京', '!'
+  assert tok.decode(ids) == "Speak, caf "
+  assert tok.decode(ids, skip_special_tokens=False) == "Speak, caf<unk> <unk><unk><unk>"
+
+
+def test_char_vocab_size_caps_by_frequency():
+  tok = T.train_tokenizer("char", ["aaaa bbb cc d"], vocab_size=5)  # 2 specials + the 3 most frequent characters
+  assert [tok.id_to_token(i) for i in range(tok.vocab_size)] == ["<|endoftext|>", "<unk>", " ", "a", "b"]
+  assert tok.encode("ab c") == [3, 4, 2, 1]
+
+
+def test_char_word_starts_are_whitespace_as_bpe_leading_spaces():
+  tok = T.train_tokenizer("char", [CHAR_TEXT])
+  table = tok.word_start_table()
+  assert table.shape == (tok.vocab_size,)
+  assert table[tok.encode(" \n\t")].all() and not table[tok.encode("Speak,")].any() and table[tok.special_ids].all()
+
+
+def test_char_save_and_load_keep_kind_and_ids(tmp_path):
+  tok = T.train_tokenizer("char", [CHAR_TEXT])
+  tok.save(tmp_path / "char")
+  again = T.Tokenizer.load(tmp_path / "char")
+  assert again.kind == "char" and again.special_tokens == tok.special_tokens
+  assert again.backend.get_vocab() == tok.backend.get_vocab()
+  assert again.encode(CHAR_TEXT) == tok.encode(CHAR_TEXT) and again.decode(again.encode(CHAR_TEXT)) == CHAR_TEXT
+  # The bare tokenizer.json is recognised as a character tokenizer, with the same roles guessed from the names.
+  bare = T.Tokenizer.load(tmp_path / "char" / "tokenizer.json")
+  assert bare.kind == "char" and bare.encode(CHAR_TEXT) == tok.encode(CHAR_TEXT)
+  assert {r: bare.special_tokens[r] for r in tok.special_tokens} == tok.special_tokens and bare.mask_id is None
+
+
+def test_a_word_level_tokenizer_json_is_not_taken_for_char(tmp_path):
+  import tokenizers as hf
+  from tokenizers import models, pre_tokenizers
+  backend = hf.Tokenizer(models.WordLevel({"<unk>": 0, "hello": 1, "world": 2}, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  backend.save(str(tmp_path / "tokenizer.json"))
+  assert T.Tokenizer.load(tmp_path / "tokenizer.json").kind == "bpe"  # the fallback for foreign models, as before
+
+
+def test_a_clm_config_trains_a_char_tokenizer_through_the_pipeline(tmp_path):
+  """config.data.tokenizer_kind='char' is how a run picks it: the causal LM's windows are characters."""
+  from configs import gpt
+  from train import tasks
+  from train.data import pipeline
+  c = gpt.get_config("runlocal")
+  c.data.tokenizer_kind = "char"
+  c.data.tokenizer_train_records = 200
+  task = tasks.pretraining_task(c.objectives)
+  pipeline.check_config(c.data, task)
+  data = pipeline.build(c.data, task, workdir=str(tmp_path), seed=0)
+  tok = data.tokenizer
+  assert tok.kind == "char" and T.Tokenizer.load(tmp_path / "tokenizer").kind == "char"
+  assert tok.vocab_size < 300  # characters, not c.data.vocab_size merges
+  batch = data.train[0]
+  assert batch["tokens"].shape == (c.data.batch_size, c.data.seq_len)
+  row, targets = batch["tokens"][0], batch["targets"][0]
+  assert np.array_equal(row[1:], targets[:-1])  # next-character targets
+  special = set(tok.special_ids.tolist())
+  assert all(len(tok.id_to_token(i)) == 1 for i in row.tolist() if i not in special)  # one character per id

@@ -1,9 +1,10 @@
-"""Tokenizers for every model family we train: WordPiece (BERT), byte-level BPE (GPT-2) and Unigram (T5), trained in
-seconds on a small corpus with the Rust `tokenizers` library, or loaded from a Hugging Face `tokenizer.json`, a BERT
-`vocab.txt` or a SentencePiece `.model`. One wrapper class, `Tokenizer`, gives the rest of the code what it needs: ids
-of the special tokens by role (pad, unk, cls, sep, mask, bos, eos, T5 sentinels), encode/decode (with character
-offsets and word ids for QA and tagging), and a per-id "starts a word" table for whole-word masking. `save(dir)` writes
-the tokenizer next to a checkpoint so the checkpoint is usable without the training run."""
+"""Tokenizers for every model family we train: WordPiece (BERT), byte-level BPE (GPT-2), Unigram (T5) and characters
+(nanoGPT's shakespeare_char: one id per distinct character), trained in seconds on a small corpus with the Rust
+`tokenizers` library, or loaded from a Hugging Face `tokenizer.json`, a BERT `vocab.txt` or a SentencePiece `.model`.
+One wrapper class, `Tokenizer`, gives the rest of the code what it needs: ids of the special tokens by role (pad, unk,
+cls, sep, mask, bos, eos, T5 sentinels), encode/decode (with character offsets and word ids for QA and tagging), and a
+per-id "starts a word" table for whole-word masking. `save(dir)` writes the tokenizer next to a checkpoint so the
+checkpoint is usable without the training run."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 import tokenizers as hf
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-KINDS = ("wordpiece", "bpe", "unigram")
+KINDS = ("wordpiece", "bpe", "unigram", "char")
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 _META_FILE = "lmlab_tokenizer.json"
 _HF_FILE = "tokenizer.json"
@@ -45,6 +46,16 @@ _SPECIALS = {
         "unk": "<unk>",
         "sep": "</s>"
     },
+    # Two ids beyond the characters: one end-of-text token that is also bos, pad and (as for bpe) cls/sep, and <unk>
+    # for characters the training text did not have. No mask token: masked LM needs another kind.
+    "char": {
+        "pad": "<|endoftext|>",
+        "bos": "<|endoftext|>",
+        "eos": "<|endoftext|>",
+        "cls": "<|endoftext|>",
+        "sep": "<|endoftext|>",
+        "unk": "<unk>"
+    },
 }
 _SENTINEL = "<extra_id_{}>"
 
@@ -52,8 +63,8 @@ _SENTINEL = "<extra_id_{}>"
 class Tokenizer:
   """A Hugging Face `tokenizers.Tokenizer` plus the roles of its special tokens.
 
-    Attributes: `kind` ("wordpiece" | "bpe" | "unigram"), `backend` (the `tokenizers.Tokenizer`), `special_tokens`
-    ({role: token string}), `sentinels` (T5 sentinel strings, `<extra_id_0>` first).
+    Attributes: `kind` ("wordpiece" | "bpe" | "unigram" | "char"), `backend` (the `tokenizers.Tokenizer`),
+    `special_tokens` ({role: token string}), `sentinels` (T5 sentinel strings, `<extra_id_0>` first).
     """
 
   def __init__(self, backend: hf.Tokenizer, *, kind: str, special_tokens: dict[str, str],
@@ -129,6 +140,8 @@ class Tokenizer:
           table[i] = not tok.startswith("##")
         elif self.kind == "bpe":
           table[i] = tok.startswith("\u0120")  # byte-level BPE marks a leading space with 'Ġ'
+        elif self.kind == "char":
+          table[i] = tok.isspace()  # as BPE's 'Ġword': a word is a whitespace character and the characters after it
         else:
           table[i] = tok.startswith("\u2581")  # Metaspace marks a leading space with '▁'
       table[self.special_ids] = True
@@ -295,9 +308,39 @@ def _from_spm_proto(data: bytes, *, special_tokens: dict[str, str] | None) -> To
   return wrapped
 
 
+_ANY_CHARACTER = r"[\s\S]"  # every character is its own pre-token: spaces, newlines and tabs included
+
+
+def train_char(texts: Iterable[str], *, vocab_size: int = 8000) -> Tokenizer:
+  """A character tokenizer as nanoGPT's shakespeare_char: <|endoftext|>=0 (pad, bos, eos, cls, sep), <unk>=1, then
+    every distinct character of `texts` (Unicode code points, no normalization) in sorted order, so that the id of a
+    character is 2 + its nanoGPT id. vocab_size caps the vocabulary: when the texts have more distinct characters
+    than vocab_size - 2, the most frequent ones are kept (ties by character) and the others become <unk>.
+
+    encode gives one id per character and decode concatenates, so any text made of known characters round-trips
+    exactly (runs of spaces, newlines, tabs). As for every kind, the special tokens' own strings in a text encode to
+    their ids."""
+  import collections
+  specials, _ = _specials_in_order("char", 0)
+  counts = collections.Counter()
+  for text in texts:
+    counts.update(text)
+  room = max(0, int(vocab_size) - len(specials))
+  chars = list(counts)
+  if len(chars) > room:
+    chars = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:room]
+  vocab = {t: i for i, t in enumerate(specials + sorted(chars))}
+  tok = hf.Tokenizer(models.WordLevel(vocab, unk_token=_SPECIALS["char"]["unk"]))
+  tok.pre_tokenizer = pre_tokenizers.Split(hf.Regex(_ANY_CHARACTER), behavior="isolated")
+  tok.decoder = decoders.Fuse()
+  tok.add_special_tokens(specials)
+  return Tokenizer(tok, kind="char", special_tokens=_SPECIALS["char"])
+
+
 def train_tokenizer(kind: str, texts: Iterable[str], *, vocab_size: int = 8000, **kwargs) -> Tokenizer:
-  """Dispatches on kind: "wordpiece" (BERT, ELECTRA), "bpe" (GPT-2), "unigram" (T5)."""
-  fns = {"wordpiece": train_wordpiece, "bpe": train_bpe, "unigram": train_unigram}
+  """Dispatches on kind: "wordpiece" (BERT, ELECTRA), "bpe" (GPT-2), "unigram" (T5), "char" (one id per character;
+    vocab_size only caps it)."""
+  fns = {"wordpiece": train_wordpiece, "bpe": train_bpe, "unigram": train_unigram, "char": train_char}
   if kind not in fns:
     raise ValueError(f"tokenizer kind {kind!r} is not one of {KINDS}")
   return fns[kind](texts, vocab_size=vocab_size, **kwargs)
@@ -342,7 +385,17 @@ _ROLE_GUESSES = {
 
 def _guess_kind(backend: hf.Tokenizer) -> str:
   model_type = json.loads(backend.to_str())["model"]["type"]
+  if model_type == "WordLevel" and _is_char_level(backend):
+    return "char"
   return {"WordPiece": "wordpiece", "BPE": "bpe", "Unigram": "unigram"}.get(model_type, "bpe")
+
+
+def _is_char_level(backend: hf.Tokenizer) -> bool:
+  """A word-level vocabulary whose every entry but the special tokens is one character: a character tokenizer
+    (ours, saved as a bare tokenizer.json, or another program's)."""
+  specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+  regular = [t for t in backend.get_vocab(with_added_tokens=False) if t not in specials]
+  return bool(regular) and all(len(t) == 1 for t in regular)
 
 
 def from_tokenizer_json(path: str | os.PathLike, *, special_tokens: dict[str, str] | None = None) -> Tokenizer:
