@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,7 +26,6 @@ GPU_CONFIGS = {
 
 
 def measure(name: str, steps: int) -> dict:
-  import jax
   c = GPU_CONFIGS[name]
   tt.CONFIGS[name] = c
   base = tt.model_config
@@ -41,21 +38,10 @@ def measure(name: str, steps: int) -> dict:
     train_fn, state, batch = tt.lmlab_step(c)
   finally:
     tt.model_config = base
-  t0 = time.perf_counter()
-  compiled = train_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t0
-  for _ in range(3):
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
-  ts = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = compiled(state, batch)
-    jax.block_until_ready(m)
-    ts.append(time.perf_counter() - t0)
-  med = statistics.median(ts)
+  r = tt.time_steps(train_fn, state, batch, steps)
+  med = r['step_s_median']
   return dict(config=name, tokens_per_step=c['B'] * c['T'], step_s=med, tok_s=c['B'] * c['T'] / med,
-              tflops=tt.flops_per_step(c) / med / 1e12, compile_s=compile_s, loss=float(m['loss']))
+              tflops=tt.flops_per_step(c) / med / 1e12, compile_s=r['compile_s'], loss=r['loss_last'])
 
 
 def main():

@@ -144,7 +144,16 @@ def worker(name: str, steps: int, cache_dir: str | None) -> dict:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   c = CONFIGS[name]
-  train_fn, state, batch = lmlab_step(c)
+  r = time_steps(*lmlab_step(c), steps)
+  med = r['step_s_median']
+  tokens = c['B'] * c['T']
+  return dict(impl='lmlab', config=name, tok_s_median=tokens / med, peak_rss_mb=peak_rss_mb(),
+              gflops_achieved=flops_per_step(c) / med / 1e9, **r)
+
+
+def time_steps(train_fn, state, batch, steps: int) -> dict:
+  """Compiles the jitted step, runs WARMUP steps, then times `steps` of them one by one."""
+  import jax
   t0 = time.perf_counter()
   compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -159,11 +168,8 @@ def worker(name: str, steps: int, cache_dir: str | None) -> dict:
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     ts.append(time.perf_counter() - t0)
-  med = statistics.median(ts)
-  tokens = c['B'] * c['T']
-  return dict(impl='lmlab', config=name, compile_s=compile_s, step_s_median=med, tok_s_median=tokens / med,
-              loss_first=loss_first, loss_last=float(m['loss']), peak_rss_mb=peak_rss_mb(),
-              gflops_achieved=flops_per_step(c) / med / 1e9)
+  return dict(compile_s=compile_s, step_s_median=statistics.median(ts), loss_first=loss_first,
+              loss_last=float(m['loss']))
 
 
 # ------------------------------------------------------------------------------------------------ the driver
