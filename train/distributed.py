@@ -54,22 +54,10 @@ def _rendezvous(coordinator: str, num_processes: int, process_id: int, timeout_s
     server.listen(num_processes)
     peers: dict[int, socket.socket] = {}
     try:
-      while len(peers) < num_processes - 1:
-        left = deadline - time.monotonic()
-        if left <= 0:
-          missing = sorted(set(range(1, num_processes)) - set(peers))
-          raise RuntimeError(f'coordinator {coordinator}: only {len(peers) + 1} of {num_processes} processes joined '
-                             f'within {timeout_s:g}s; process id(s) {missing} never connected. {hint}')
-        server.settimeout(min(left, 1.0))
-        try:
-          conn, _ = server.accept()
-        except socket.timeout:
-          continue
-        conn.settimeout(max(deadline - time.monotonic(), 1.0))
-        try:
-          peers[int(conn.recv(16).decode().strip())] = conn
-        except (OSError, ValueError):
-          conn.close()
+      _accept_peers(
+          server, peers, num_processes, deadline, lambda conn: conn.recv(16).decode(), lambda missing: RuntimeError(
+              f'coordinator {coordinator}: only {num_processes - len(missing)} of {num_processes} processes joined '
+              f'within {timeout_s:g}s; process id(s) {missing} never connected. {hint}'))
       for conn in peers.values():
         conn.sendall(b'go\n')
       for conn in peers.values():  # wait for each peer to close its end first
@@ -312,22 +300,10 @@ def start_watchdog(timeout_s: float, connect_timeout_s: float = 60) -> Optional[
                                   backlog=num_processes)
     try:
       state.client.key_value_set(_WATCHDOG_KEY, str(server.getsockname()[1]))
-      while len(conns) < num_processes - 1:
-        left = deadline - time.monotonic()
-        if left <= 0:
-          missing = sorted(set(range(1, num_processes)) - set(conns))
-          raise RuntimeError(f'process 0: process id(s) {missing} did not connect to the peer watchdog within '
-                             f'{connect_timeout_s:g}s; {hint}')
-        server.settimeout(min(left, 1.0))
-        try:
-          conn, _ = server.accept()
-        except socket.timeout:
-          continue
-        conn.settimeout(max(deadline - time.monotonic(), 1.0))
-        try:
-          conns[int(_read_line(conn))] = conn
-        except (OSError, ValueError):
-          conn.close()
+      _accept_peers(
+          server, conns, num_processes, deadline, _read_line, lambda missing: RuntimeError(
+              f'process 0: process id(s) {missing} did not connect to the peer watchdog within '
+              f'{connect_timeout_s:g}s; {hint}'))
     except BaseException:
       for conn in conns.values():
         conn.close()
@@ -344,6 +320,26 @@ def start_watchdog(timeout_s: float, connect_timeout_s: float = 60) -> Optional[
     conn.sendall(f'{process_id}\n'.encode())
     conns[0] = conn
   return Watchdog(conns, process_id, num_processes, timeout_s).start()
+
+
+def _accept_peers(server: socket.socket, peers: dict, num_processes: int, deadline: float, read_id, missing_error):
+  """Accepts processes 1..num_processes-1 on `server` into peers {id: connection} (filled in place, so a caller can
+  close what came on an error), each naming itself by read_id(conn); at the deadline raises missing_error(the ids
+  still missing)."""
+  while len(peers) < num_processes - 1:
+    left = deadline - time.monotonic()
+    if left <= 0:
+      raise missing_error(sorted(set(range(1, num_processes)) - set(peers)))
+    server.settimeout(min(left, 1.0))
+    try:
+      conn, _ = server.accept()
+    except socket.timeout:
+      continue
+    conn.settimeout(max(deadline - time.monotonic(), 1.0))
+    try:
+      peers[int(read_id(conn).strip())] = conn
+    except (OSError, ValueError):
+      conn.close()
 
 
 def _read_line(conn: socket.socket) -> str:
