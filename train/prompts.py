@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from train.data import task_io
 from train.data.examples import pad_to, segment_positions
 from train.data.tokenizers import Tokenizer
 
@@ -342,8 +343,7 @@ def prompt_spec(task, config, arch: str, label_names):
 
 def _template_fields(task, data) -> dict[str, str]:
   """The names a template may use for the record's texts: text_a, text_b and the task's text columns."""
-  from train import tasks  # pylint: disable=g-import-not-at-top
-  text, _ = tasks.columns_of(task.columns or ('sentence', 'label'), data)
+  text, _ = task_io.columns_of(task.columns or ('sentence', 'label'), data)
   return {'text_a': 'text_a', 'text_b': 'text_b', **{c: k for c, k in zip(text, ('text_a', 'text_b'))}}
 
 

@@ -22,9 +22,7 @@ from model.heads import HEADS, Electra, LanguageModel
 from train import evaluate
 from train import finetune
 from train import objectives as losses
-from train.data import examples as ex
-from train.data import readers
-from train.data import task_examples as tex
+from train.data import task_io
 
 Metrics = dict[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, Metrics]]
@@ -139,146 +137,6 @@ def run_heads(config) -> tuple[str, ...]:
   return heads
 
 
-# ------------------------------------------------------------------------------------------- example builders
-
-
-def _stream(records, tokenizer, doc_end_id):
-  return ex.TokenStream.from_records(records, tokenizer, doc_end_id=doc_end_id)
-
-
-def _max_predictions(data):
-  return data.max_predictions or None
-
-
-def _causal_examples(records, tokenizer, data):
-  t = ex.CausalLM(_stream(records, tokenizer, tokenizer.eos_id), seq_len=data.seq_len)
-  return t, range(t.num_windows)
-
-
-def _masked_examples(records, tokenizer, data):
-  t = ex.MaskedLM(_stream(records, tokenizer,
-                          tokenizer.sep_id), ex.Specials.from_tokenizer(tokenizer), seq_len=data.seq_len,
-                  max_predictions=_max_predictions(data), mask_rate=data.mask_rate, whole_word=data.whole_word)
-  return t, range(t.num_windows)
-
-
-def _next_sentence_examples(records, tokenizer, data):
-  t = ex.NextSentence(records, tokenizer, seq_len=data.seq_len, max_predictions=_max_predictions(data),
-                      mask_rate=data.mask_rate, whole_word=data.whole_word)
-  return t, range(len(records))
-
-
-def _span_examples(records, tokenizer, data):
-  t = ex.SpanCorruption(_stream(records, tokenizer, tokenizer.eos_id), ex.Specials.from_tokenizer(tokenizer),
-                        inputs_length=data.seq_len, targets_length=data.targets_len or None)
-  return t, range(t.num_windows)
-
-
-def _names(data, field):
-  names = data.get(field) if hasattr(data, 'get') else None
-  return list(names) if names else None
-
-
-def _classification_examples(records, tokenizer, data):
-  return tex.Classification(tokenizer, seq_len=data.seq_len, label_names=_names(data, 'label_names')), records
-
-
-def _tagging_examples(records, tokenizer, data):
-  return tex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
-
-
-def _qa_builder(data, tokenizer):
-  return tex.QuestionAnswering(tokenizer, seq_len=data.seq_len, max_query_length=int(data.get('max_query_length', 64)),
-                               doc_stride=data.get('doc_stride'))
-
-
-def _qa_windows(records, tokenizer, data):
-  qa = _qa_builder(data, tokenizer)
-  return [w for i, r in enumerate(records) for w in qa.windows(r, example_index=i)]
-
-
-def _qa_examples(records, tokenizer, data):
-  return (lambda window, rng=None: window), _qa_windows(records, tokenizer, data)
-
-
-def _each_record(records, tokenizer, data, task_name):
-  transform, _ = REGISTRY[task_name].examples(records, tokenizer, data)
-  return [transform(r) for r in records]
-
-
-def _seq2seq_examples(records, tokenizer, data):
-  return tex.Seq2Seq(tokenizer, inputs_length=data.seq_len, targets_length=data.targets_len or data.seq_len), records
-
-
-def _completion_builder(tokenizer, data):
-  return tex.PromptCompletion(tokenizer, seq_len=data.seq_len,
-                              targets_length=tex.completion_length(data.seq_len,
-                                                                   data.get('targets_len') or 0),
-                              template=data.get('source_template') or '{source}\n')
-
-
-def _completion_examples(records, tokenizer, data):
-  return _completion_builder(tokenizer, data), records
-
-
-def _completion_prompts(records, tokenizer, data):
-  builder = _completion_builder(tokenizer, data)
-  return [builder.prompt_example(r) for r in records]
-
-
-# ------------------------------------------------------------------------------------------------- readers
-
-
-def columns_of(task_columns, data):
-  """(text columns, label column): config.data's when set, else the task's own."""
-  text = tuple(data.get('text_columns') or ()) or task_columns[:-1]
-  return text, data.get('label_column') or task_columns[-1]
-
-
-def _read_classification(columns):
-
-  def read(paths, data):
-    text, label = columns_of(columns, data)
-    return list(
-        readers.classification_records(paths, text_columns=text, label_column=label,
-                                       label_names=list(data.label_names)))
-
-  return read
-
-
-def _classification_labels(columns):
-  return lambda paths, data: readers.infer_labels(paths, label_column=columns_of(columns, data)[1])
-
-
-def _sequence_features(data) -> dict[str, str]:
-  """A TFDS tagging split's token and tag features: data.text_columns[0] and data.label_column when set."""
-  text = tuple(data.get('text_columns') or ())
-  return {'token_feature': text[0] if text else 'tokens', 'tag_feature': data.get('label_column') or 'ner_tags'}
-
-
-def _read_conll(paths, data):
-  return list(readers.conll_records(paths, tag_names=list(data.tag_names), num_columns=None,
-                                    **_sequence_features(data)))
-
-
-def _conll_tags(paths, data):
-  return readers.infer_tags(paths, num_columns=None, **_sequence_features(data))
-
-
-def _read_seq2seq(columns):
-
-  def read(paths, data):
-    return list(
-        readers.seq2seq_records(paths, source_column=data.get('source_column') or columns[0],
-                                target_column=data.get('target_column') or columns[1]))
-
-  return read
-
-
-def _read_squad(paths, data):
-  return list(readers.squad_records(paths))
-
-
 # --------------------------------------------------------------------------------------------------- losses
 
 _ENCODER = ('tokens', 'segment_ids', 'positions', 'token_type_ids')
@@ -355,48 +213,51 @@ def _needs_one_label(model):
 
 _BUILTIN = (
     Task('mlm', ('encoder',), ('mlm',), _MASKED, _mlm, "use an encoder (arch='encoder'); decoder-only models train "
-         "with 'clm'", _masked_examples, _ENCODER + _MASKED, 'wordpiece', _TOKEN_METRICS),
+         "with 'clm'", task_io.masked_examples, _ENCODER + _MASKED, 'wordpiece', _TOKEN_METRICS),
     Task('nsp', ('encoder',), ('nsp',), ('nsp_labels',), _nsp, "use an encoder (arch='encoder') or drop 'nsp'",
-         _next_sentence_examples, _ENCODER + _MASKED + ('nsp_labels',), 'wordpiece', _TOKEN_METRICS),
+         task_io.next_sentence_examples, _ENCODER + _MASKED + ('nsp_labels',), 'wordpiece', _TOKEN_METRICS),
     Task('clm', ('decoder',), ('lm',), ('targets', 'weights'), _clm, "use a decoder (arch='decoder'); encoders train "
-         "with 'mlm', encoder-decoders with 'span' or 'seq2seq'", _causal_examples, _CAUSAL, 'bpe', _TOKEN_METRICS),
+         "with 'mlm', encoder-decoders with 'span' or 'seq2seq'", task_io.causal_examples, _CAUSAL, 'bpe',
+         _TOKEN_METRICS),
     Task(
         'rtd', ('encoder',), ('rtd',), ('tokens',) + _MASKED, None, "ELECTRA's replaced-token detection needs an "
-        'encoder discriminator and the Electra(generator_cfg, discriminator_cfg) model', _masked_examples,
+        'encoder discriminator and the Electra(generator_cfg, discriminator_cfg) model', task_io.masked_examples,
         _ENCODER + _MASKED, 'wordpiece', ('loss', 'generator/loss', 'discriminator/loss', 'discriminator/accuracy'),
         model=_electra_model, step_loss=_electra_step_loss),
     Task(
         'span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
         "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
-        'decoders', _span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
+        'decoders', task_io.span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
     Task(
         'seq2seq', ('encoder_decoder', 'decoder'), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
         "use an encoder-decoder (source in, target out) or a decoder (source in a prompt, target after it)",
-        _seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task', read=_read_seq2seq(
-            ('source', 'target')), eval_examples=lambda r, t, d: _each_record(r, t, d, 'seq2seq'),
-        outputs=('generated',), score=evaluate.score_generation, columns=('source', 'target'), arch_fields={
-            'decoder': dict(batch_keys=('targets', 'weights'), loss=_clm, examples=_completion_examples,
-                            provides=_CAUSAL, tokenizer_kind='bpe', eval_examples=_completion_prompts)
+        task_io.seq2seq_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS, kind='task', read=task_io.read_seq2seq(
+            ('source', 'target')), eval_examples=task_io.each_record(task_io.seq2seq_examples), outputs=('generated',),
+        score=evaluate.score_generation, columns=('source', 'target'), arch_fields={
+            'decoder': dict(batch_keys=('targets', 'weights'), loss=_clm, examples=task_io.completion_examples,
+                            provides=_CAUSAL, tokenizer_kind='bpe', eval_examples=task_io.completion_prompts)
         }),
     Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
-         "encoder-decoders classify with 'seq2seq' and the label as target text", _classification_examples, _ENCODER +
-         ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_classification(
-             ('sentence', 'label')), labels=_classification_labels(('sentence', 'label')), label_field='label_names',
-         eval_examples=lambda r, t, d: _each_record(r, t, d, 'classification'), outputs=('cls_logits',),
-         score=evaluate.score_classification, columns=('sentence', 'label')),
+         "encoder-decoders classify with 'seq2seq' and the label as target text", task_io.classification_examples,
+         _ENCODER + ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task',
+         read=task_io.read_classification(('sentence', 'label')), labels=task_io.classification_labels(
+             ('sentence',
+              'label')), label_field='label_names', eval_examples=task_io.each_record(task_io.classification_examples),
+         outputs=('cls_logits',), score=evaluate.score_classification, columns=('sentence', 'label')),
     Task('regression', ('encoder', 'decoder'), ('classifier',), ('label',), _regression,
          "encoder-decoders regress with 'seq2seq' on the value as text", None, (), 'wordpiece', kind='task',
          check_model=_needs_one_label),
     Task('tagging', ('encoder', 'decoder'), ('tagger',), ('tag_labels', 'tag_weights'), _tagging,
-         'use an encoder for token classification', _tagging_examples, _ENCODER + ('tag_labels', 'tag_weights'),
-         'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=_read_conll, labels=_conll_tags,
-         label_field='tag_names', eval_examples=lambda r, t, d: _each_record(r, t, d, 'tagging'),
-         outputs=('tag_logits',), score=evaluate.score_tagging),
+         'use an encoder for token classification', task_io.tagging_examples, _ENCODER + ('tag_labels', 'tag_weights'),
+         'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task', read=task_io.read_conll,
+         labels=task_io.conll_tags, label_field='tag_names',
+         eval_examples=task_io.each_record(task_io.tagging_examples), outputs=('tag_logits',),
+         score=evaluate.score_tagging),
     Task('qa', ('encoder', 'decoder'), ('qa',), ('start_positions', 'end_positions'), _qa,
-         "use an encoder for extractive QA, or 'seq2seq' for generative QA", _qa_examples, _ENCODER +
+         "use an encoder for extractive QA, or 'seq2seq' for generative QA", task_io.qa_examples, _ENCODER +
          ('start_positions', 'end_positions', 'offsets'), 'wordpiece',
-         ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task', read=_read_squad,
-         eval_examples=_qa_windows, outputs=('start_logits', 'end_logits'), score=evaluate.score_qa),
+         ('loss', 'start_accuracy', 'end_accuracy', 'exact_match', 'weight_sum'), kind='task', read=task_io.read_squad,
+         eval_examples=task_io.qa_windows, outputs=('start_logits', 'end_logits'), score=evaluate.score_qa),
 )
 for _task in _BUILTIN:
   register(_task)
@@ -407,8 +268,8 @@ def _dataset(base: str, name: str, columns: tuple[str, ...] = (), prompts=None) 
   and its default prompts."""
   task = REGISTRY[base]
   if columns:
-    task = dataclasses.replace(task, read=_read_classification(columns), labels=_classification_labels(columns),
-                               columns=columns)
+    task = dataclasses.replace(task, read=task_io.read_classification(columns),
+                               labels=task_io.classification_labels(columns), columns=columns)
   return dataclasses.replace(task, name=name, prompts=prompts or task.prompts)
 
 
@@ -438,15 +299,19 @@ _PROMPTS = {
 }
 
 # The datasets in ../shared/data (and their public originals): TSV columns as those files have them.
-for _task in (_dataset('classification', 'sst2', ('sentence', 'label'), _PROMPTS['sst2']),
-              _dataset('classification', 'trec', ('question', 'coarse_label'),
-                       _PROMPTS['trec']), _dataset('classification', 'trec_fine', ('question', 'fine_label')),
-              _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label'), _PROMPTS['rte']),
-              _dataset('classification', 'snli', ('premise', 'hypothesis', 'label'),
-                       _PROMPTS['snli']), _dataset('tagging', 'wnut17'), _dataset('qa',
-                                                                                  'squad'), _dataset('qa', 'xquad'),
-              dataclasses.replace(_dataset('seq2seq', 'translation'), read=_read_seq2seq(('en', 'de')),
-                                  columns=('en', 'de'))):
+_DATASETS = (
+    _dataset('classification', 'sst2', ('sentence', 'label'), _PROMPTS['sst2']),
+    _dataset('classification', 'trec', ('question', 'coarse_label'), _PROMPTS['trec']),
+    _dataset('classification', 'trec_fine', ('question', 'fine_label')),
+    _dataset('classification', 'rte', ('sentence1', 'sentence2', 'label'), _PROMPTS['rte']),
+    _dataset('classification', 'snli', ('premise', 'hypothesis', 'label'), _PROMPTS['snli']),
+    _dataset('tagging', 'wnut17'),
+    _dataset('qa', 'squad'),
+    _dataset('qa', 'xquad'),
+    dataclasses.replace(_dataset('seq2seq', 'translation'), read=task_io.read_seq2seq(('en', 'de')),
+                        columns=('en', 'de')),
+)  # yapf: disable (one dataset per line)
+for _task in _DATASETS:
   register(_task)
 
 # --------------------------------------------------------------------------------------------- reading records
