@@ -9,11 +9,9 @@ iterations; AdamW lr 1e-3, betas (0.9, 0.99), eps 1e-8, weight decay 0.1 on matr
 cross-entropy in nats per predicted character.
 
 lmlab trains it the way a user would, through `trainer.train_and_evaluate` with configs/gpt.py:runlocal and the
-recipe's overrides (`recipe_config` below), `config.data.tokenizer_kind='char'` (train/data/tokenizers.py) and the
-built-in 'clm' example builder. One thing is substituted: where the text comes from. lmlab's file reader
-(readers.text_records) rebuilds text as passages of sentences joined by spaces (it drops newlines and runs of spaces),
-which would make a different character task; here the pipeline's record source gets the file's text verbatim, split
-by position as nanoGPT's prepare.py does (one train record, one validation record). Tokenizer, windows, loader,
+recipe's overrides (`recipe_config` below), `config.data.tokenizer_kind='char'` (train/data/tokenizers.py),
+`config.data.document_split='verbatim'` (the file's text as it is, newlines and spaces kept, the last 10% of its
+characters held out, as nanoGPT's prepare.py splits it) and the built-in 'clm' example builder. Tokenizer, windows, loader,
 model, optimizer, train step, evaluation, checkpoints and metrics are lmlab's own.
 
 What differs from nanoGPT, and what was measured (the vocabulary note is printed with the results):
@@ -49,7 +47,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
-from unittest import mock  # noqa: E402
 
 from absl import app, flags, logging  # noqa: E402
 
@@ -85,7 +82,8 @@ def recipe_config(data_path: str, *, steps: int, decay_steps: int, eval_batches:
   o.use_bias = False  # nanoGPT: bias=False in Linear layers
   o.activation = 'gelu'  # nanoGPT's nn.GELU() is the exact (erf) GELU
   c.data.source, c.data.path, c.data.name = 'files', data_path, 'nanogpt_recipe'
-  c.data.eval_fraction = 1 - TRAIN_FRACTION  # what it means here; the split itself is by position (_verbatim_records)
+  c.data.document_split = 'verbatim'  # the text as it is in the file, split by characters
+  c.data.eval_fraction = 1 - TRAIN_FRACTION
   c.data.tokenizer_kind = 'char'
   c.data.seq_len, c.data.batch_size = BLOCK, BATCH
   c.optim.optimizer = 'adamw'
@@ -108,36 +106,22 @@ def split_text(path: str) -> tuple[str, str]:
   return text[:n], text[n:]
 
 
-def _verbatim_records(train_text: str, val_text: str):
-  """Stands in for pipeline._records: the two splits as one record each, the text as it is in the file."""
-
-  def records(data, workdir):
-    del data, workdir
-    return {'train': [{'text': train_text}], 'validation': [{'text': val_text}]}
-
-  return records
-
-
 def run_lmlab(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int, workdir: str) -> dict:
   from train import trainer
-  from train.data import pipeline
   train_text, val_text = split_text(data_path)
   # Every window of 65 characters of the validation text (its final <|endoftext|> included) is one example.
   windows = (len(val_text) + 1) // (BLOCK + 1)
   if eval_batches <= 0 or eval_batches > windows // BATCH:
     eval_batches = windows // BATCH
   config = recipe_config(data_path, steps=steps, decay_steps=decay_steps, eval_batches=eval_batches, seed=seed)
-  if not hasattr(pipeline, '_records'):
-    raise RuntimeError('train/data/pipeline.py has no _records any more: update _verbatim_records here.')
   lines = []
 
   def log(msg):
     lines.append(msg)
     print(f'  [lmlab] {msg}', flush=True)
 
-  with mock.patch.object(pipeline, '_records', _verbatim_records(train_text, val_text)):
-    t_run = time.perf_counter()
-    summary = trainer.train_and_evaluate(config, workdir, log=log)
+  t_run = time.perf_counter()
+  summary = trainer.train_and_evaluate(config, workdir, log=log)
   t_end = time.perf_counter()
   from train.data import tokenizers
   tok = tokenizers.Tokenizer.load(os.path.join(workdir, 'tokenizer'))

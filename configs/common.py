@@ -103,6 +103,7 @@ def base() -> ml_collections.ConfigDict:
       path='',                  # files: a text file, a folder of .txt, or a comma-separated list
       name='',                  # files: dataset name under <workdir>/tfds
       document_split='file',    # files: 'file' | 'blank_line' | 'line' (what counts as one document for NSP)
+      #                           | 'verbatim' (a file's text as is, split by characters: char-level LM)
       eval_fraction=0.02,       # files: share of passages held out for eval
       tfds_name='',             # tfds: a TFDS catalog name, e.g. 'wikipedia/20230601.en'
       tfds_train_split='train',  # tfds: split to train on

@@ -47,6 +47,23 @@ def test_text_corpus_keeps_documents_passages_and_sentences(tmp_path):
   assert sorted(r["text"] for r in _all(src["train"])) == ["Mr. Smith went home. He slept.", "Only one sentence here."]
 
 
+def test_verbatim_text_keeps_every_character_and_splits_by_position(tmp_path):
+  import ml_collections
+  from train.data import pipeline
+  text = "First Citizen:\nBefore we proceed,  hear me.\n\nAll:\n  Speak, speak.\n"
+  path = _write(tmp_path / "input.txt", text)
+  src = B.build("text", name="chars", data_dir=tmp_path / "tfds", splits={"train": path}, document_split="verbatim")
+  assert [r["text"] for r in _all(src["train"])] == [text]  # newlines and runs of spaces kept
+  data = ml_collections.ConfigDict(
+      dict(source="files", path=str(path), name="chars", document_split="verbatim", eval_fraction=0.25))
+  split = pipeline._records(data, str(tmp_path))
+  n = int(len(text) * 0.75)
+  assert [r["text"] for r in split["train"]] == [text[:n]]
+  assert [r["text"] for r in split["validation"]] == [text[n:]]
+  with pytest.raises(ValueError, match="document_split must be one of .*'verbatim'"):
+    B.build("text", name="x", data_dir=tmp_path / "tfds", splits={"train": path}, document_split="chars")
+
+
 def test_classification_pairs_from_tsv_csv_and_jsonl(tmp_path):
   tsv = _write(tmp_path / "train.tsv", 'id\tpremise\thypothesis\tlabel\n0\tA "quoted\tB\tyes\n1\tC\tD\tno\n')
   csv = _write(tmp_path / "dev.csv", 'premise,hypothesis,label\n"E, e",F,no\n')

@@ -159,6 +159,8 @@ def _records(data, workdir: str) -> dict[str, Any]:
     built = builders.build('text', name=data.name or 'corpus', data_dir=os.path.join(workdir, 'tfds'),
                            splits={'corpus': paths}, document_split=data.document_split)
     records = built['corpus']  # not 'all': TFDS reserves that split name
+    if data.document_split == 'verbatim':
+      return _verbatim_split(records, data.eval_fraction)
     n_eval = max(1, int(len(records) * data.eval_fraction)) if data.eval_fraction > 0 else 0
     # The last passages are held out: whole documents mostly, and stable when the file grows at the end.
     return {
@@ -175,6 +177,19 @@ def _records(data, workdir: str) -> dict[str, Any]:
       'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split, data_dir=data.tfds_data_dir,
                                             field_map=field_map)
   }
+
+
+def _verbatim_split(records, eval_fraction: float) -> dict[str, list]:
+  """Each file's text split by characters, as nanoGPT's prepare.py does: the first 1 - eval_fraction to train, the
+  rest held out."""
+  train, validation = [], []
+  for i in range(len(records)):
+    text = records[i]['text']
+    n = int(len(text) * (1 - eval_fraction))
+    train.append({'text': text[:n], 'document_id': i})
+    if n < len(text):
+      validation.append({'text': text[n:], 'document_id': i})
+  return {'train': train, 'validation': validation}
 
 
 class _Slice:

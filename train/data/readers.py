@@ -153,19 +153,29 @@ def passages(paragraphs: Sequence[str], *, max_chars: int) -> Iterator[list[str]
   return pack_pieces((sent for para in paragraphs for sent in split_sentences(para)), max_chars=max_chars)
 
 
+DOCUMENT_SPLITS = ("file", "blank_line", "line", "verbatim")
+
+
 def text_records(paths: PathLike | Sequence[PathLike], *, document_split: str = "file", max_chars: int = 4000,
                  pattern: str = "*.txt", on_error: str = "raise", quiet: bool = False) -> Iterator[dict]:
   """Text files -> passage records {"text", "sentences", "document_id", "passage_index"}.
 
     document_split: "file" (each file is a document: books), "blank_line" (each blank-line separated block),
-    "line" (each non-empty line). NSP draws its "random" segment from a different document_id.
+    "line" (each non-empty line), "verbatim" (each file is one record whose text is the file as it is, newlines and
+    spaces kept: character-level language modelling). NSP draws its "random" segment from a different document_id.
     """
-  if document_split not in ("file", "blank_line", "line"):
-    raise ValueError(f"document_split must be 'file', 'blank_line' or 'line', not {document_split!r}")
+  if document_split not in DOCUMENT_SPLITS:
+    raise ValueError(f"document_split must be one of {', '.join(map(repr, DOCUMENT_SPLITS))}, not {document_split!r}")
   problems = Problems(on_error, "text corpus", quiet=quiet)
   doc_id = 0
   for path in expand_paths(paths, pattern):
     lines = [line for _, line in decoded_lines(path, problems)]
+    if document_split == "verbatim":
+      if any(line.strip() for line in lines):
+        text = "\n".join(lines)
+        yield {"text": text, "sentences": [text], "document_id": doc_id, "passage_index": 0}
+        doc_id += 1
+      continue
     if document_split == "file":
       docs = [_paragraphs(lines)]
     elif document_split == "blank_line":
