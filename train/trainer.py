@@ -1,4 +1,5 @@
-"""The loop around the pure steps of train/steps.py: sharded state, logging, eval, checkpoints, resumption.
+"""A run around the pure steps of train/steps.py: config -> model, sharded state, data and jitted steps (prepare),
+restore or init, then the loop of train/loop.py (logging, eval, checkpoints, resumption).
 
 `jit_steps` jits train_step / eval_step with in/out shardings and donation. A step whose loss or gradient is not finite
 leaves the state as it was and records its number; the loop stops at the next log or checkpoint boundary with that
@@ -9,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import numbers
 import os
 import shutil
-import signal
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -34,13 +33,13 @@ from train.writers import MetricsWriter
 from train import evaluate
 from train import finetune
 from train import host
+from train import loop as loop_lib
 from train import optim
 from train import partitioning as part
 from train import pretrained
 from train import tasks
 from train.data import pipeline
-from train.data.loader import global_batch
-from train.steps import eval_step, summarize, train_step
+from train.steps import eval_step, train_step
 
 # ---------------------------------------------------------------------------------------------- model and state
 
@@ -174,40 +173,6 @@ def jit_steps(setup: Setup):
   evaluate = jax.jit(with_rules(functools.partial(eval_step, model=setup.model, loss_fn=setup.loss_fn)),
                      in_shardings=(setup.state_shardings['params'], setup.batch_sharding, rep), out_shardings=rep)
   return train, evaluate
-
-
-# ---------------------------------------------------------------------------------------------------- the loop
-
-
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-class _Preemption:
-  """SIGTERM (Colab / Cloud TPU preemption) sets a flag; the loop saves a checkpoint and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, nothing else changes
-      self._old = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-def _config_dict(config) -> dict:
-  return json.loads(config.to_json_best_effort()) if hasattr(config, 'to_json_best_effort') else dict(config)
 
 
 @dataclasses.dataclass
@@ -385,147 +350,6 @@ def _checkpoints(run: Run) -> ckpt_lib.Checkpoints:
                               async_save=bool(tc.get('async_checkpoints', True)))
 
 
-class _Loop:
-  """Stage 3's bookkeeping: the metrics window, eval, checkpoints and the finite check, for one run."""
-
-  def __init__(self, run: Run, ckpts: ckpt_lib.Checkpoints, writer: MetricsWriter):
-    self.run, self.ckpts, self.writer = run, ckpts, writer
-    self.tc = run.config.train
-    self.history, self.first_loss, self.last_train, self.last_eval = [], None, None, None
-    self.t_window, self.steps_window = time.time(), 0
-    self.eval_at, self.best, self.since_best, self.stop = None, None, 0, False
-    self.lowest_loss = None
-
-  def check_finite(self, state):
-    bad = int(jax.device_get(state['nonfinite_step']))
-    if bad >= 0:
-      latest = self.ckpts.latest_step()
-      kept = (f'the last checkpoint (step {latest}) holds finite parameters'
-              if latest is not None else 'no checkpoint had been written yet')
-      raise FloatingPointError(f'loss or gradients became NaN/Inf at step {bad + 1}; stopped without saving; {kept}. '
-                               'Lower config.optim.learning_rate or enable config.optim.clip_norm.')
-
-  def check_diverged(self, state, step):
-    """The config's divergence guards (train.max_param_norm, train.max_loss_ratio): finite but runaway numbers stop
-    the run before they are saved, as a NaN does."""
-    latest = self.ckpts.latest_step()
-    kept = f'the last checkpoint (step {latest}) is kept' if latest is not None else 'no checkpoint was written yet'
-    limit = float(self.tc.get('max_param_norm') or 0)
-    if limit:
-      norm = float(jax.device_get(optax.tree.norm(state['params'])))
-      if not norm <= limit:
-        raise FloatingPointError(f'parameter norm {norm:.3g} at step {step} exceeds config.train.max_param_norm='
-                                 f'{limit:g}: the run diverged; stopped without saving; {kept}. Lower '
-                                 'config.optim.learning_rate or enable config.optim.clip_norm.')
-    ratio = float(self.tc.get('max_loss_ratio') or 0)
-    if ratio and self.last_train and self.lowest_loss is not None and self.last_train['loss'] > ratio * self.lowest_loss:
-      raise FloatingPointError(f'loss {self.last_train["loss"]:.4g} at step {step} exceeds config.train.max_loss_ratio='
-                               f'{ratio:g} x the lowest logged loss {self.lowest_loss:.4g}: the run diverged; stopped '
-                               f'without saving; {kept}. Lower config.optim.learning_rate or enable clip_norm.')
-
-  def save(self, state, step, metrics=None):
-    self.check_finite(state)
-    self.check_diverged(state, step)
-    window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.history)]
-    self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(), config=_config_dict(self.run.config),
-                    metrics=metrics, window=window)
-
-  def can_evaluate(self) -> bool:
-    return self.run.forward is not None or (self.run.data.eval is not None and bool(self.tc.eval_steps))
-
-  def evaluate(self, state, step):
-    run = self.run
-    if not self.can_evaluate():
-      return None
-    if run.forward is not None:  # a downstream task: every dev record, scored with the task's metrics
-      values, _ = evaluate.score(run.task, run.forward, state['params'], run.data.dev_records, run.data.tokenizer,
-                                 run.config.data, batch_size=int(run.config.data.batch_size),
-                                 batch_sharding=run.setup.batch_sharding)
-      run.log(f'step {step}: dev ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(values.items())))
-    else:
-      rng = jax.random.key(int(run.config.seed) + 7)
-      values = summarize([
-          run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
-          for i in range(int(self.tc.eval_steps))
-      ])
-      run.log(f'step {step}: eval loss {values["loss"]:.4f}')
-    self.writer.write(step, 'eval', values)
-    self.last_eval, self.eval_at = values, step
-    self._track_best(values)
-    return values
-
-  def _track_best(self, values):
-    """Early stopping: config.train.early_stopping evaluations in a row without a better best_metric stop the run."""
-    name = (self.tc.get('best_metric') or '').split('/', 1)[-1]
-    if name not in values:
-      return
-    better = self.best is None or (values[name] > self.best
-                                   if self.tc.get('best_mode') == 'max' else values[name] < self.best)
-    self.best, self.since_best = (values[name], 0) if better else (self.best, self.since_best + 1)
-    patience = int(self.tc.get('early_stopping') or 0)
-    if patience and self.since_best >= patience:
-      self.stop = True
-      self.run.log(f'early stopping: {patience} evaluations without a better {self.tc.best_metric} '
-                   f'(best {self.best:.4f})')
-
-  def checkpoint_metrics(self, step):
-    """{best_metric: value} when this step was evaluated (the checkpoint manager keeps the best by it)."""
-    best = self.tc.get('best_metric')
-    if not best or self.eval_at != step:
-      return None
-    name = best.split('/', 1)[-1]
-    if name not in self.last_eval:
-      raise ValueError(f'config.train.best_metric={best!r}: the evaluation reports {sorted(self.last_eval)}; '
-                       "name one of them as 'eval/<metric>'.")
-    return {best: self.last_eval[name]}
-
-  def log_window(self, state, step, total):
-    self.check_finite(state)
-    values = summarize(self.history)
-    values['steps_per_sec'] = self.steps_window / max(time.time() - self.t_window, 1e-9)
-    values['tokens_per_sec'] = (values['steps_per_sec'] * int(self.run.config.data.batch_size)
-                                * self.run.data.tokens_per_example)
-    self.writer.write(step, 'train', values)
-    self.first_loss = values['loss'] if self.first_loss is None else self.first_loss
-    self.last_train = values
-    self.check_diverged(state, step)
-    self.lowest_loss = values['loss'] if self.lowest_loss is None else min(self.lowest_loss, values['loss'])
-    eta = (total - step) / max(values['steps_per_sec'], 1e-9)
-    self.run.log(f'step {step}/{total}  loss {values["loss"]:.4f}  {values["steps_per_sec"]:.2f} steps/s  '
-                 f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
-    self.history, self.t_window, self.steps_window = [], time.time(), 0
-
-  def after_step(self, state, metrics, step, total):
-    self.history.append(metrics)
-    self.steps_window += 1
-    tc = self.tc
-    if step % int(tc.log_every) == 0 or step == total:
-      self.log_window(state, step, total)
-    # The last step is always evaluated (so the final checkpoint competes for best, whatever eval_every is).
-    if (tc.eval_every and step % int(tc.eval_every) == 0) or step == total:
-      self.evaluate(state, step)
-    if step % int(tc.checkpoint_every) == 0 or step == total or self.stop:
-      self.save(state, step, metrics=self.checkpoint_metrics(step))
-
-
-def train_loop(run: Run, state, start: int, loop: _Loop):
-  """Stage 3: steps from `start` to config.train.steps; SIGTERM saves and returns. -> (state, step, status)."""
-  total, step, status = int(run.config.train.steps), start, 'done'
-  with _Preemption() as preempt:
-    while step < total:
-      state, metrics = run.train_fn(state, global_batch(next(run.data.train), run.setup.batch_sharding))
-      step += 1
-      loop.after_step(state, metrics, step, total)
-      if preempt.requested:
-        if step % int(run.config.train.checkpoint_every):
-          loop.save(state, step)
-        run.log(f'SIGTERM: saved step {step}, exiting')
-        return state, step, 'preempted'
-      if loop.stop:
-        return state, step, 'early_stopped'
-  return state, step, status
-
-
 def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint: prepare -> restore or init -> loop.
 
@@ -547,7 +371,7 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
       log(f'{workdir} already holds the final checkpoint (step {start} of {int(run.config.train.steps)}); '
           'nothing to do. Raise config.train.steps to train on, or use a new --workdir.')
       return _summary('finished', start, None, None, workdir, heads_lib.count_params(state['params']), state)
-    workdir_lib.write_config(run.workdir, _config_dict(run.config), run.setup.model_cfg)
+    workdir_lib.write_config(run.workdir, workdir_lib.config_dict(run.config), run.setup.model_cfg)
     writer = MetricsWriter(workdir, resume_step=start)
     n_params = heads_lib.count_params(run.setup.abstract_state['params'])
     c = run.config
@@ -556,11 +380,11 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
         f'vocab {mc.vocab_size} ({n_params / 1e6:.2f}M params), objectives '
         f'{dict(c.objectives)}, mesh {dict(run.setup.mesh.shape)}, {int(c.train.steps)} steps of '
         f'{c.data.batch_size} x {run.data.tokens_per_example} tokens')
-    loop, t_start = _Loop(run, ckpts, writer), time.time()
+    loop, t_start = loop_lib.Loop(run, ckpts, writer), time.time()
     if start:  # the steps since the last log step before the checkpoint: the first window after it is whole again
       loop.history = ckpts.window(start)
     try:
-      state, step, status = train_loop(run, state, start, loop)
+      state, step, status = loop_lib.train_loop(run, state, start, loop)
     finally:
       writer.close()
   finally:
@@ -569,7 +393,7 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
   return _summary(status, step, loop, time.time() - t_start, workdir, n_params, state)
 
 
-def _summary(status, step, loop: Optional[_Loop], wall_s, workdir, n_params, state) -> dict[str, Any]:
+def _summary(status, step, loop: Optional[loop_lib.Loop], wall_s, workdir, n_params, state) -> dict[str, Any]:
   last = (loop.last_train if loop else None) or {}
   return {
       'status': status,

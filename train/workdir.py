@@ -104,6 +104,11 @@ def check_same_model(workdir: str, model_cfg) -> None:
                      '(see its config.json) or start the new model in a new --workdir.')
 
 
+def config_dict(config) -> dict:
+  """A ConfigDict (or a mapping) as plain JSON-able data, as config.json and the checkpoints hold it."""
+  return json.loads(config.to_json_best_effort()) if hasattr(config, 'to_json_best_effort') else dict(config)
+
+
 def write_config(workdir: str, config: dict, model_cfg) -> None:
   """<workdir>/config.json (the resolved config and the model) from process 0, to a temporary name and renamed."""
   import jax  # pylint: disable=g-import-not-at-top
