@@ -1,9 +1,13 @@
 """Attention implementations side by side: time per call and compiled temp memory at several sequence lengths.
 
 Baseline: `jax.nn.dot_product_attention` (XLA; cuDNN too on GPU). Ours: plain (materialized scores) and chunked
-(online softmax). Prints a table; asserts nothing.
+(online softmax). `--modes=fwd,grad` times the forward call and the forward + backward of sum(output) with respect to
+q, k and v (what a training step pays). An implementation whose compiled temporaries exceed --max_temp_gib is reported
+with its size and not run, so one invocation can go to lengths where only the chunked one fits. Prints a table, the
+chunked / plain time ratio per length, and asserts nothing.
 
   python benchmarks/attention.py --lengths=512,2048,4096 --batch=1 --heads=8 --head_dim=64
+  python benchmarks/attention.py --lengths=1024,2048,4096,8192,16384 --modes=fwd,grad --repeats=2
 """
 import time
 
@@ -22,6 +26,9 @@ _HEAD_DIM = flags.DEFINE_integer('head_dim', 64, 'Head width.')
 _CHUNK = flags.DEFINE_integer('chunk', 256, 'Chunk size of the chunked implementation.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per cell.')
+_MODES = flags.DEFINE_list('modes', ['fwd'], "fwd: the attention call; grad: forward + backward of sum(output).")
+_MAX_TEMP = flags.DEFINE_float('max_temp_gib', 4.0, 'Compile but do not run an implementation needing more '
+                               'temporary memory than this.')
 
 
 def _impls(chunk):
@@ -38,35 +45,63 @@ def _impls(chunk):
   return impls
 
 
+def _with_mode(fn, mode):
+  if mode == 'fwd':
+    return fn
+  grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+  return lambda q, k, v: grad(q, k, v)[0]  # dq (all three are computed; one is compared)
+
+
+def _time(compiled, args, repeats):
+  out = jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = compiled(*args)
+  jax.block_until_ready(out)
+  return out, (time.perf_counter() - start) / repeats * 1e3
+
+
+def _cell(name, fn, args, t, mode):
+  """One implementation at one length: (output or None, ms or None), with its row printed."""
+  try:
+    compiled = jax.jit(fn).lower(*args).compile()
+  except Exception as e:  # an implementation the backend lacks is reported, not fatal
+    print(f'{name:<20}{mode:>6}{t:>7}  unavailable: {type(e).__name__}')
+    return None, None
+  mem = compiled.memory_analysis()
+  temp = getattr(mem, 'temp_size_in_bytes', float('nan')) / 2 ** 20 if mem is not None else float('nan')
+  if temp > _MAX_TEMP.value * 1024:
+    print(f'{name:<20}{mode:>6}{t:>7}{"not run":>12}{temp:>12.1f}')
+    return None, None
+  out, ms = _time(compiled, args, _REPEATS.value)
+  return out, (ms, temp)
+
+
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
   print(f'backend {jax.default_backend()}, B={_BATCH.value} N={_HEADS.value} K={_KV_HEADS.value} '
-        f'H={_HEAD_DIM.value} {dtype.name}, causal')
-  print(f'{"impl":<20}{"T":>7}{"ms/call":>12}{"temp MiB":>12}{"max |diff| vs baseline":>26}')
-  for t in map(int, _LENGTHS.value):
-    keys = jax.random.split(jax.random.key(t), 3)
-    q = jax.random.normal(keys[0], (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value), dtype)
-    k = jax.random.normal(keys[1], (_BATCH.value, t, _KV_HEADS.value, _HEAD_DIM.value), dtype)
-    v = jax.random.normal(keys[2], (_BATCH.value, t, _KV_HEADS.value, _HEAD_DIM.value), dtype)
-    ref = None
-    for name, fn in _impls(_CHUNK.value).items():
-      try:
-        compiled = jax.jit(fn).lower(q, k, v).compile()
-      except Exception as e:  # an implementation the backend lacks is reported, not fatal
-        print(f'{name:<20}{t:>7}  unavailable: {type(e).__name__}')
-        continue
-      mem = compiled.memory_analysis()
-      temp = getattr(mem, 'temp_size_in_bytes', float('nan')) / 2 ** 20 if mem is not None else float('nan')
-      out = jax.block_until_ready(compiled(q, k, v))
-      start = time.perf_counter()
-      for _ in range(_REPEATS.value):
-        out = compiled(q, k, v)
-      jax.block_until_ready(out)
-      ms = (time.perf_counter() - start) / _REPEATS.value * 1e3
-      ref = out if ref is None else ref
-      diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
-      print(f'{name:<20}{t:>7}{ms:>12.2f}{temp:>12.1f}{diff:>26.2e}')
+        f'H={_HEAD_DIM.value} {dtype.name}, causal, chunk {_CHUNK.value}')
+  print(f'{"impl":<20}{"mode":>6}{"T":>7}{"ms/call":>12}{"temp MiB":>12}{"max |diff| vs baseline":>26}')
+  ratios = []
+  for mode in _MODES.value:
+    for t in map(int, _LENGTHS.value):
+      keys = jax.random.split(jax.random.key(t), 3)
+      q = jax.random.normal(keys[0], (_BATCH.value, t, _HEADS.value, _HEAD_DIM.value), dtype)
+      k = jax.random.normal(keys[1], (_BATCH.value, t, _KV_HEADS.value, _HEAD_DIM.value), dtype)
+      v = jax.random.normal(keys[2], (_BATCH.value, t, _KV_HEADS.value, _HEAD_DIM.value), dtype)
+      ref, ms = None, {}
+      for name, fn in _impls(_CHUNK.value).items():
+        out, cell = _cell(name, _with_mode(fn, mode), (q, k, v), t, mode)
+        if out is None:
+          continue
+        ms[name] = cell[0]
+        ref = out if ref is None else ref
+        diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
+        print(f'{name:<20}{mode:>6}{t:>7}{cell[0]:>12.2f}{cell[1]:>12.1f}{diff:>26.2e}', flush=True)
+      if 'plain' in ms and 'chunked' in ms:
+        ratios.append(f'{mode} T={t}: {ms["chunked"] / ms["plain"]:.2f}x')
+  print('chunked / plain time: ' + ', '.join(ratios))
 
 
 if __name__ == '__main__':

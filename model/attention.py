@@ -12,6 +12,7 @@ Letters: B batch, T query length, S key length, N query heads, K key/value heads
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -193,9 +194,11 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
   """Memory-efficient attention (Rabe & Staats; the online softmax of FlashAttention), same result as the plain one.
 
   Queries are processed q_chunk at a time; for each, a scan over kv_chunk-sized key blocks keeps a running max m, a
-  running normalizer l and an unnormalized output acc, so only a [q_chunk, kv_chunk] score block ever exists. Lengths
-  that are not a multiple of the chunk are padded and the padded keys masked. Shapes as in dot_product_attention;
-  mask_info describes the mask block by block; bias [B|1,N,T,S] (if given) is sliced per block.
+  running normalizer l and an unnormalized output acc, so only a [q_chunk, kv_chunk] score block ever exists. The
+  gradient is FlashAttention's: the forward keeps only the output and each row's log-sum-exp, and the backward
+  recomputes every block's probabilities, so training memory is linear in length too (a bias, being [T, S] itself,
+  gets a [T, S] gradient). Lengths that are not a multiple of the chunk are padded and the padded keys masked. Shapes
+  as in dot_product_attention; mask_info describes the mask block by block; bias [B|1,N,T,S] is sliced per block.
   """
   b, t, n, h = q.shape
   s, kheads = k.shape[1], k.shape[2]
@@ -203,61 +206,136 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
   q_chunk, kv_chunk = min(q_chunk, t), min(kv_chunk, s)
   tp, sp = -(-t // q_chunk) * q_chunk, -(-s // kv_chunk) * kv_chunk
   mi = mask_info or MaskInfo()
-
-  def pad(x, length, axis=1, value=0):
-    if x is None or x.shape[axis] == length:
-      return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-  qg = pad(_group(q, kheads), tp)
-  kp, vp = pad(k, sp), pad(v, sp)
-  kv_valid = pad(jnp.ones((b, s), bool), sp, value=False)
+  qg = _pad_to(_group(q, kheads), tp)
   bias_g = _bias_blocks(bias, kheads)
   if bias_g is not None:
-    bias_g = pad(pad(bias_g.astype(jnp.float32), tp, axis=3), sp, axis=4)
-  fields = dict(q_segment_ids=pad(mi.q_segment_ids, tp), kv_segment_ids=pad(mi.kv_segment_ids, sp, value=-1),
-                q_positions=pad(mi.q_positions, tp), kv_positions=pad(mi.kv_positions, sp))
-  nq, nk = tp // q_chunk, sp // kv_chunk
+    bias_g = _pad_to(_pad_to(bias_g.astype(jnp.float32), tp, axis=3), sp, axis=4)
+  fields = dict(q_segment_ids=_pad_to(mi.q_segment_ids, tp), kv_segment_ids=_pad_to(mi.kv_segment_ids, sp, value=-1),
+                q_positions=_pad_to(mi.q_positions, tp), kv_positions=_pad_to(mi.kv_positions, sp),
+                prefix_len=mi.prefix_len, kv_valid=_pad_to(jnp.ones((b, s), bool), sp, value=False))
+  blocks = _Blocks(q_chunk, kv_chunk, float(scale), mi.causal)
+  out = _flash(blocks, qg, _pad_to(k, sp), _pad_to(v, sp), bias_g, fields)  # [B,K,G,Tp,H]
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, tp, n, h)[:, :t].astype(q.dtype)
+
+
+def _pad_to(x, length, axis=1, value=0):
+  if x is None or x.shape[axis] == length:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+  """The static part of a chunked attention call."""
+  q_chunk: int
+  kv_chunk: int
+  scale: float
+  causal: bool
+
+
+def _slice(x, start, size, axis=1):
+  return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _block_scores(blocks: _Blocks, q_blk, k_blk, bias_g, f, qs, ks):
+  """Scaled, biased scores of one block, [B,K,G,tq,sk] float32, with the mask applied, and the mask [B,1,1,tq,sk]."""
+  tq, sk = blocks.q_chunk, blocks.kv_chunk
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_blk, k_blk, preferred_element_type=jnp.float32) * blocks.scale
+  if bias_g is not None:
+    scores = scores + _slice(_slice(bias_g, qs, tq, axis=3), ks, sk, axis=4)
+  info = MaskInfo(_slice(f['q_segment_ids'], qs, tq), _slice(f['kv_segment_ids'], ks, sk),
+                  _slice(f['q_positions'], qs, tq), _slice(f['kv_positions'], ks, sk), f['prefix_len'], blocks.causal)
+  mask = info.block()
+  valid = _slice(f['kv_valid'], ks, sk)[:, None, None, :]
+  mask = (valid if mask is None else mask & valid)[:, :, None]  # [B,1,1,tq,sk]
+  return jnp.where(mask, scores, _MASK_VALUE), mask
+
+
+def _flash_forward(blocks: _Blocks, qg, kp, vp, bias_g, f):
+  """-> output [B,K,G,Tp,H] float32 and each row's log-sum-exp [B,K,G,Tp]."""
+  b, tp, kheads, g, h = qg.shape
+  nq, nk = tp // blocks.q_chunk, kp.shape[1] // blocks.kv_chunk
 
   def one_query_chunk(qi):
-    qs = qi * q_chunk
-    q_blk = jax.lax.dynamic_slice_in_dim(qg, qs, q_chunk, axis=1)  # [B,tq,K,G,H]
-    sl = lambda x, start, size: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
+    qs = qi * blocks.q_chunk
+    q_blk = _slice(qg, qs, blocks.q_chunk)  # [B,tq,K,G,H]
 
     def kv_step(carry, ki):
       m, l, acc = carry
-      ks = ki * kv_chunk
-      k_blk, v_blk = sl(kp, ks, kv_chunk), sl(vp, ks, kv_chunk)
-      scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-      if bias_g is not None:
-        bb = jax.lax.dynamic_slice_in_dim(jax.lax.dynamic_slice_in_dim(bias_g, qs, q_chunk, axis=3), ks, kv_chunk, 4)
-        scores = scores + bb
-      blk_info = MaskInfo(sl(fields['q_segment_ids'], qs, q_chunk), sl(fields['kv_segment_ids'], ks, kv_chunk),
-                          sl(fields['q_positions'], qs, q_chunk), sl(fields['kv_positions'], ks, kv_chunk),
-                          mi.prefix_len, mi.causal)
-      mask = blk_info.block()
-      valid = sl(kv_valid, ks, kv_chunk)[:, None, None, :]
-      mask = valid if mask is None else mask & valid  # [B,1,tq,sk]
-      scores = jnp.where(mask[:, :, None], scores, _MASK_VALUE)
+      ks = ki * blocks.kv_chunk
+      scores, _ = _block_scores(blocks, q_blk, _slice(kp, ks, blocks.kv_chunk), bias_g, f, qs, ks)
       m_new = jnp.maximum(m, scores.max(axis=-1))
       p = jnp.exp(scores - m_new[..., None])
       corr = jnp.exp(m - m_new)
-      l_new = l * corr + p.sum(axis=-1)
-      acc_new = acc * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p, v_blk.astype(jnp.float32))
-      return (m_new, l_new, acc_new), None
+      v_blk = _slice(vp, ks, blocks.kv_chunk).astype(jnp.float32)
+      return (m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p, v_blk)), None
 
-    g = n // kheads
-    init = (jnp.full((b, kheads, g, q_chunk), -jnp.inf, jnp.float32), jnp.zeros(
-        (b, kheads, g, q_chunk), jnp.float32), jnp.zeros((b, kheads, g, q_chunk, h), jnp.float32))
+    shape = (b, kheads, g, blocks.q_chunk)
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(kv_step, init, jnp.arange(nk))
-    out = acc / l[..., None]  # [B,K,G,tq,H]
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_chunk, n, h)
+    return acc / l[..., None], m + jnp.log(l)
 
-  outs = jax.lax.map(one_query_chunk, jnp.arange(nq))  # [nq,B,tq,N,H]
-  out = jnp.transpose(outs, (1, 0, 2, 3, 4)).reshape(b, tp, n, h)[:, :t]
-  return out.astype(q.dtype)
+  outs, lses = jax.lax.map(one_query_chunk, jnp.arange(nq))  # [nq,B,K,G,tq,H], [nq,B,K,G,tq]
+  return (jnp.moveaxis(outs, 0, 3).reshape(b, kheads, g, tp, h), jnp.moveaxis(lses, 0, 3).reshape(b, kheads, g, tp))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(blocks: _Blocks, qg, kp, vp, bias_g, f):
+  return _flash_forward(blocks, qg, kp, vp, bias_g, f)[0]
+
+
+def _flash_fwd(blocks, qg, kp, vp, bias_g, f):
+  out, lse = _flash_forward(blocks, qg, kp, vp, bias_g, f)
+  return out, (qg, kp, vp, bias_g, f, out, lse)
+
+
+def _flash_bwd(blocks: _Blocks, res, dout):
+  """One pass over key blocks (outer) and query blocks (inner): p recomputed from the saved log-sum-exp, dV += p^T dO,
+  dS = p (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q (times the scale), dBias = dS."""
+  qg, kp, vp, bias_g, f, out, lse = res
+  tq, sk = blocks.q_chunk, blocks.kv_chunk
+  b, sp, kheads, h = kp.shape
+  dout = dout.astype(jnp.float32)
+  delta = jnp.sum(dout * out, axis=-1)  # [B,K,G,Tp]
+
+  def kv_block(carry, ki):
+    ks = ki * sk
+    k_blk, v_blk = _slice(kp, ks, sk), _slice(vp, ks, sk).astype(jnp.float32)  # [B,sk,K,H]
+
+    def q_block(c, qi):
+      dk_b, dv_b, dq, dbias = c
+      qs = qi * tq
+      q_blk, do_blk = _slice(qg, qs, tq), _slice(dout, qs, tq, axis=3)  # [B,tq,K,G,H], [B,K,G,tq,H]
+      scores, mask = _block_scores(blocks, q_blk, k_blk, bias_g, f, qs, ks)
+      p = jnp.exp(scores - _slice(lse, qs, tq, axis=3)[..., None])  # [B,K,G,tq,sk]
+      dv_b = dv_b + jnp.einsum('BKGTS,BKGTH->BSKH', p, do_blk)
+      dp = jnp.einsum('BKGTH,BSKH->BKGTS', do_blk, v_blk)
+      ds = jnp.where(mask, p * (dp - _slice(delta, qs, tq, axis=3)[..., None]), 0.0)
+      dq_blk = jnp.einsum('BKGTS,BSKH->BKGTH', ds, k_blk.astype(jnp.float32)) * blocks.scale
+      dq = jax.lax.dynamic_update_slice_in_dim(dq, _slice(dq, qs, tq, axis=3) + dq_blk, qs, axis=3)
+      dk_b = dk_b + jnp.einsum('BKGTS,BTKGH->BSKH', ds, q_blk.astype(jnp.float32)) * blocks.scale
+      if dbias is not None:
+        ds_b = ds.sum(axis=0, keepdims=True) if dbias.shape[0] == 1 else ds
+        dbias = jax.lax.dynamic_update_slice(dbias, ds_b, (0, 0, 0, qs, ks))
+      return (dk_b, dv_b, dq, dbias), None
+
+    dq, dbias = carry
+    zeros = jnp.zeros((b, sk, kheads, h), jnp.float32)
+    (dk_b, dv_b, dq, dbias), _ = jax.lax.scan(q_block, (zeros, zeros, dq, dbias), jnp.arange(qg.shape[1] // tq))
+    return (dq, dbias), (dk_b, dv_b)
+
+  dq0 = jnp.zeros(out.shape, jnp.float32)  # [B,K,G,Tp,H]
+  dbias0 = None if bias_g is None else jnp.zeros(bias_g.shape, jnp.float32)
+  (dq, dbias), (dks, dvs) = jax.lax.scan(kv_block, (dq0, dbias0), jnp.arange(sp // sk))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, sp, kheads, h)  # [nk,B,sk,K,H] -> [B,Sp,K,H]
+  dq = jnp.transpose(dq, (0, 3, 1, 2, 4))  # [B,Tp,K,G,H]
+  return (dq.astype(qg.dtype), unblock(dks).astype(kp.dtype), unblock(dvs).astype(vp.dtype),
+          None if dbias is None else dbias.astype(bias_g.dtype), None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(q, k, v, *, mask_info: Optional[MaskInfo] = None, bias=None, scale=None, implementation: str = 'auto',
