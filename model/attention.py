@@ -197,8 +197,12 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Op
   running normalizer l and an unnormalized output acc, so only a [q_chunk, kv_chunk] score block ever exists. The
   gradient is FlashAttention's: the forward keeps only the output and each row's log-sum-exp, and the backward
   recomputes every block's probabilities, so training memory is linear in length too (a bias, being [T, S] itself,
-  gets a [T, S] gradient). Lengths that are not a multiple of the chunk are padded and the padded keys masked. Shapes
-  as in dot_product_attention; mask_info describes the mask block by block; bias [B|1,N,T,S] is sliced per block.
+  gets a [T, S] gradient). A block that no query of the batch may see (above a causal diagonal, between packed
+  segments) is skipped in both directions, so causal attention does about half the work of the plain path. Lengths
+  that are not a multiple of the chunk are padded and the padded keys masked. Shapes as in dot_product_attention;
+  mask_info describes the mask block by block; bias [B|1,N,T,S] is sliced per block. A query that may see no key at
+  all (which segment ids never make: padding meets padding) gets a finite output that differs from the plain path's
+  mean of the values.
   """
   b, t, n, h = q.shape
   s, kheads = k.shape[1], k.shape[2]
@@ -239,22 +243,27 @@ def _slice(x, start, size, axis=1):
   return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _block_scores(blocks: _Blocks, q_blk, k_blk, bias_g, f, qs, ks):
-  """Scaled, biased scores of one block, [B,K,G,tq,sk] float32, with the mask applied, and the mask [B,1,1,tq,sk]."""
+def _block_mask(blocks: _Blocks, f, qs, ks):
+  """Which keys of block (qs, ks) each query may see: [B,1,1,tq,sk] bool."""
   tq, sk = blocks.q_chunk, blocks.kv_chunk
-  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_blk, k_blk, preferred_element_type=jnp.float32) * blocks.scale
-  if bias_g is not None:
-    scores = scores + _slice(_slice(bias_g, qs, tq, axis=3), ks, sk, axis=4)
   info = MaskInfo(_slice(f['q_segment_ids'], qs, tq), _slice(f['kv_segment_ids'], ks, sk),
                   _slice(f['q_positions'], qs, tq), _slice(f['kv_positions'], ks, sk), f['prefix_len'], blocks.causal)
   mask = info.block()
   valid = _slice(f['kv_valid'], ks, sk)[:, None, None, :]
-  mask = (valid if mask is None else mask & valid)[:, :, None]  # [B,1,1,tq,sk]
-  return jnp.where(mask, scores, _MASK_VALUE), mask
+  return (valid if mask is None else mask & valid)[:, :, None]
+
+
+def _block_scores(blocks: _Blocks, q_blk, k_blk, bias_g, mask, qs, ks):
+  """Scaled, biased scores of one block, [B,K,G,tq,sk] float32, with the mask applied."""
+  scores = jnp.einsum('BTKGH,BSKH->BKGTS', q_blk, k_blk, preferred_element_type=jnp.float32) * blocks.scale
+  if bias_g is not None:
+    scores = scores + _slice(_slice(bias_g, qs, blocks.q_chunk, axis=3), ks, blocks.kv_chunk, axis=4)
+  return jnp.where(mask, scores, _MASK_VALUE)
 
 
 def _flash_forward(blocks: _Blocks, qg, kp, vp, bias_g, f):
-  """-> output [B,K,G,Tp,H] float32 and each row's log-sum-exp [B,K,G,Tp]."""
+  """-> output [B,K,G,Tp,H] float32 and each row's log-sum-exp [B,K,G,Tp]. A block no query of the batch may see
+  (above a causal diagonal, across packed segments) is skipped."""
   b, tp, kheads, g, h = qg.shape
   nq, nk = tp // blocks.q_chunk, kp.shape[1] // blocks.kv_chunk
 
@@ -263,19 +272,26 @@ def _flash_forward(blocks: _Blocks, qg, kp, vp, bias_g, f):
     q_blk = _slice(qg, qs, blocks.q_chunk)  # [B,tq,K,G,H]
 
     def kv_step(carry, ki):
-      m, l, acc = carry
       ks = ki * blocks.kv_chunk
-      scores, _ = _block_scores(blocks, q_blk, _slice(kp, ks, blocks.kv_chunk), bias_g, f, qs, ks)
-      m_new = jnp.maximum(m, scores.max(axis=-1))
-      p = jnp.exp(scores - m_new[..., None])
-      corr = jnp.exp(m - m_new)
-      v_blk = _slice(vp, ks, blocks.kv_chunk).astype(jnp.float32)
-      return (m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p, v_blk)), None
+      mask = _block_mask(blocks, f, qs, ks)
+
+      def update(carry):
+        m, l, acc = carry
+        scores = _block_scores(blocks, q_blk, _slice(kp, ks, blocks.kv_chunk), bias_g, mask, qs, ks)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.exp(scores - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        v_blk = _slice(vp, ks, blocks.kv_chunk).astype(jnp.float32)
+        return m_new, l * corr + p.sum(axis=-1), acc * corr[..., None] + jnp.einsum('BKGTS,BSKH->BKGTH', p, v_blk)
+
+      return jax.lax.cond(jnp.any(mask), update, lambda c: c, carry), None
 
     shape = (b, kheads, g, blocks.q_chunk)
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (h,), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(kv_step, init, jnp.arange(nk))
-    return acc / l[..., None], m + jnp.log(l)
+    seen = l > 0  # False only where every block of this query chunk was skipped: those rows give 0
+    return jnp.where(seen[..., None], acc, 0.0) / jnp.where(seen, l, 1.0)[..., None], jnp.where(
+        seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
 
   outs, lses = jax.lax.map(one_query_chunk, jnp.arange(nq))  # [nq,B,K,G,tq,H], [nq,B,K,G,tq]
   return (jnp.moveaxis(outs, 0, 3).reshape(b, kheads, g, tp, h), jnp.moveaxis(lses, 0, 3).reshape(b, kheads, g, tp))
@@ -293,7 +309,8 @@ def _flash_fwd(blocks, qg, kp, vp, bias_g, f):
 
 def _flash_bwd(blocks: _Blocks, res, dout):
   """One pass over key blocks (outer) and query blocks (inner): p recomputed from the saved log-sum-exp, dV += p^T dO,
-  dS = p (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q (times the scale), dBias = dS."""
+  dS = p (dO V^T - rowsum(dO * O)), dQ += dS K, dK += dS^T Q (times the scale), dBias = dS; blocks the forward
+  skipped are skipped again."""
   qg, kp, vp, bias_g, f, out, lse = res
   tq, sk = blocks.q_chunk, blocks.kv_chunk
   b, sp, kheads, h = kp.shape
@@ -305,10 +322,14 @@ def _flash_bwd(blocks: _Blocks, res, dout):
     k_blk, v_blk = _slice(kp, ks, sk), _slice(vp, ks, sk).astype(jnp.float32)  # [B,sk,K,H]
 
     def q_block(c, qi):
-      dk_b, dv_b, dq, dbias = c
       qs = qi * tq
+      mask = _block_mask(blocks, f, qs, ks)
+      return jax.lax.cond(jnp.any(mask), functools.partial(block_grads, qs=qs, mask=mask), lambda c: c, c), None
+
+    def block_grads(c, qs, mask):
+      dk_b, dv_b, dq, dbias = c
       q_blk, do_blk = _slice(qg, qs, tq), _slice(dout, qs, tq, axis=3)  # [B,tq,K,G,H], [B,K,G,tq,H]
-      scores, mask = _block_scores(blocks, q_blk, k_blk, bias_g, f, qs, ks)
+      scores = _block_scores(blocks, q_blk, k_blk, bias_g, mask, qs, ks)
       p = jnp.exp(scores - _slice(lse, qs, tq, axis=3)[..., None])  # [B,K,G,tq,sk]
       dv_b = dv_b + jnp.einsum('BKGTS,BKGTH->BSKH', p, do_blk)
       dp = jnp.einsum('BKGTH,BSKH->BKGTS', do_blk, v_blk)
@@ -319,7 +340,7 @@ def _flash_bwd(blocks: _Blocks, res, dout):
       if dbias is not None:
         ds_b = ds.sum(axis=0, keepdims=True) if dbias.shape[0] == 1 else ds
         dbias = jax.lax.dynamic_update_slice(dbias, ds_b, (0, 0, 0, qs, ks))
-      return (dk_b, dv_b, dq, dbias), None
+      return dk_b, dv_b, dq, dbias
 
     dq, dbias = carry
     zeros = jnp.zeros((b, sk, kheads, h), jnp.float32)
