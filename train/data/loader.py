@@ -109,7 +109,7 @@ def global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, A
     sharding: a `jax.sharding.Sharding` for every key (e.g. NamedSharding(mesh, P(("data", "fsdp")))), or a mapping
     {key: Sharding}. The global batch is the hosts' local batches concatenated in process order."""
   import jax
-  return {
-      k: jax.make_array_from_process_local_data(sharding[k] if isinstance(sharding, Mapping) else sharding,
-                                                np.asarray(v)) for k, v in local_batch.items()
-  }
+  shardings = {k: sharding[k] if isinstance(sharding, Mapping) else sharding for k in local_batch}
+  if jax.process_count() == 1:  # the local batch is the global one: one transfer for every key
+    return jax.device_put({k: np.asarray(v) for k, v in local_batch.items()}, shardings)
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local_batch.items()}
