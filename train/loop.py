@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import time
-from typing import TYPE_CHECKING
 
 import jax
 import optax
@@ -16,9 +15,6 @@ from train import workdir as workdir_lib
 from train.data.loader import global_batch
 from train.steps import summarize
 from train.writers import MetricsWriter
-
-if TYPE_CHECKING:
-  from train.trainer import Run
 
 
 def _fmt_time(seconds: float) -> str:
@@ -51,7 +47,7 @@ class _Preemption:
 class Loop:
   """Stage 3's bookkeeping: the metrics window, eval, checkpoints and the finite check, for one run."""
 
-  def __init__(self, run: 'Run', ckpts: ckpt_lib.Checkpoints, writer: MetricsWriter):
+  def __init__(self, run, ckpts: ckpt_lib.Checkpoints, writer: MetricsWriter):
     self.run, self.ckpts, self.writer = run, ckpts, writer
     self.tc = run.config.train
     self.history, self.first_loss, self.last_train, self.last_eval = [], None, None, None
@@ -171,7 +167,7 @@ class Loop:
       self.save(state, step, metrics=self.checkpoint_metrics(step))
 
 
-def train_loop(run: 'Run', state, start: int, loop: Loop):
+def train_loop(run, state, start: int, loop: Loop):
   """Stage 3: steps from `start` to config.train.steps; SIGTERM saves and returns. -> (state, step, status)."""
   total, step, status = int(run.config.train.steps), start, 'done'
   with _Preemption() as preempt:
