@@ -63,7 +63,7 @@ class LMHead(nn.Module):
       if cfg.scale_tied_logits:
         hidden = hidden * cfg.d_model ** -0.5
       return self.embed.attend(hidden)
-    return dense(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False, name='out', logits=True)(hidden)
+    return dense(cfg, cfg.vocab_size, ('embed', 'vocab'), use_bias=False, name='out')(hidden)
 
 
 class RTDHead(nn.Module):

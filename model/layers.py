@@ -41,28 +41,29 @@ def zeros_init(names: tuple[str, ...]):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def vocab_projection(x, w, vocab_first: bool):
-  """Logits x [..., E] . w -> [..., V]; w is [V, E] (a tied embedding table) if vocab_first, else [E, V].
+def projection(x, w, w_transposed: bool):
+  """x [..., E] . w -> [..., V]; w is [E, V], or [V, E] if w_transposed (a tied embedding table read as logits).
 
-  Its VJP takes the weight gradient as x^T . g ([E, V], transposed for a tied table) rather than g^T . x: XLA:CPU
-  otherwise feeds that matmul the logits' gradient transposed, recomputing the softmax inside a transposing loop over
-  the largest array of the step (9-11% of a GPT/LLaMA step with an 8k vocabulary), where this transposes x or the
-  [E, V] result instead."""
-  return jnp.einsum('...e,ve->...v' if vocab_first else '...e,ev->...v', x, w)
-
-
-def _vocab_projection_fwd(x, w, vocab_first):
-  return vocab_projection(x, w, vocab_first), (x, w)
+  Every dense layer with one input and one output axis goes through it. Its VJP takes the weight gradient as x^T . g
+  over the flattened tokens ([E, V], transposed for a tied table) rather than g^T . x: XLA:CPU otherwise feeds that
+  matmul the output gradient transposed and materializes the transpose (recomputing the softmax inside it for the
+  logits: 9-11% of a GPT/LLaMA step with an 8k vocabulary; copies of every MLP activation in a bias-free model, whose
+  nanoGPT-recipe step went from 42 to 25 ms)."""
+  return jnp.einsum('...e,ve->...v' if w_transposed else '...e,ev->...v', x, w)
 
 
-def _vocab_projection_bwd(vocab_first, res, g):
+def _projection_fwd(x, w, w_transposed):
+  return projection(x, w, w_transposed), (x, w)
+
+
+def _projection_bwd(w_transposed, res, g):
   x, w = res
-  dx = jnp.einsum('...v,ve->...e' if vocab_first else '...v,ev->...e', g, w)
+  dx = jnp.einsum('...v,ve->...e' if w_transposed else '...v,ev->...e', g, w)
   dw = jnp.einsum('ne,nv->ev', x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))  # [E, V]
-  return dx, (dw.T if vocab_first else dw)
+  return dx, (dw.T if w_transposed else dw)
 
 
-vocab_projection.defvjp(_vocab_projection_fwd, _vocab_projection_bwd)
+projection.defvjp(_projection_fwd, _projection_bwd)
 
 
 class Dense(nn.Module):
@@ -79,7 +80,6 @@ class Dense(nn.Module):
   axis: tuple[int, ...] = (-1,)
   use_bias: bool = True
   deterministic: bool = True
-  logits: bool = False  # an output projection onto the vocabulary: through vocab_projection's VJP
 
   @nn.compact
   def __call__(self, x):
@@ -87,8 +87,8 @@ class Dense(nn.Module):
     axis = tuple(sorted(a % x.ndim for a in self.axis))
     in_shape = tuple(x.shape[a] for a in axis)
     kernel = self.param('kernel', kernel_init(cfg, self.names), in_shape + self.features, cfg.jnp_param_dtype)
-    if self.logits and axis == (x.ndim - 1,) and len(self.features) == 1:
-      y = vocab_projection(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), False)
+    if axis == (x.ndim - 1,) and len(self.features) == 1:  # through projection's VJP
+      y = projection(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), False)
     else:
       y = jax.lax.dot_general(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype),
                               ((axis, tuple(range(len(axis)))), ((), ())))
@@ -118,13 +118,13 @@ class Dense(nn.Module):
 
 
 def dense(cfg: ModelConfig, features, names: tuple[Optional[str], ...], *, axis=-1, use_bias: Optional[bool] = None,
-          name: Optional[str] = None, deterministic: bool = True, logits: bool = False) -> Dense:
+          name: Optional[str] = None, deterministic: bool = True) -> Dense:
   """A Dense whose kernel is named `names` (input axes then output axes) and whose bias is named by outputs;
   deterministic=False lets a LoRA adapter on it drop out."""
   use_bias = cfg.use_bias if use_bias is None else use_bias
   features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
   axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
-  return Dense(cfg, features, tuple(names), axis, use_bias, deterministic, logits, name=name)
+  return Dense(cfg, features, tuple(names), axis, use_bias, deterministic, name=name)
 
 
 class Norm(nn.Module):
@@ -195,7 +195,7 @@ class Embeddings(nn.Module):
   def attend(self, x):
     """[..., E] -> [..., V] with the token table transposed."""
     dtype = self.cfg.jnp_dtype
-    return vocab_projection(x.astype(dtype), self.token.embedding.astype(dtype), True)
+    return projection(x.astype(dtype), self.token.embedding.astype(dtype), True)
 
 
 class MultiHeadAttention(nn.Module):

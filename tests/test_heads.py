@@ -212,14 +212,14 @@ def test_electra_generator_and_discriminator_share_one_embedding():
 
 
 @pytest.mark.parametrize('vocab_first', [True, False])
-def test_vocab_projection_gradients_equal_the_plain_einsums(vocab_first):
-  """The output projection's own VJP (weight gradient as x^T g) against autodiff of the plain einsum, float64-close."""
-  from model.layers import vocab_projection
+def test_projection_gradients_equal_the_plain_einsums(vocab_first):
+  """Every one-axis dense layer's own VJP (weight gradient as x^T g) against autodiff of the plain einsum, float64-close."""
+  from model.layers import projection
   x = jax.random.normal(jax.random.key(0), (3, 5, 8))
   w = jax.random.normal(jax.random.key(1), (11, 8) if vocab_first else (8, 11))
   g = jax.random.normal(jax.random.key(2), (3, 5, 11))
   plain = lambda x, w: jnp.einsum('...e,ve->...v' if vocab_first else '...e,ev->...v', x, w)
-  out, vjp = jax.vjp(lambda x, w: vocab_projection(x, w, vocab_first), x, w)
+  out, vjp = jax.vjp(lambda x, w: projection(x, w, vocab_first), x, w)
   ref, ref_vjp = jax.vjp(plain, x, w)
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
   for mine, theirs in zip(vjp(g), ref_vjp(g)):
