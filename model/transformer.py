@@ -57,9 +57,9 @@ class Stack(nn.Module):
       bias = RelativePositionBias(cfg, bidirectional=not self.causal, name='relative_bias')(positions, kv_positions)
     elif cfg.position == 'rope':
       rope = attn.rope_frequencies(positions, cfg.head_width, cfg.rope_theta)
-    block = Block
-    if cfg.remat_policy != 'none':
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    block, policy = Block, cfg.remat_for(self.num_layers)
+    if policy != 'none' and not decode:  # decoding keeps no residuals to trade
+      block = nn.remat(Block, policy=REMAT_POLICIES[policy], prevent_cse=not cfg.scan_layers)
     kw = dict(causal=self.causal, cross=self.cross, decode=decode, deterministic=deterministic)
     args = (mask_info, bias, rope, cross_x, cross_mask_info, cache_index)
     if cfg.scan_layers:

@@ -219,7 +219,7 @@ def _grads(cfg, params, batch, weights):
 
 @pytest.mark.parametrize('name,scan,policies', [('llama-tiny', True, ('full',)), ('gpt2-tiny', False, ('dots',))])
 def test_remat_changes_no_gradient(name, scan, policies):
-  cfg = tiny(name, scan_layers=scan)
+  cfg = tiny(name, scan_layers=scan, remat_policy='none')
   params = params_for(name) if scan else unstack_layers(params_for(name))
   batch, _ = _rich_batch(cfg)
   weights = np.random.default_rng(0).normal(size=(2, PACKED, V)).astype(np.float32)
@@ -234,6 +234,29 @@ def test_remat_changes_no_gradient(name, scan, policies):
       g1 = functools.reduce(lambda t, k: t[k.key], path, got)
       scale = max(np.abs(g0).max(), 1e-12)
       assert np.abs(g1 - g0).max() <= 1e-6 * scale, (policy, jax.tree_util.keystr(path))
+
+
+def test_auto_remat_is_dots_for_a_cpu_loop_and_none_unrolled():
+  """remat_policy='auto' (the default) wraps a stack run as a loop in 'dots' on CPU and leaves one that runs all its
+  layers in one iteration alone; an explicit policy is kept; the gradients are those of no remat."""
+  cfg = tiny('gpt2-tiny')
+  n = cfg.num_layers
+  assert cfg.remat_policy == 'auto' and n > 1
+  looped = cfg.replace(scan_unroll=1)
+  assert cfg.remat_for(n) == 'none' and cfg.replace(scan_layers=False).remat_for(n) == 'none'
+  assert looped.remat_for(n) == ('dots' if jax.default_backend() == 'cpu' else 'none')
+  assert looped.replace(remat_policy='full').remat_for(n) == 'full' and looped.remat_for(n, 'none') == 'none'
+  with pytest.raises(ValueError, match="remat_policy='dot'.*'auto'"):
+    cfg.replace(remat_policy='dot')
+  params = params_for('gpt2-tiny')
+  batch, _ = _rich_batch(cfg)
+  jaxpr = lambda c: str(jax.make_jaxpr(lambda p: model(c).apply({'params': p}, batch))(params))
+  assert 'checkpoint' in jaxpr(looped) or 'remat' in jaxpr(looped)
+  assert 'checkpoint' not in jaxpr(cfg) and 'remat' not in jaxpr(cfg)
+  weights = np.random.default_rng(1).normal(size=(2, PACKED, V)).astype(np.float32)
+  base, got = (_grads(c, params, batch, weights) for c in (looped.replace(remat_policy='none'), looped))
+  for g0, g1 in zip(jax.tree.leaves(base), jax.tree.leaves(got)):
+    assert np.abs(g1 - g0).max() <= 1e-6 * max(np.abs(g0).max(), 1e-12)
 
 
 # ------------------------------------------------------------------------------------ chunked, bfloat16

@@ -236,6 +236,7 @@ def _stack_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, b: int, t: int
   # A scanned stack that runs all its layers in one iteration (ModelConfig.layers_per_iteration) is laid out as
   # unrolled layers are: no loop buffers.
   looped = cfg.scan_layers and cfg.layers_per_iteration(layers) < layers
+  policy = cfg.remat_for(layers, policy)  # 'auto' -> what this stack runs with
   for i in range(layers):
     layer = f'{path}/layers' if cfg.scan_layers else f'{path}/layers_{i}'
     x = _block_flops(c, cfg, layer, x, b, t, det=det, policy=policy, bias=bias, cross=cross, looped=looped)
