@@ -35,7 +35,7 @@ from train.selection.flops import _Count, _electra_flops, _language_model_flops
 from train.selection.params import param_shapes  # noqa: F401  (the public count, callers read it here)
 from train.selection.params import Leaves, Trainable, _Leaf, _leaves, _model, _Model, _trains
 
-MiB = 2 ** 20
+MiB = 2**20
 
 # Update FLOPs per trained parameter: the optimizer's core, clipping, weight decay, and the step's own finite check
 # (grad norm, keep-or-revert selects); frozen leaves cost a zero gradient and a select.
@@ -72,7 +72,7 @@ def _count(n: int) -> str:
 
 def _si(x: float) -> str:
   for i, unit in enumerate(('', 'K', 'M', 'G', 'T', 'P')):
-    if abs(x) < 1000 ** (i + 1) or unit == 'P':
+    if abs(x) < 1000**(i + 1) or unit == 'P':
       return f'{x / 1000**i:.3g} {unit}'
   return f'{x:.3g} '
 
@@ -210,15 +210,12 @@ def estimate(model_cfg: ModelConfig, *, heads: Sequence[str], batch_size: int, s
   accum = int(opt['grad_accum_steps'])
   n_train = sum(leaf.size for p, leaf in leaves.items() if trains[p])
   n_all = sum(leaf.size for leaf in leaves.values())
-  flops = {
-      'forward': c.forward * accum,
-      'backward': c.backward * accum,
-      'update': _update_flops(opt, n_train, n_all - n_train)
-  }
+  flops = {'forward': c.forward * accum, 'backward': c.backward * accum,
+           'update': _update_flops(opt, n_train, n_all - n_train)}
   tokens = batch_size * (seq_len + (u if model_cfg.arch == 'encoder_decoder' else 0)) * accum
   return Cost(params=n_all, trainable_params=n_train, flops_per_step=sum(flops.values()), tokens_per_step=tokens,
-              bytes=_memory(leaves, trains, opt, mesh, rules or part.DEFAULT_RULES,
-                            c), devices=math.prod(mesh.values()), flops=flops)
+              bytes=_memory(leaves, trains, opt, mesh, rules or part.DEFAULT_RULES, c), devices=math.prod(mesh.values()),
+              flops=flops)
 
 
 # ------------------------------------------------------------------------------------------------ of_config
@@ -313,19 +310,16 @@ def of_config(config, *, num_devices: Optional[int] = None) -> Cost:
   if hasattr(built, 'generator_cfg'):
     m = _model(built.discriminator_cfg, ('rtd',), built.generator_cfg, {})
   else:
-    kw = {
-        f: getattr(built, f)
-        for f in ('num_labels', 'num_tags', 'classifier_pooling', 'backbone_deterministic', 'soft_prompt_length')
-    }
+    kw = {f: getattr(built, f) for f in ('num_labels', 'num_tags', 'classifier_pooling', 'backbone_deterministic',
+                                         'soft_prompt_length')}
     m = _model(model_cfg, built.heads, None, kw)
   mesh = part.resolve_mesh_shape(tuple(config.mesh.shape), num_devices or jax.device_count())
   rules = part.rules_from_config(config.mesh.rules) if config.mesh.get('rules') else None
-  return estimate(
-      m.cfg, heads=m.heads, batch_size=int(config.data.batch_size), **_lengths(config, m),
-      trainable=tuple(config.optim.get('trainable') or ()), frozen=tuple(config.optim.get('frozen') or ()),
-      mesh_shape=mesh, optimizer=config.optim, rules=rules, generator_cfg=m.generator, model_kw={
-          f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ('cfg', 'heads', 'generator')
-      })
+  return estimate(m.cfg, heads=m.heads, batch_size=int(config.data.batch_size), **_lengths(config, m),
+                  trainable=tuple(config.optim.get('trainable') or ()), frozen=tuple(config.optim.get('frozen') or ()),
+                  mesh_shape=mesh, optimizer=config.optim, rules=rules, generator_cfg=m.generator,
+                  model_kw={f.name: getattr(m, f.name) for f in dataclasses.fields(m)
+                            if f.name not in ('cfg', 'heads', 'generator')})
 
 
 # ------------------------------------------------------------------------------------------- time and memory
@@ -343,7 +337,7 @@ def calibrate(step: Optional[Callable[[], Any]] = None, *, flops: Optional[float
   if step is None:
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     matmul = jax.jit(lambda x: x @ x)
-    step, flops = (lambda: matmul(a)), 2.0 * size ** 3
+    step, flops = (lambda: matmul(a)), 2.0 * size**3
   elif not flops or flops <= 0:
     raise ValueError('calibrate(step=...) needs flops=, the FLOPs of one call (compiled.cost_analysis()["flops"]).')
   jax.block_until_ready(step())
