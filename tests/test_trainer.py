@@ -104,6 +104,49 @@ def test_workdir_outputs(run_family):
   assert tokenizer_files
 
 
+@pytest.mark.parametrize('trainable', [None, {'w': True, 'b': False}])
+def test_train_step_applies_the_optimizer_or_leaves_a_nonfinite_step_bitwise(trainable):
+  """A finite step is exactly the optimizer's update (frozen leaves untouched); one with an infinite input leaves
+  params and optimizer state bitwise as they were, counts the step and records it as the first non-finite one."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from train import steps
+
+  def loss_fn(params, batch, rng, *, model, deterministic):
+    loss = jnp.sum((batch['x'] @ params['w'] + params['b'] - 1.0) ** 2)
+    return loss, {'loss': loss}
+
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), 'b': jnp.ones((2,), jnp.float32)}
+  opt = optax.adamw(0.1, weight_decay=0.01)
+  state = dict(params=params, opt_state=opt.init(params), step=jnp.int32(4), rng=jax.random.key_data(jax.random.key(0)),
+               nonfinite_step=jnp.int32(-1))
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=None, loss_fn=loss_fn, optimizer=opt, trainable=trainable))
+  x = rng.normal(size=(5, 3)).astype(np.float32)
+  new, metrics = step(state, {'x': x})
+  grads = jax.grad(lambda p: loss_fn(p, {'x': x}, None, model=None, deterministic=False)[0])(params)
+  if trainable:
+    grads['b'] = jnp.zeros_like(grads['b'])
+  updates, opt_state = opt.update(grads, state['opt_state'], params)
+  want = optax.apply_updates(params, updates)
+  if trainable:
+    want['b'] = params['b']
+  for k in params:
+    np.testing.assert_allclose(new['params'][k], want[k], rtol=1e-6, atol=1e-7)
+  assert not np.array_equal(new['params']['w'], params['w'])
+  if trainable:
+    np.testing.assert_array_equal(new['params']['b'], params['b'])  # frozen: bitwise
+  assert int(new['step']) == 5 and int(new['nonfinite_step']) == -1 and np.isfinite(float(metrics['grad_norm']))
+
+  x[2, 1] = np.inf
+  bad, metrics = step(new, {'x': x})
+  assert int(bad['step']) == 6 and int(bad['nonfinite_step']) == 5 and not np.isfinite(float(metrics['loss']))
+  for a, b in zip(jax.tree.leaves((bad['params'], bad['opt_state'])), jax.tree.leaves(
+      (new['params'], new['opt_state']))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_nonfinite_loss_stops_with_step_and_no_bad_checkpoint(tmp_path):
   # lr 1e30: warmup starts at 0, so step 1 is finite; the parameters then blow up and a later loss is NaN/Inf.
   c = small_config('gpt', steps=12, checkpoint_every=2, log_every=6)

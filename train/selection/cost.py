@@ -38,9 +38,9 @@ from train.selection.params import Leaves, Trainable, _Leaf, _leaves, _model, _M
 MiB = 2**20
 
 # Update FLOPs per trained parameter: the optimizer's core, clipping, weight decay, and the step's own finite check
-# (grad norm, keep-or-revert selects); frozen leaves cost a zero gradient and a select.
+# (the gradient norm; the update then runs in one branch of a cond); frozen leaves cost their zero gradient's norm.
 _UPDATE = {'adamw': 13, 'adafactor': 18, 'sgd': 1}
-_CLIP, _DECAY, _MOMENTUM, _STEP_CHECK, _FROZEN = 4, 3, 2, 5, 2
+_CLIP, _DECAY, _MOMENTUM, _STEP_CHECK, _FROZEN = 4, 3, 2, 2, 2
 
 
 @dataclasses.dataclass(frozen=True)
