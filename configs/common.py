@@ -122,6 +122,8 @@ def base() -> ml_collections.ConfigDict:
       max_predictions=0,        # MLM slots per row; 0: round(0.15 * seq_len) + 1
       mask_rate=0.15,           # MLM/RTD: share of tokens chosen for prediction (80% [MASK], 10% random, 10% kept)
       whole_word=False,         # MLM/RTD: mask all pieces of a word together
+      random_start=False,       # pre-training: each train window starts at a random offset inside its slot, so every
+                                # epoch cuts the text anew (nanoGPT's random crops); eval windows stay fixed
       prefetch=2,               # batches prepared ahead on a thread pool (order unchanged); 0: none
   ))
   c.optim = optim.default_config()  # fields and meanings: train/optim.py default_config()

@@ -284,3 +284,30 @@ def test_a_squad_layout_tfds_split_gives_squad_records(tmp_path):
   assert sorted(got) == ["q1", "q2"]
   assert got["q1"]["answer_text"] == "France" and got["q1"]["answer_start"] == 12
   assert got["q2"]["answers_text"] == ["Bob"] and got["q2"]["context"] == "Bob ran home."
+
+
+def test_random_start_crops_train_windows_and_leaves_eval_windows_on_the_grid(tmp_path):
+  from configs import gpt
+  from train import tasks
+  from train.data import pipeline
+  c = gpt.get_config("runlocal")
+  c.data.tokenizer_train_records = 200
+  c.data.random_start = True
+  task = tasks.pretraining_task(c.objectives)
+  pipeline.check_config(c.data, task)
+  data = pipeline.build(c.data, task, workdir=str(tmp_path), seed=0)
+  length = c.data.seq_len + 1
+
+  def starts(loader, steps):
+    stream, found = loader.transform.stream, []
+    for step in range(steps):
+      for row, tgt in zip(loader[step]["tokens"], loader[step]["targets"]):
+        window = np.concatenate([row, tgt[-1:]])
+        found.append(next(s for s in range(len(stream.tokens) - length + 1)
+                          if np.array_equal(stream.tokens[s:s + length], window)))
+    return np.array(found)
+
+  train, evaluation = starts(data.train, 2), starts(data.eval, 1)
+  assert np.mean(train % length != 0) > 0.8  # cut anywhere in their slots
+  assert np.all(evaluation % length == 0)  # the held-out windows are the same every evaluation
+  np.testing.assert_array_equal(data.train[1]["tokens"], data.train[1]["tokens"])  # batch k is a pure function of k

@@ -198,6 +198,37 @@ def test_packed_windows_never_attend_across_documents(tok):
     np.testing.assert_array_equal(batch["weights"][r], (nxt == doc).astype(np.float32))
 
 
+def _start_of(stream, row):
+  """Where in the stream a window's tokens come from (the test corpora have no repeated 20-token runs)."""
+  n = len(row)
+  hits = [s for s in range(len(stream.tokens) - n + 1) if np.array_equal(stream.tokens[s:s + n], row)]
+  assert len(hits) == 1, hits
+  return hits[0]
+
+
+def test_random_start_crops_each_window_inside_its_slot_and_is_a_function_of_the_rng(tok):
+  stream = E.TokenStream.from_records(_corpus(num_docs=8, sentences=6), tok, doc_end_id=tok.sep_id)
+  length = 33  # seq_len 32 + the next-token target
+  fixed, crop = E.CausalLM(stream, seq_len=32), E.CausalLM(stream, seq_len=32, random_start=True)
+  last = crop.num_windows - 1
+  starts = {i: set() for i in (0, 3, last)}
+  for i in starts:
+    np.testing.assert_array_equal(fixed(i, E.example_rng(0, 7))["tokens"], stream.tokens[i * length:i * length + 32])
+    for pos in range(40):  # the same window drawn at 40 stream positions (epochs)
+      ex = crop(i, E.example_rng(0, pos))
+      s = _start_of(stream, np.concatenate([ex["tokens"], ex["targets"][-1:]]))
+      assert i * length <= s < (i + 1) * length and s <= len(stream.tokens) - length
+      np.testing.assert_array_equal(ex["targets"], stream.tokens[s + 1:s + length])
+      np.testing.assert_array_equal(ex["weights"], (stream.doc[s + 1:s + length] == stream.doc[s:s + 32]))
+      np.testing.assert_array_equal(ex["tokens"], crop(i, E.example_rng(0, pos))["tokens"])  # deterministic
+      starts[i].add(s)
+  assert len(starts[0]) > 15 and len(starts[3]) > 15, "offsets should vary from epoch to epoch"
+  assert max(starts[last]) == len(stream.tokens) - length  # the last slot is clipped to the end of the text
+  masked = E.MaskedLM(stream, E.Specials.from_tokenizer(tok), seq_len=34, random_start=True)
+  rows = [masked(1, E.example_rng(0, pos)) for pos in range(10)]
+  assert len({_start_of(stream, _originals(r)[1:-1]) for r in rows}) > 3
+
+
 def test_pack_sequences_keeps_each_sequence_whole_and_separate():
   rng = np.random.default_rng(0)
   seqs = [rng.integers(1, 50, rng.integers(1, 30)) for _ in range(100)]

@@ -247,9 +247,15 @@ class TokenStream:
   def num_windows(self, length: int) -> int:
     return len(self.tokens) // length
 
-  def window(self, i: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [length], segment_ids [length] numbered 1..n by document)."""
-    sl = slice(i * length, (i + 1) * length)
+  def window(self, i: int, length: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [length], segment_ids [length] numbered 1..n by document).
+
+    With an rng, window i starts at a random offset in [i*L, (i+1)*L) (at most N - L): nanoGPT's random crops, so
+    each epoch cuts the text differently while the number of windows per epoch stays N // L."""
+    start = i * length
+    if rng is not None:
+      start = min(start + int(rng.integers(length)), len(self.tokens) - length)
+    sl = slice(start, start + length)
     doc = self.doc[sl]
     return self.tokens[sl], (np.concatenate([[1], 1 + np.cumsum(doc[1:] != doc[:-1])])).astype(np.int32)
 
@@ -258,12 +264,12 @@ class CausalLM:
   """GPT-style examples from windows of seq_len + 1 tokens: source = range(num_windows); transform(i, rng).
     targets[t] = tokens[t + 1]; weight 0 where the next token belongs to another document."""
 
-  def __init__(self, stream: TokenStream, *, seq_len: int):
-    self.stream, self.seq_len = stream, seq_len
+  def __init__(self, stream: TokenStream, *, seq_len: int, random_start: bool = False):
+    self.stream, self.seq_len, self.random_start = stream, seq_len, random_start
     self.num_windows = stream.num_windows(seq_len + 1)
 
   def __call__(self, index: int, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    toks, seg = self.stream.window(int(index), self.seq_len + 1)
+    toks, seg = self.stream.window(int(index), self.seq_len + 1, rng if self.random_start else None)
     inputs, inp_seg = toks[:-1], seg[:-1]
     return {
         "tokens": inputs,
@@ -279,17 +285,17 @@ class MaskedLM:
     segment ids, masked with `mask_tokens`. source = range(num_windows); transform(i, rng)."""
 
   def __init__(self, stream: TokenStream, specials: Specials, *, seq_len: int, max_predictions: int | None = None,
-               mask_rate: float = 0.15, whole_word: bool = False):
+               mask_rate: float = 0.15, whole_word: bool = False, random_start: bool = False):
     if specials.cls is None or specials.sep is None:
       raise ValueError("masked LM windows need cls and sep tokens")
-    self.stream, self.specials, self.seq_len = stream, specials, seq_len
+    self.stream, self.specials, self.seq_len, self.random_start = stream, specials, seq_len, random_start
     self.max_predictions = max_predictions or default_max_predictions(seq_len, mask_rate)
     self.mask_rate, self.whole_word = mask_rate, whole_word
     self.num_windows = stream.num_windows(seq_len - 2)
     self._random_ids = specials.normal_ids
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    toks, seg = self.stream.window(int(index), self.seq_len - 2)
+    toks, seg = self.stream.window(int(index), self.seq_len - 2, rng if self.random_start else None)
     sp = self.specials
     tokens = np.concatenate([[sp.cls], toks, [sp.sep]]).astype(np.int32)
     segment_ids = np.concatenate([seg[:1], seg, seg[-1:]]).astype(np.int32)
@@ -305,10 +311,10 @@ class SpanCorruption:
     Like T5, documents are concatenated (EOS between them) and the whole row is one segment."""
 
   def __init__(self, stream: TokenStream, specials: Specials, *, inputs_length: int, targets_length: int | None = None,
-               noise_density: float = 0.15, mean_noise_span_length: float = 3.0):
+               noise_density: float = 0.15, mean_noise_span_length: float = 3.0, random_start: bool = False):
     if specials.eos is None or not len(specials.sentinel_ids):
       raise ValueError("span corruption needs a tokenizer with EOS and sentinel tokens (kind 'unigram')")
-    self.stream, self.specials = stream, specials
+    self.stream, self.specials, self.random_start = stream, specials, random_start
     self.raw_length, needed = span_corruption_lengths(inputs_length, noise_density=noise_density,
                                                       mean_noise_span_length=mean_noise_span_length)
     self.inputs_length, self.targets_length = inputs_length, targets_length or needed
@@ -316,7 +322,7 @@ class SpanCorruption:
     self.num_windows = stream.num_windows(self.raw_length)
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    toks, _ = self.stream.window(int(index), self.raw_length)
+    toks, _ = self.stream.window(int(index), self.raw_length, rng if self.random_start else None)
     sp = self.specials
     inputs, targets = span_corruption(toks, rng=rng, sentinel_ids=sp.sentinel_ids, eos_id=sp.eos,
                                       noise_density=self.noise_density,

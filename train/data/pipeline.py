@@ -255,7 +255,7 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
     recs = records.get(split)
     if recs is None or len(recs) == 0:
       return None
-    transform, source = task.examples(recs, tokenizer, data)
+    transform, source = task.examples(recs, tokenizer, data if split == 'train' else _fixed_windows(data))
     if len(source) < data.batch_size:
       raise ValueError(f'config.data: the {split} split gives {len(source)} examples of seq_len {data.seq_len}, '
                        f'fewer than one batch of {data.batch_size}; use more text or a smaller batch/seq_len.')
@@ -271,6 +271,15 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
     no_eval = f'no evaluation: {e}'
   tokens = data.seq_len + (data.targets_len or 0)
   return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source), no_eval=no_eval)
+
+
+def _fixed_windows(data):
+  """config.data for evaluation: held-out windows are cut at fixed places whatever data.random_start says."""
+  if not data.get('random_start', False):
+    return data
+  fixed = ml_collections.ConfigDict(data.to_dict())
+  fixed.random_start = False
+  return fixed
 
 
 def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int, workdir: str) -> RunData:

@@ -17,15 +17,21 @@ def _max_predictions(data):
   return data.max_predictions or None
 
 
+def _random_start(data):
+  return bool(data.get('random_start', False)) if hasattr(data, 'get') else False
+
+
 def causal_examples(records, tokenizer, data):
-  t = ex.CausalLM(_stream(records, tokenizer, tokenizer.eos_id), seq_len=data.seq_len)
+  t = ex.CausalLM(_stream(records, tokenizer, tokenizer.eos_id), seq_len=data.seq_len,
+                  random_start=_random_start(data))
   return t, range(t.num_windows)
 
 
 def masked_examples(records, tokenizer, data):
   t = ex.MaskedLM(_stream(records, tokenizer,
                           tokenizer.sep_id), ex.Specials.from_tokenizer(tokenizer), seq_len=data.seq_len,
-                  max_predictions=_max_predictions(data), mask_rate=data.mask_rate, whole_word=data.whole_word)
+                  max_predictions=_max_predictions(data), mask_rate=data.mask_rate, whole_word=data.whole_word,
+                  random_start=_random_start(data))
   return t, range(t.num_windows)
 
 
@@ -37,7 +43,8 @@ def next_sentence_examples(records, tokenizer, data):
 
 def span_examples(records, tokenizer, data):
   t = ex.SpanCorruption(_stream(records, tokenizer, tokenizer.eos_id), ex.Specials.from_tokenizer(tokenizer),
-                        inputs_length=data.seq_len, targets_length=data.targets_len or None)
+                        inputs_length=data.seq_len, targets_length=data.targets_len or None,
+                        random_start=_random_start(data))
   return t, range(t.num_windows)
 
 
