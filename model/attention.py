@@ -3,7 +3,8 @@
 Everything here is a plain function of arrays (jit-able, no parameters), so tests can hold it against a float64 numpy
 formula and the Flax modules in layers.py stay thin. Attention is softmax(Q K^T / sqrt(d_k) + bias) V with boolean masks
 (True = may attend). Two implementations agree to float rounding: `dot_product_attention` materializes the [T, S] score
-matrix, `chunked_attention` walks key/value chunks with an online softmax so its memory grows linearly in length.
+matrix (and, training, keeps only a log-sum-exp per row for its backward pass, which recomputes the scores),
+`chunked_attention` walks key/value chunks with an online softmax so its memory grows linearly in length.
 Masks for the chunked path are described by `MaskInfo` (segment ids, positions, causal flag) and built one block at a
 time, never as a dense [T, S] array.
 
@@ -170,22 +171,78 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Opt
 
   q [B,T,N,H]; k, v [B,S,K,H] with N a multiple of K (grouped-query; K == 1 is multi-query); mask [B|1, 1|N, T, S]
   bool; bias [B|1, N, T, S]; scale defaults to 1/sqrt(H). Scores and softmax run in float32. Returns [B,T,N,H].
+  Without dropout the gradient is `_softmax_attention`'s, which keeps each row's log-sum-exp instead of the [T, S]
+  probabilities for the backward pass.
   """
   kheads = k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
   qg = _group(q, kheads)
-  scores = jnp.einsum('BTKGH,BSKH->BKGTS', qg, k, preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    scores = scores + _bias_blocks(bias.astype(jnp.float32), kheads)
+  bias_g = None if bias is None else _bias_blocks(bias.astype(jnp.float32), kheads)
   if mask is not None:
-    m = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kheads, -1, *mask.shape[2:])
-    scores = jnp.where(m, scores, _MASK_VALUE)
-  weights = jax.nn.softmax(scores, axis=-1)
+    mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kheads, -1, *mask.shape[2:])
   if dropout_rate > 0.0 and dropout_rng is not None:
+    weights = jax.nn.softmax(_scores(scale, qg, k, bias_g, mask), axis=-1)
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  out = jnp.einsum('BKGTS,BSKH->BTKGH', weights.astype(v.dtype), v)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', weights.astype(v.dtype), v)
+  else:  # head-major inside: XLA:CPU runs the batched [T,H] x [H,S] products fastest with B, K, G leading
+    heads = _softmax_attention(float(scale), jnp.transpose(qg, (0, 2, 3, 1, 4)), jnp.transpose(k, (0, 2, 1, 3)),
+                               jnp.transpose(v, (0, 2, 1, 3)), bias_g, mask)  # [B,K,G,T,H]
+    out = jnp.transpose(heads, (0, 3, 1, 2, 4))
   return out.reshape(q.shape)
+
+
+_HEAD_MAJOR = 'BKGTH,BKSH->BKGTS'
+
+
+def _scores(scale, qg, k, bias_g, mask_g, layout='BTKGH,BSKH->BKGTS'):
+  """Scaled, biased, masked scores [B,K,G,T,S] float32 of grouped queries and keys (qg [B,T,K,G,H] and k [B,S,K,H];
+  head-major qh [B,K,G,T,H] and kh [B,K,S,H] with layout 'BKGTH,BKSH->BKGTS')."""
+  scores = jnp.einsum(layout, qg, k, preferred_element_type=jnp.float32) * scale
+  if bias_g is not None:
+    scores = scores + bias_g
+  return scores if mask_g is None else jnp.where(mask_g, scores, _MASK_VALUE)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _softmax_attention(scale, qh, kh, vh, bias_g, mask_g):
+  """Head-major attention: qh [B,K,G,T,H], kh and vh [B,K,S,H] -> [B,K,G,T,H]. Its VJP recomputes the probabilities
+  from the saved log-sum-exp (FlashAttention's backward in one block), so a layer keeps O(T) numbers per head for
+  its backward pass instead of O(T * S), and a scanned stack has no [layers, B, K, G, T, S] buffer to zero-fill."""
+  return _softmax_attention_fwd(scale, qh, kh, vh, bias_g, mask_g)[0]
+
+
+def _softmax_attention_fwd(scale, qh, kh, vh, bias_g, mask_g):
+  scores = _scores(scale, qh, kh, bias_g, mask_g, _HEAD_MAJOR)
+  top = jnp.max(scores, axis=-1, keepdims=True)
+  e = jnp.exp(scores - top)
+  total = jnp.sum(e, axis=-1, keepdims=True)
+  out = (jnp.einsum('BKGTS,BKSH->BKGTH', e.astype(vh.dtype), vh, preferred_element_type=jnp.float32) /
+         total).astype(vh.dtype)  # normalized on [T,H], not on [T,S]
+  return out, (qh, kh, vh, bias_g, mask_g, out, top + jnp.log(total))
+
+
+def _softmax_attention_bwd(scale, res, dout):
+  """p = exp(scores - lse); dV = p^T dO; dS = p (dO V^T - rowsum(dO * O)); dQ = dS K scale; dK = dS^T Q scale;
+  dBias = dS (summed over a broadcast batch). A masked entry has p = 0, so no gradient, unless its whole row is
+  masked (padding that may see no key; segment ids never make one): then, as its output is the mean of the values,
+  its uniform p passes the row's gradient on to q and k."""
+  qh, kh, vh, bias_g, mask_g, out, lse = res
+  p = jnp.exp(_scores(scale, qh, kh, bias_g, mask_g, _HEAD_MAJOR) - lse)  # [B,K,G,T,S]
+  dv = jnp.einsum('BKGTS,BKGTH->BKSH', p.astype(vh.dtype), dout)
+  dp = jnp.einsum('BKGTH,BKSH->BKGTS', dout, vh, preferred_element_type=jnp.float32)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = p * (dp - delta)  # 0 where masked: p is
+  dbias = None
+  if bias_g is not None:
+    dbias = ds.sum(axis=0, keepdims=True) if bias_g.shape[0] == 1 < ds.shape[0] else ds
+  ds = (ds * scale).astype(qh.dtype)
+  dq = jnp.einsum('BKGTS,BKSH->BKGTH', ds, kh)
+  dk = jnp.einsum('BKGTS,BKGTH->BKSH', ds, qh)
+  return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), dbias, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask_info: Optional[MaskInfo] = None,

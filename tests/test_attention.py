@@ -236,25 +236,42 @@ def test_chunked_uneven_q_and_kv_chunks():
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(plain), atol=1e-5, rtol=0)
 
 
+def _autodiff_attention(q, k, v, mask, bias):
+  """The formula written out, differentiated by autodiff: the reference for both hand-written backward passes."""
+  g = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+  scores = jnp.einsum('btnh,bsnh->bnts', q, k) / np.sqrt(q.shape[-1])
+  scores = scores if bias is None else scores + bias
+  scores = jnp.where(mask, scores, -1e30) if mask is not None else scores
+  return jnp.einsum('bnts,bsnh->btnh', jax.nn.softmax(scores, axis=-1), v)
+
+
 @functools.partial(jax.jit, static_argnames=('chunk',))
-def _plain_and_chunked_grads(q, k, v, info, bias, w, *, chunk):
-  """Gradients of sum(w * attention) with respect to q, k, v and the bias, plain (autodiff) and chunked (its VJP)."""
+def _attention_grads(q, k, v, info, bias, w, *, chunk):
+  """Gradients of sum(w * attention) with respect to q, k, v and the bias: autodiff through the formula, the plain
+  path's VJP and the chunked path's."""
 
   def loss(impl, q, k, v, bias):
-    if impl == 'plain':
+    if impl == 'autodiff':
+      out = _autodiff_attention(q, k, v, info.dense(), bias)
+    elif impl == 'plain':
       out = attn.dot_product_attention(q, k, v, mask=info.dense(), bias=bias)
     else:
       out = attn.chunked_attention(q, k, v, mask_info=info, bias=bias, q_chunk=chunk, kv_chunk=chunk)
     return jnp.sum(w * out)
 
   argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
-  return [jax.grad(functools.partial(loss, impl), argnums=argnums)(q, k, v, bias) for impl in ('plain', 'chunked')]
+  return [
+      jax.grad(functools.partial(loss, impl), argnums=argnums)(q, k, v, bias)
+      for impl in ('autodiff', 'plain', 'chunked')
+  ]
 
 
 @pytest.mark.parametrize('case', ['causal_segments_gqa', 'bias_batch1', 'bias_per_example_cross', 'prefix_lm'])
-def test_chunked_gradients_equal_plain(case):
-  """The hand-written FlashAttention backward against autodiff through the plain formula: lengths not a multiple of
-  the chunk, padding, packed segments, grouped queries, a bias shared over the batch or per example."""
+def test_plain_and_chunked_gradients_equal_autodiff(case):
+  """Both hand-written backward passes (the plain path's log-sum-exp VJP, the chunked FlashAttention one) against
+  autodiff through the formula: lengths not a multiple of the chunk, padding, packed segments, grouped queries, a
+  bias shared over the batch or per example."""
   t, s, n, kh = {'bias_per_example_cross': (21, 37)}.get(case, (37, 37)) + ((4, 2) if case != 'prefix_lm' else (2, 2))
   r = np.random.default_rng(len(case))
   q = jnp.asarray(r.normal(size=(B, t, n, H)), jnp.float32)
@@ -270,10 +287,30 @@ def test_chunked_gradients_equal_plain(case):
               kv_segment_ids=jnp.asarray([[1] * 30 + [0] * 7, [1] * 37], jnp.int32))
   bias = {'bias_batch1': (1, n, t, s), 'bias_per_example_cross': (B, n, t, s)}.get(case)
   bias = None if bias is None else jnp.asarray(r.normal(size=bias), jnp.float32)
-  plain, chunked = _plain_and_chunked_grads(q, k, v, attn.make_mask_info(**kw), bias, w, chunk=16)
-  for name, a, b in zip(('dq', 'dk', 'dv', 'dbias'), plain, chunked):
-    assert a.shape == b.shape, name
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-5, err_msg=name)
+  reference, plain, chunked = _attention_grads(q, k, v, attn.make_mask_info(**kw), bias, w, chunk=16)
+  for name, a, b, c in zip(('dq', 'dk', 'dv', 'dbias'), reference, plain, chunked):
+    assert a.shape == b.shape == c.shape, name
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-5, err_msg=f'plain {name}')
+    np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=2e-5, rtol=1e-5, err_msg=f'chunked {name}')
+
+
+def test_plain_attention_keeps_no_score_sized_residual_for_its_backward():
+  """What the plain path's VJP holds between forward and backward: q, k, v, the output and a log-sum-exp per row (and
+  the boolean mask), never a float [B,N,T,S] array, so a scanned stack has no per-layer score buffer to fill."""
+  b, t, n, kh = 2, 64, 4, 2
+  r = np.random.default_rng(0)
+  q = jnp.asarray(r.normal(size=(b, t, n, H)), jnp.float32)
+  k, v = (jnp.asarray(r.normal(size=(b, t, kh, H)), jnp.float32) for _ in range(2))
+  bias = jnp.asarray(r.normal(size=(1, n, t, t)), jnp.float32)
+  mask = attn.causal_mask(jnp.arange(t)[None], jnp.arange(t)[None])  # [1,1,T,S]
+  for impl, want_small in (('plain', True), ('autodiff', False)):
+    f = (lambda q, k, v: attn.dot_product_attention(q, k, v, mask=mask)) if impl == 'plain' else (
+        lambda q, k, v: _autodiff_attention(q, k, v, mask, None))
+    _, vjp = jax.vjp(f, q, k, v)
+    floats = [x.size for x in jax.tree.leaves(vjp) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert (max(floats) < b * n * t * t) == want_small, (impl, sorted(floats)[-3:])
+  _, vjp = jax.vjp(lambda q, k, v, bias: attn.dot_product_attention(q, k, v, mask=mask, bias=bias), q, k, v, bias)
+  assert max(x.size for x in jax.tree.leaves(vjp) if jnp.issubdtype(x.dtype, jnp.floating)) == bias.size  # its own
 
 
 def test_chunked_attention_gradient_memory_is_linear_in_length():
