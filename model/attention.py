@@ -20,6 +20,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 # A large finite negative keeps fully masked rows finite (uniform weights) instead of NaN.
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -219,7 +220,9 @@ def _softmax_attention_fwd(scale, qh, kh, vh, bias_g, mask_g):
   total = jnp.sum(e, axis=-1, keepdims=True)
   out = (jnp.einsum('BKGTS,BKSH->BKGTH', e.astype(vh.dtype), vh, preferred_element_type=jnp.float32) /
          total).astype(vh.dtype)  # normalized on [T,H], not on [T,S]
-  return out, (qh, kh, vh, bias_g, mask_g, out, top + jnp.log(total))
+  # Named, so that a remat policy can keep them (model/config.py 'matmuls') and not redo this forward.
+  out = checkpoint_name(out, 'attention_out')
+  return out, (qh, kh, vh, bias_g, mask_g, out, checkpoint_name(top + jnp.log(total), 'attention_lse'))
 
 
 def _softmax_attention_bwd(scale, res, dout):

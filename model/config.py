@@ -20,6 +20,12 @@ REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # The projections' and the MLP's matmul outputs and what attention's own VJP keeps (model/attention.py: its output
+    # and a log-sum-exp per row): the backward recomputes norms, activations and, in attention's VJP, the
+    # probabilities. ('dots' and 'dots_no_batch' recompute the MLP's input matmul: `projection` hides it from them.)
+    'projections': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names('attention_out', 'attention_lse', 'mlp_in')),
 }
 
 
@@ -66,7 +72,7 @@ class ModelConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = True
   scan_unroll: int = 0                    # layers per iteration of the scanned loop; 0: all for a small stack, else 1
-  remat_policy: str = 'auto'              # REMAT_POLICIES or 'auto' (remat_for: 'dots' for a CPU loop, else none)
+  remat_policy: str = 'auto'              # REMAT_POLICIES or 'auto' (remat_for: by layout and backend)
   attention_impl: str = 'auto'
   attention_chunk: int = 128
   lora_rank: int = 0                      # LoRA adapters on the targeted projections (model/lora.py); 0: none
@@ -157,17 +163,21 @@ class ModelConfig:
   def remat_for(self, num_layers: int, policy: Optional[str] = None) -> str:
     """The REMAT_POLICIES name a stack of num_layers runs with: policy (default remat_policy), 'auto' resolved.
 
-    Auto: 'dots' (keep the matmul outputs, recompute the elementwise work between them in the backward pass) for a
-    stack that runs as a loop (layers_per_iteration < num_layers) on CPU, else 'none'. In the loop every residual is
-    written into a per-layer buffer XLA:CPU zero-fills each step, and on a 2-core CPU recomputing the softmax, GELU
-    and norms costs less than storing them: GPT 6x512 at 8 x 256 +15%, 8x512 +22%, 12x768 +7%, LLaMA 8x512 +7%,
-    BERT 4x768 +1%, BERT 12x768 and T5 6x512 within -1.4% (benchmarks/train_throughput.py). Unrolled stacks and
-    accelerators keep every residual."""
+    Auto, for a stack that runs as a loop (layers_per_iteration < num_layers) on CPU: 'projections' for pre-norm
+    layers, 'dots' for post-norm ones; otherwise 'none'. In the loop every residual is written into a per-layer
+    buffer XLA:CPU zero-fills each step, and on a 2-core CPU recomputing the softmax, GELU and norms from the saved
+    matmul outputs costs less than storing them. Measured with benchmarks/train_throughput.py's step (tokens/s):
+    'dots' against none: GPT 6x512 at 8 x 256 +15%, 8x512 +22%, 12x768 +7%, LLaMA 8x512 +7%, BERT 4x768 +1%, BERT
+    12x768 and T5 6x512 within -1.4%; 'projections' against 'dots' (with attention's own VJP): GPT 6x512 +8-10%,
+    LLaMA 8x512 +6%, T5 6x512 within the noise (+-3%), but BERT 12x768 (post-norm) -7 to -12%, hence 'dots' there.
+    Unrolled stacks and accelerators keep every residual."""
     policy = self.remat_policy if policy is None else policy
     if policy != 'auto':
       return policy
     looped = self.scan_layers and self.layers_per_iteration(num_layers) < num_layers
-    return 'dots' if looped and jax.default_backend() == 'cpu' else 'none'
+    if not looped or jax.default_backend() != 'cpu':
+      return 'none'
+    return 'projections' if self.pre_norm else 'dots'
 
   @property
   def has_final_norm(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from model import attention as attn
 from model import lora
@@ -249,10 +250,10 @@ class Mlp(nn.Module):
     cfg = self.cfg
     act = activation(cfg.activation)
     proj = lambda features, names, name: dense(cfg, features, names, name=name, deterministic=self.deterministic)
-    if cfg.gated_mlp:
-      hidden = act(proj(cfg.d_ff, ('embed', 'mlp'), 'wi_0')(x)) * proj(cfg.d_ff, ('embed', 'mlp'), 'wi_1')(x)
-    else:
-      hidden = act(proj(cfg.d_ff, ('embed', 'mlp'), 'wi')(x))
+    # 'mlp_in' names what a remat policy may keep (model/config.py 'projections'): `projection`'s own VJP hides the
+    # matmul from the dots policies, which would otherwise recompute it.
+    wi = lambda name: checkpoint_name(proj(cfg.d_ff, ('embed', 'mlp'), name)(x), 'mlp_in')
+    hidden = act(wi('wi_0')) * wi('wi_1') if cfg.gated_mlp else act(wi('wi'))
     hidden = nn.Dropout(cfg.mlp_dropout_rate)(hidden, deterministic=self.deterministic)
     return proj(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)
 

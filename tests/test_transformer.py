@@ -217,7 +217,8 @@ def _grads(cfg, params, batch, weights):
   return jax.tree.map(np.asarray, jax.jit(jax.grad(loss))(params))
 
 
-@pytest.mark.parametrize('name,scan,policies', [('llama-tiny', True, ('full',)), ('gpt2-tiny', False, ('dots',))])
+@pytest.mark.parametrize('name,scan,policies', [('llama-tiny', True, ('full',)), ('gpt2-tiny', False, ('dots',)),
+                                                ('gpt2-tiny', True, ('projections',))])
 def test_remat_changes_no_gradient(name, scan, policies):
   cfg = tiny(name, scan_layers=scan, remat_policy='none')
   params = params_for(name) if scan else unstack_layers(params_for(name))
@@ -236,15 +237,17 @@ def test_remat_changes_no_gradient(name, scan, policies):
       assert np.abs(g1 - g0).max() <= 1e-6 * scale, (policy, jax.tree_util.keystr(path))
 
 
-def test_auto_remat_is_dots_for_a_cpu_loop_and_none_unrolled():
-  """remat_policy='auto' (the default) wraps a stack run as a loop in 'dots' on CPU and leaves one that runs all its
+def test_auto_remat_is_projections_for_a_cpu_loop_and_none_unrolled():
+  """remat_policy='auto' (the default) wraps a stack run as a loop in 'projections' ('dots' if post-norm) on CPU and leaves one that runs all its
   layers in one iteration alone; an explicit policy is kept; the gradients are those of no remat."""
   cfg = tiny('gpt2-tiny')
   n = cfg.num_layers
   assert cfg.remat_policy == 'auto' and n > 1
   looped = cfg.replace(scan_unroll=1)
   assert cfg.remat_for(n) == 'none' and cfg.replace(scan_layers=False).remat_for(n) == 'none'
-  assert looped.remat_for(n) == ('dots' if jax.default_backend() == 'cpu' else 'none')
+  assert looped.remat_for(n) == ('projections' if jax.default_backend() == 'cpu' else 'none')
+  post_norm = tiny('bert-tiny').replace(scan_unroll=1)
+  assert post_norm.remat_for(post_norm.num_layers) == ('dots' if jax.default_backend() == 'cpu' else 'none')
   assert looped.replace(remat_policy='full').remat_for(n) == 'full' and looped.remat_for(n, 'none') == 'none'
   with pytest.raises(ValueError, match="remat_policy='dot'.*'auto'"):
     cfg.replace(remat_policy='dot')

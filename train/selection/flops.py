@@ -41,7 +41,7 @@ _LOGIT_COPIES = 2.5  # float32 copies of the logits a log-softmax cross-entropy 
 # The peak of the backward pass holds, besides everything saved, a working set of about this share of one layer's
 # residuals (scan without remat: XLA's buffers around the loop; with remat: the recomputed layer and its gradients),
 # as measured against XLA's memory analysis of the train step on CPU.
-_WORKING = {'none': 0.5, 'unrolled': 0.1, 'full': 1.3, 'dots': 1.0, 'dots_no_batch': 1.0}
+_WORKING = {'none': 0.5, 'unrolled': 0.1, 'full': 1.3, 'dots': 1.0, 'dots_no_batch': 1.0, 'projections': 0.75}
 # Unrolled layers (scan_layers=False) let XLA fuse some of those residuals into the backward's consumers instead.
 _UNROLLED = 0.85
 
@@ -135,7 +135,15 @@ def _attention_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, src: bool,
     scores = c.pointwise(pairs, bias, 'add') or scores
   probs = _dropout(c, pairs, c.pointwise(pairs, scores, 'softmax'), cfg.attention_dropout_rate, det)
   out = c.matmul(2.0 * pairs * h, probs, value, batched=True)  # [B,T,N,H]
+  if out and _attention_vjp(cfg, det):  # attention's own VJP recomputes the scores from q and k
+    c.backward += 2.0 * pairs * h
   return _dense_flops(c, cfg, f'{path}/out', out, b * t, n * h, d, det=det)
+
+
+def _attention_vjp(cfg: ModelConfig, det: bool) -> bool:
+  """Whether attention trains through model/attention.py's own VJP (keeps a log-sum-exp per row, recomputes the
+  probabilities) rather than autodiff (kept [T,S] probabilities): all but the plain path with attention dropout."""
+  return det or cfg.attention_dropout_rate == 0
 
 
 def _mlp_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, m: int, det: bool) -> bool:
@@ -162,18 +170,24 @@ def _block_saved(cfg: ModelConfig, b: int, t: int, s: int, *, cross: bool, det: 
   pairs = b * n * t * (t + (s if cross else 0))  # [B,N,T,S] scores of every attention
   if policy == 'full':
     return m * d * a, 0.0  # the layer's input
-  if policy in ('dots', 'dots_no_batch'):  # the matmul outputs; 'dots' also the batched ones (PV and the scores)
+  rows = attns * m * n * _F32  # a log-sum-exp per query row and head, kept by attention's own VJP
+  if policy in ('dots', 'dots_no_batch', 'projections'):  # the matmul outputs ('dots': PV and the scores too)
     stream = m * d * a * (1 + attns + (not cfg.pre_norm))  # input, `out` projections (post-LN: `wo` too)
     wide = (qkv + m * f * (1 + cfg.gated_mlp)) * a
-    return stream, wide + (pv * a + pairs * _F32 if policy == 'dots' else 0.0)
+    if policy != 'projections':  # these cannot keep the MLP's input (`projection`'s own VJP hides its matmul), which
+      # the backward recomputes; counting it here matches XLA's peak on CPU better than leaving it out (fitted)
+      return stream, wide + (pv * a + pairs * _F32 if policy == 'dots' else 0.0)
+    return stream, wide + (pv * a + rows if _attention_vjp(cfg, det) else 0.0)  # attention's output and lse
   drop = lambda rate: rate > 0 and not det
   norms = attns + 1
   inner = 3 if cfg.norm == 'layernorm' else 2  # layernorm: x - mean, normalized, scaled; rmsnorm: input, normalized
   # Each norm keeps `inner` float32 copies and its output (read by a matmul; post-LN: all but the last, and the
   # block's input instead), two float32 row statistics, and a 1-byte mask per residual dropout.
   stream = m * (d * _F32 * norms * (inner + 1) + norms * 2 * _F32 + d * norms * drop(cfg.dropout_rate))
-  per_pair = 3 * _F32 + 1 + (_F32 + 1) * drop(cfg.attention_dropout_rate)  # mask, scores, exp, probs (+ dropout)
-  wide = (qkv + pv) * a + pairs * per_pair + m * attns * 2 * n * _F32  # + the softmax's row statistics
+  if _attention_vjp(cfg, det):  # q, k, v, the output and a log-sum-exp per row; the mask once per example
+    wide = (qkv + pv) * a + rows + b * t * (t + (s if cross else 0))
+  else:  # autodiff: mask, scores, exp, probs and the dropout mask per pair, and the softmax's row statistics
+    wide = (qkv + pv) * a + pairs * (4 * _F32 + 2) + 2 * rows
   act = _MLP_SAVED[cfg.activation] + 2 * cfg.gated_mlp
   wide += m * f * (act * a + (cfg.activation == 'relu') + drop(cfg.mlp_dropout_rate))
   if cfg.position == 'rope':
@@ -211,8 +225,15 @@ def _block_flops(c: _Count, cfg: ModelConfig, path: str, x: bool, b: int, t: int
   x = residual(x, lambda y: _mlp_flops(c, cfg, f'{path}/mlp', y, m, det), 'mlp_norm')
   if x and policy != 'none':  # the backward pass first recomputes what the policy did not save
     fwd, mm, bmm = (now - then for now, then in zip((c.forward, c.matmuls, c.batched), before))
+    if policy in ('dots', 'dots_no_batch'):  # they cannot keep the MLP's input matmul (see _block_saved)
+      mm -= 2.0 * m * d * cfg.d_ff * (1 + cfg.gated_mlp)
     # 'full' recomputes the whole forward but `wo`, whose output only the next layer reads (XLA drops it).
-    c.backward += {'full': fwd - 2.0 * m * cfg.d_ff * d, 'dots': fwd - mm, 'dots_no_batch': fwd - mm + bmm}[policy]
+    c.backward += {
+        'full': fwd - 2.0 * m * cfg.d_ff * d,
+        'dots': fwd - mm,
+        'dots_no_batch': fwd - mm + bmm,
+        'projections': fwd - mm
+    }[policy]
   s = cross[1] if cross else 0
   saved = _block_saved(cfg, b, t, s, cross=cross is not None, det=det, policy=policy)
   share = 1.0 if looped or policy != 'none' else _UNROLLED
