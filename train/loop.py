@@ -1,9 +1,12 @@
 """Stage 3 of a run, the loop: one jitted step per batch, with the metrics window, dev evaluation, early stopping,
-checkpoints, the finite and divergence guards and SIGTERM around it. train/trainer.py prepares the `Run` it drives.
+checkpoints, the finite and divergence guards, and SIGTERM / Ctrl-C around it. train/trainer.py prepares the `Run` it
+drives.
+
+Steps are dispatched asynchronously, but the loop waits for the step before last before it goes on, so at most two
+steps are queued: a signal (train/signals.py) is honoured within two steps, and the queued batches hold little memory.
 """
 from __future__ import annotations
 
-import signal
 import time
 
 import jax
@@ -11,6 +14,7 @@ import optax
 
 from train import checkpoint as ckpt_lib
 from train import evaluate
+from train import signals as signals_lib
 from train import workdir as workdir_lib
 from train.data.loader import global_batch
 from train.steps import summarize
@@ -20,28 +24,6 @@ from train.writers import MetricsWriter
 def _fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-class _Preemption:
-  """SIGTERM (Colab / Cloud TPU preemption) sets a flag; the loop saves a checkpoint and returns."""
-
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    try:
-      self._old = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, nothing else changes
-      self._old = None
-    return self
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
 
 
 class Loop:
@@ -54,6 +36,7 @@ class Loop:
     self.t_window, self.steps_window = time.time(), 0
     self.eval_at, self.best, self.since_best, self.stop = None, None, 0, False
     self.lowest_loss = None
+    self.saved_at = None  # the step of the newest save
 
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
@@ -88,6 +71,7 @@ class Loop:
     window = [{k: float(v) for k, v in m.items()} for m in jax.device_get(self.history)]
     self.ckpts.save(step, state, loader_state=self.run.data.train.get_state(),
                     config=workdir_lib.config_dict(self.run.config), metrics=metrics, window=window)
+    self.saved_at = step
 
   def can_evaluate(self) -> bool:
     return self.run.forward is not None or (self.run.data.eval is not None and bool(self.tc.eval_steps))
@@ -154,32 +138,47 @@ class Loop:
                  f'{values["tokens_per_sec"]:.0f} tokens/s  ETA {_fmt_time(eta)}')
     self.history, self.t_window, self.steps_window = [], time.time(), 0
 
-  def after_step(self, state, metrics, step, total):
+  def after_step(self, state, metrics, step, total, *, stopping: bool = False):
     self.history.append(metrics)
     self.steps_window += 1
     tc = self.tc
     if step % int(tc.log_every) == 0 or step == total:
       self.log_window(state, step, total)
-    # The last step is always evaluated (so the final checkpoint competes for best, whatever eval_every is).
-    if (tc.eval_every and step % int(tc.eval_every) == 0) or step == total:
+    # The last step is always evaluated (so the final checkpoint competes for best, whatever eval_every is); a run
+    # asked to stop skips the others: a dev set can take longer than a preemption notice leaves.
+    if (tc.eval_every and step % int(tc.eval_every) == 0 and not stopping) or step == total:
       self.evaluate(state, step)
     if step % int(tc.checkpoint_every) == 0 or step == total or self.stop:
       self.save(state, step, metrics=self.checkpoint_metrics(step))
 
 
-def train_loop(run, state, start: int, loop: Loop):
-  """Stage 3: steps from `start` to config.train.steps; SIGTERM saves and returns. -> (state, step, status)."""
-  total, step, status = int(run.config.train.steps), start, 'done'
-  with _Preemption() as preempt:
+def train_loop(run, state, start: int, loop: Loop, signals: signals_lib.Signals | None = None):
+  """Stage 3: steps from `start` to config.train.steps -> (state, step, status). A SIGTERM or Ctrl-C (`signals`, the
+  command line's; without it the loop installs its own handlers for its duration) saves the step in flight and
+  returns status 'preempted'."""
+  own = signals is None
+  signals = signals_lib.Signals().install() if own else signals
+  signals.raise_if_stopped()  # a start-up signal whose exception was swallowed: still nothing trained
+  signals.immediate = False  # from here on a signal is honoured by a save, never by an exception mid-step
+  total, step, previous = int(run.config.train.steps), start, None
+  try:
     while step < total:
       state, metrics = run.train_fn(state, global_batch(next(run.data.train), run.setup.batch_sharding))
       step += 1
-      loop.after_step(state, metrics, step, total)
-      if preempt.requested:
-        if step % int(run.config.train.checkpoint_every):
+      if previous is not None:
+        # Dispatch returns at once, so unchecked the loop runs ahead of the device up to the next log step; waiting
+        # for the step before this one keeps the device fed (this one is queued) and a signal waits two steps at most.
+        jax.block_until_ready(previous)
+      previous = metrics
+      loop.after_step(state, metrics, step, total, stopping=signals.received is not None)
+      if signals.received is not None:
+        if loop.saved_at != step:
           loop.save(state, step)
-        run.log(f'SIGTERM: saved step {step}, exiting')
+        run.log(f'{signals.name}: saved step {step}, exiting; the same command resumes from it')
         return state, step, 'preempted'
       if loop.stop:
         return state, step, 'early_stopped'
-  return state, step, status
+  finally:
+    if own:
+      signals.uninstall()
+  return state, step, 'done'

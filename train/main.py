@@ -9,7 +9,9 @@ with one line `error: ...` and exit code 2, before anything is compiled or writt
 
 Exit codes: 0 done (or the workdir was already finished); 2 one-line `error: ...` the user can fix (flags, config,
 data, divergence, a busy workdir, a full disk: rerun once fixed, a checkpointed run resumes from its newest complete
-step); 143 stopped by SIGTERM after saving; 75 (multi-host) another process of the run was killed, crashed or stopped
+step); 143 stopped by SIGTERM, 130 by Ctrl-C (SIGINT): in the loop after saving the step in flight (within two steps),
+during start-up with nothing trained and the workdir as it was, after the final save with the run complete; each says
+which in one line, and the same command resumes. A second Ctrl-C exits at once without saving; 75 (multi-host) another process of the run was killed, crashed or stopped
 answering for --peer_timeout seconds (default 30), or stopped on an error of its own: this one names it in one line
 and exits rather than hang in a collective; restart every process to resume from the newest complete checkpoint.
 """
@@ -27,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from train import failures
+from train import signals as signals_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +53,39 @@ _PEER_TIMEOUT = flags.DEFINE_integer(
     'at once). Keep it below the collective backend\'s own timeout (gloo: 60 s); 0 turns the watchdog off.')
 
 _WATCHDOG = []  # the multi-host peer watchdog (train/distributed.py), once started
+# SIGTERM and Ctrl-C from the start (installed by __main__): start-up stops at once, the loop saves first.
+_SIGNALS = signals_lib.Signals(immediate=True)
+
+
+def _stopped(line: str, code: int, *, at_once: bool = False):
+  """The run stopped on a signal: one line on stdout and the signal's exit code (multi-host: the peers are told, as
+  by _fail). at_once: without waiting for the threads of a save in flight (Python's exit would join them)."""
+  if _WATCHDOG:
+    from train import distributed  # pylint: disable=g-import-not-at-top
+    _WATCHDOG[0].stop(failed=line)
+    distributed.exit_with(line, code)
+  print(line, flush=True)
+  if at_once:
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
+def _newest_checkpoint(workdir) -> str:
+  """'from step N, its newest checkpoint' or 'from the start: it holds no checkpoint yet', for a stop line."""
+  folder = os.path.join(workdir or '', 'checkpoints')
+  steps = [int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ()) if n.isdigit()]
+  return f'from step {max(steps)}, its newest checkpoint' if steps else 'from the start: it holds no checkpoint yet'
+
+
+def _stop_signal(error: BaseException):
+  """A run a signal ended before or outside the loop's own save: its one line and exit code."""
+  if isinstance(error, signals_lib.Stopped):
+    _stopped(f'{error.name} during start-up: stopped before training; nothing was lost (no step was trained or saved; '
+             'the same command starts or resumes the run).', error.exit_code)
+  # A save cut off in flight leaves only orbax's temporary folder, never a partial step.
+  _stopped(f'Ctrl-C again: stopped at once, without saving or finishing a save; the same command resumes '
+           f'{_newest_checkpoint(_WORKDIR.value)}.', signals_lib.EXIT_CODES[signal.SIGINT], at_once=True)
 
 
 def _fail(message: str, code: int = 2):
@@ -253,7 +289,8 @@ def main(argv):
   log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
   from train.workdir import WorkdirBusy
   try:
-    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True))
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True),
+                                         signals=_SIGNALS)
   except Exception as e:  # pylint: disable=broad-except
     # A full disk (from any layer: Python, orbax/tensorstore, the Rust tokenizer) and config, data and divergence
     # errors are the user's to fix: one line, no traceback, exit code 2. Anything else keeps its traceback.
@@ -266,8 +303,12 @@ def main(argv):
   if _WATCHDOG:
     _WATCHDOG[0].stop()  # done: the peers stop watching this process
   summary.pop('state', None)
-  if summary['status'] == 'preempted':
-    sys.exit(143)
+  if summary['status'] == 'preempted':  # the loop saved and said so
+    sys.exit(_SIGNALS.exit_code)
+  if _SIGNALS.received is not None:  # after the loop: the final save was let finish
+    _stopped(
+        f'{_SIGNALS.name} after the final checkpoint (step {summary["steps"]}) was written: nothing was lost; '
+        f'the run is complete (outputs in {summary["workdir"]}).', _SIGNALS.exit_code)
   if summary['status'] == 'finished':
     return  # an already finished workdir: said so, wrote nothing
   loss = ' -> '.join(f'{summary[k]:.4f}' for k in ('first_loss', 'final_loss') if summary[k] is not None)
@@ -275,5 +316,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _SIGNALS.install()
   logging.set_verbosity(logging.WARNING)
-  app.run(main, flags_parser=_parse_flags)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except (signals_lib.Stopped, KeyboardInterrupt) as stop:  # start-up, or a second Ctrl-C: no traceback
+    _stop_signal(stop)

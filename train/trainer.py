@@ -37,6 +37,7 @@ from train import loop as loop_lib
 from train import optim
 from train import partitioning as part
 from train import pretrained
+from train import signals as signals_lib
 from train import tasks
 from train.data import pipeline
 from train.steps import eval_step, train_step
@@ -315,6 +316,7 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   if task.score is not None and data.dev_records:
     forward = evaluate.task_forward(task, setup.model, config.data, params_sharding=setup.state_shardings['params'],
                                     batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
+  signals_lib.raise_if_stopped()  # a signal whose exception was swallowed (train/signals.py): prepare cleans up
   return Run(config, workdir, init, data, setup, train_fn, eval_fn, log, task, forward)
 
 
@@ -350,16 +352,17 @@ def _checkpoints(run: Run) -> ckpt_lib.Checkpoints:
                               async_save=bool(tc.get('async_checkpoints', True)))
 
 
-def train_and_evaluate(config, workdir: str, *, devices=None, log=print) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, devices=None, log=print, signals=None) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint: prepare -> restore or init -> loop.
 
   -> summary dict (status, steps, first/final loss, throughput, last eval, workdir, params, state). A second run on
-  a workdir that a live run holds raises workdir.WorkdirBusy naming that run."""
+  a workdir that a live run holds raises workdir.WorkdirBusy naming that run. `signals`: the command line's
+  train/signals.py handlers, which the loop takes over (without them the loop installs its own for its duration)."""
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, devices=devices, log=log)
+    return _train_and_evaluate(config, workdir, devices=devices, log=log, signals=signals)
 
 
-def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]:
+def _train_and_evaluate(config, workdir: str, *, devices, log, signals) -> dict[str, Any]:
   run = prepare(config, workdir, devices=devices, log=log)
   if run.config.train.get('compilation_cache', True):
     host.use_compilation_cache(run.workdir)
@@ -384,12 +387,16 @@ def _train_and_evaluate(config, workdir: str, *, devices, log) -> dict[str, Any]
     if start:  # the steps since the last log step before the checkpoint: the first window after it is whole again
       loop.history = ckpts.window(start)
     try:
-      state, step, status = loop_lib.train_loop(run, state, start, loop)
+      state, step, status = loop_lib.train_loop(run, state, start, loop, signals)
     finally:
       writer.close()
+  except KeyboardInterrupt:  # a second Ctrl-C: out at once, not waiting for a save in flight
+    ckpts = None
+    raise
   finally:
     # Also on an error (a NaN stop included): wait for in-flight async saves, so the last good checkpoint lands.
-    ckpts.close()
+    if ckpts is not None:
+      ckpts.close()
   return _summary(status, step, loop, time.time() - t_start, workdir, n_params, state)
 
 
