@@ -142,6 +142,8 @@ def base() -> ml_collections.ConfigDict:
       async_checkpoints=True,   # save in the background while training goes on
       max_param_norm=0.0,       # divergence guard: stop without saving when the global parameter norm exceeds it; 0: off
       max_loss_ratio=0.0,       # divergence guard: stop when a logged loss exceeds this times the lowest so far; 0: off
+      max_param_growth=1000.0,  # divergence guard: stop without saving when the parameter norm exceeds this times its
+      #                           value when the run (or its resumption) started; 0: off
       memory_check=True,        # refuse a run whose estimated bytes per device (train/selection/cost.py) exceed the
       #                           device's memory, before anything is built
       compilation_cache=True,   # JAX's persistent compilation cache in <workdir>/jax_cache (a rerun or resume starts
@@ -149,7 +151,8 @@ def base() -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP
-      rules=None,               # [[logical axis, mesh axes], ...]; None: train/partitioning.py DEFAULT_RULES
+      rules=config_dict.placeholder(tuple),  # [[logical axis, mesh axes], ...], e.g. "[['embed', 'fsdp']]";
+      #                           None: train/partitioning.py DEFAULT_RULES
   ))
   # yapf: enable
   return c

@@ -107,6 +107,9 @@ class ModelConfig:
       bad('attention_impl', "must be 'auto', 'plain', 'chunked' or 'cudnn'.")
     if self.scan_unroll < 0:
       bad('scan_unroll', 'must be >= 0 (0: automatic, N: layers per iteration of the scanned loop).')
+    for f in ('dropout_rate', 'attention_dropout_rate', 'mlp_dropout_rate'):
+      if not 0.0 <= getattr(self, f) < 1.0:  # a probability of dropping; at 1 or above nothing would pass
+        bad(f, 'must be in [0, 1) (0 turns that dropout off).')
     for f in ('vocab_size', 'd_model', 'num_heads', 'num_layers', 'd_ff', 'max_len'):
       if getattr(self, f) <= 0:
         bad(f, 'must be positive.')

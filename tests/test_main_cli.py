@@ -37,6 +37,12 @@ TRAINER_CASES = {
     'best_metric_without_split': (['--config.train.best_metric=loss'], "'eval/<metric>'"),
     'infinite_learning_rate': (['--config.optim.learning_rate=inf'], 'learning_rate=inf'),
     'negative_targets_len': (['--config.data.targets_len=-4'], 'config.data.targets_len=-4'),
+    # As the command line parses them (tests/test_refusals.py has every refused value in process).
+    'mesh_rule_unknown_axis': (["--config.mesh.rules=[['embed','nope']]"], "config.mesh.rules: the rule ['embed', "
+                               "'nope'] maps 'embed' to 'nope', which is not a mesh axis"),
+    'mesh_shape_not_integers': (['--config.mesh.shape=abc'], "config.mesh.shape=('abc',): give one integer size"),
+    'dropout_above_one': (["--config.model.overrides={'dropout_rate': 2.0}"],
+                          'config.model.overrides.dropout_rate: ModelConfig.dropout_rate=2.0: must be in [0, 1)'),
     'bad_coordinator': (['--coordinator=nohost', '--num_processes=2', '--process_id=0'], "--coordinator='nohost'"),
     'process_id_out_of_range': (['--coordinator=127.0.0.1:1', '--num_processes=2', '--process_id=5'], '--process_id=5'),
 }

@@ -141,6 +141,15 @@ class Checkpoints:
             item={'params': abstract_params}, restore_args={'params': restore_args}, partial_restore=True)))
     return out['state']['params']
 
+  def trim(self) -> list[int]:
+    """Deletes the steps the retention policy (max_to_keep, best_metric) no longer keeps -> their numbers. Orbax
+    applies it only after a save, so a run killed between its final save and that cleanup leaves one step too many,
+    and a finished workdir is never saved to again."""
+    old = list(getattr(self.manager, '_get_old_steps_to_remove', lambda: [])())  # the policy each save applies
+    for step in old:
+      self.manager.delete(step)
+    return old
+
   def wait(self):
     self.manager.wait_until_finished()
 

@@ -316,6 +316,11 @@ def main(argv=None) -> int:
     missing = [f'--{n}' for n in ('from', 'data', 'out') if not fl[n].value]
     if missing:
       raise ValueError(f'{" ".join(missing)} required: python -m train.evaluate --from=RUN --data=FILE --out=DIR.')
+    where = fl['from'].value
+    if not os.path.exists(where) or (fl.config is None and not os.path.isfile(os.path.join(where, 'config.json'))):
+      why = 'does not exist' if not os.path.exists(where) else "holds no config.json: it is no run's workdir"
+      raise FileNotFoundError(f'--from={where} {why}; give a fine-tuning run\'s --workdir, or with --config any '
+                              'checkpoint (an lmlab run, a converted or Hugging Face directory, a .gguf file).')
     if fl.config is not None:
       evaluate_prompt(fl['from'].value, fl.config, fl.data, fl.out, batch_size=fl.batch_size)
     else:

@@ -37,6 +37,7 @@ class Loop:
     self.eval_at, self.best, self.since_best, self.stop = None, None, 0, False
     self.lowest_loss = None
     self.saved_at = None  # the step of the newest save
+    self.start_norm = None  # the parameters' global norm when this process started training (max_param_growth)
 
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
@@ -48,17 +49,22 @@ class Loop:
                                'Lower config.optim.learning_rate or enable config.optim.clip_norm.')
 
   def check_diverged(self, state, step):
-    """The config's divergence guards (train.max_param_norm, train.max_loss_ratio): finite but runaway numbers stop
-    the run before they are saved, as a NaN does."""
+    """The config's divergence guards (train.max_param_norm, train.max_param_growth, train.max_loss_ratio): finite
+    but runaway numbers stop the run before they are saved, as a NaN does."""
     latest = self.ckpts.latest_step()
     kept = f'the last checkpoint (step {latest}) is kept' if latest is not None else 'no checkpoint was written yet'
-    limit = float(self.tc.get('max_param_norm') or 0)
-    if limit:
+    limit, growth = float(self.tc.get('max_param_norm') or 0), float(self.tc.get('max_param_growth') or 0)
+    if limit or (growth and self.start_norm):
       norm = float(jax.device_get(optax.tree.norm(state['params'])))
-      if not norm <= limit:
+      if limit and not norm <= limit:
         raise FloatingPointError(f'parameter norm {norm:.3g} at step {step} exceeds config.train.max_param_norm='
                                  f'{limit:g}: the run diverged; stopped without saving; {kept}. Lower '
                                  'config.optim.learning_rate or enable config.optim.clip_norm.')
+      if growth and self.start_norm and not norm <= growth * self.start_norm:
+        raise FloatingPointError(f'parameter norm {norm:.3g} at step {step} is over config.train.max_param_growth='
+                                 f'{growth:g} times its {self.start_norm:.3g} at the start: the run diverged; stopped '
+                                 f'without saving; {kept}. Lower config.optim.learning_rate or enable '
+                                 'config.optim.clip_norm (max_param_growth=0 turns this guard off).')
     ratio = float(self.tc.get('max_loss_ratio') or 0)
     if ratio and self.last_train and self.lowest_loss is not None and self.last_train['loss'] > ratio * self.lowest_loss:
       raise FloatingPointError(f'loss {self.last_train["loss"]:.4g} at step {step} exceeds config.train.max_loss_ratio='
@@ -161,6 +167,8 @@ def train_loop(run, state, start: int, loop: Loop, signals: signals_lib.Signals 
   signals.raise_if_stopped()  # a start-up signal whose exception was swallowed: still nothing trained
   signals.immediate = False  # from here on a signal is honoured by a save, never by an exception mid-step
   total, step, previous = int(run.config.train.steps), start, None
+  if loop.tc.get('max_param_growth'):
+    loop.start_norm = float(jax.device_get(optax.tree.norm(state['params'])))
   try:
     while step < total:
       state, metrics = run.train_fn(state, global_batch(next(run.data.train), run.setup.batch_sharding))

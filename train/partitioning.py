@@ -10,6 +10,7 @@ processes of a multi-host run is train/distributed.py.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -35,7 +36,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Fills one -1 with "the rest of the devices"; errors name the field and the fix."""
-  shape = tuple(int(s) for s in shape)
+  try:
+    shape = tuple(operator.index(s) for s in shape)  # an int, not a float and not a string such as 'abc'
+  except TypeError:
+    raise ValueError(f'config.mesh.shape={tuple(shape)!r}: give one integer size per mesh axis {MESH_AXES}, e.g. '
+                     '--config.mesh.shape="(1,-1,1)" (-1: the rest of the devices).') from None
   if len(shape) != len(MESH_AXES):
     raise ValueError(f'config.mesh.shape={shape}: give one size per mesh axis {MESH_AXES}.')
   if shape.count(-1) > 1:
@@ -64,12 +69,23 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[jax.
 
 
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
-  """Config rules ([[name, axes], ...] with axes a str, a list of str or None) -> flax's tuple form."""
+  """Config rules ([[name, axes], ...] with axes a mesh axis, a list of them or None) -> flax's tuple form; a rule of
+  another shape, or an axis the mesh does not have, is a ValueError naming config.mesh.rules (flax would ignore it)."""
   if rules is None:
     return DEFAULT_RULES
+  example = '--config.mesh.rules="[[\'embed\', \'fsdp\'], [\'mlp\', \'tensor\']]"'
   out = []
-  for name, axes in rules:
-    out.append((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+  for rule in rules:
+    if isinstance(rule, str) or not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f'config.mesh.rules: {rule!r} is not a [logical axis, mesh axes] pair; write the rules as '
+                       f'pairs, e.g. {example}.')
+    name, axes = rule
+    named = tuple(axes) if isinstance(axes, (list, tuple)) else (axes,)
+    wrong = [a for a in named if a not in MESH_AXES and not (a is None and len(named) == 1)]
+    if wrong:
+      raise ValueError(f'config.mesh.rules: the rule {list(rule)!r} maps {name!r} to {wrong[0]!r}, which is not a mesh '
+                       f'axis; use one of {MESH_AXES}, a list of them, or None (replicated), e.g. {example}.')
+    out.append((name, named if isinstance(axes, (list, tuple)) else axes))
   return tuple(out)
 
 

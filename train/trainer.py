@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import numbers
 import os
+import re
 import shutil
 import time
+import types
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -95,7 +98,7 @@ def _mesh_parts(config, devices=None) -> dict[str, Any]:
 
 def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]:
   """The optax chain, its learning-rate schedule (reused when given) and what trains."""
-  lr_fn = lr_fn or optim.learning_rate_fn(_schedule_steps(config).optim)
+  lr_fn = lr_fn or optim.learning_rate_fn(_fit_warmup(_schedule_steps(config), log=lambda _: None).optim)
   return dict(optimizer=optim.make_optimizer(config.optim, lr_fn), lr_fn=lr_fn, train_patterns=_train_patterns(config))
 
 
@@ -150,6 +153,14 @@ def make_setup(parts: Parts, example_batch: Mapping[str, np.ndarray]) -> Setup:
   return Setup(**vars(parts), state_shardings=state_sh, abstract_state=abstract,
                batch_sharding=part.batch_sharding(mesh), init_fn=jax.jit(init, static_argnums=0,
                                                                          out_shardings=state_sh), trainable=trainable)
+
+
+def trainable_params(setup: Setup) -> int:
+  """How many parameters train (the rest are frozen: no gradient, no update, no optimizer state)."""
+  params = setup.abstract_state['params']
+  if setup.trainable is None:
+    return heads_lib.count_params(params)
+  return sum(int(np.prod(x.shape)) for x, t in zip(jax.tree.leaves(params), jax.tree.leaves(setup.trainable)) if t)
 
 
 def jit_steps(setup: Setup):
@@ -235,7 +246,8 @@ def _start_from(config, workdir: str, log):
 
 
 _POSITIVE = ('steps', 'log_every', 'checkpoint_every', 'keep_checkpoints')
-_NON_NEGATIVE = ('eval_every', 'eval_steps', 'epochs', 'early_stopping', 'max_param_norm', 'max_loss_ratio')
+_NON_NEGATIVE = ('eval_every', 'eval_steps', 'epochs', 'early_stopping', 'max_param_norm', 'max_loss_ratio',
+                 'max_param_growth')
 
 
 def check_train(config) -> None:
@@ -247,15 +259,102 @@ def check_train(config) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < low:
       hint = ' (it is how many checkpoints stay on disk; 0 would delete them all)' if field == 'keep_checkpoints' else ''
       raise ValueError(f'config.train.{field}={value!r}: must be {word}{hint}.')
-  if 0 < float(tc.get('max_loss_ratio') or 0) <= 1:
-    raise ValueError(f'config.train.max_loss_ratio={tc.max_loss_ratio}: a loss above this times the lowest one stops '
-                     'the run, so it must exceed 1 (e.g. 3); 0 turns the guard off.')
+  for field, example in (('max_loss_ratio', 3), ('max_param_growth', 1000)):
+    if 0 < float(tc.get(field) or 0) <= 1:
+      raise ValueError(f'config.train.{field}={tc[field]}: the guard stops the run past this multiple, so it must '
+                       f'exceed 1 (e.g. {example}); 0 turns the guard off.')
   best = tc.get('best_metric') or ''
   if best and not best.startswith('eval/'):
     raise ValueError(f"config.train.best_metric={best!r}: name an evaluation metric as 'eval/<metric>', e.g. "
                      "'eval/loss' or 'eval/accuracy'; '' turns it off.")
   if tc.get('best_mode', 'min') not in ('min', 'max'):
     raise ValueError(f"config.train.best_mode={tc.best_mode!r}: must be 'min' or 'max'.")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_objectives(config) -> None:
+  """config.objectives' weights: finite numbers >= 0, one of them positive (all 0: the loss is 0, nothing trains)."""
+  objectives = dict(config.objectives)
+  for name, weight in objectives.items():
+    if not _is_number(weight) or weight < 0:
+      raise ValueError(f'config.objectives.{name}={weight!r}: a loss weight must be a finite number >= 0 (0 leaves '
+                       'that objective out of the loss).')
+  if objectives and not any(objectives.values()):
+    raise ValueError(f'config.objectives={objectives}: every weight is 0, so the loss is 0 and nothing trains; give '
+                     f'one a positive weight, e.g. --config.objectives.{next(iter(objectives))}=1.0.')
+
+
+# config.loss fields: the range [low, high) each must lie in, and what it is.
+_LOSS_RANGES = {
+    'label_smoothing': (0.0, 1.0, 'the share of the target spread uniformly (1 would leave nothing to learn)'),
+    'z_loss': (0.0, math.inf, 'a penalty weight'),
+    'rtd_lambda': (0.0, math.inf, 'a loss weight'),
+}
+
+
+def check_loss(config) -> None:
+  """config.loss: label smoothing in [0, 1), the weights >= 0, a positive sampling temperature."""
+  loss = dict(config.get('loss') or {})
+  for field, (low, high, what) in _LOSS_RANGES.items():
+    value = loss.get(field, low)
+    if not _is_number(value) or not low <= value < high:
+      bound = f'in [{low:g}, {high:g})' if math.isfinite(high) else f'a finite number >= {low:g}'
+      raise ValueError(f'config.loss.{field}={value!r}: must be {bound}; it is {what}.')
+  temperature = loss.get('generator_temperature', 1.0)
+  if not _is_number(temperature) or temperature <= 0:
+    raise ValueError(f'config.loss.generator_temperature={temperature!r}: ELECTRA samples the generator at this '
+                     'temperature; give a positive number (1.0: as is).')
+
+
+def check_mesh(config, devices=None) -> None:
+  """config.mesh.shape and config.mesh.rules, before the cost model or a mesh reads them."""
+  part.resolve_mesh_shape(tuple(config.mesh.shape), len(devices) if devices else jax.device_count())
+  part.rules_from_config(config.mesh.get('rules') or None)
+
+
+def check_model(config) -> None:
+  """config.model.overrides (with the fine-tuning strategy's fields) over the preset, or over the architecture the
+  init_from checkpoint's config file names: a ValueError naming the field before the cost model reads them (it would
+  only log that it cannot)."""
+  init = None
+  if config.model.get('init_from'):
+    from train.selection import cost  # pylint: disable=g-import-not-at-top
+    try:
+      init = types.SimpleNamespace(cfg=cost._checkpoint_model_cfg(config.model.init_from))  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except  (a format only the full load reads, e.g. GGUF: checked there)
+      return
+  try:
+    arch_config(config, init)
+  except ValueError as e:  # ModelConfig names its own field; say where the run set it
+    field = re.match(r'ModelConfig\.(\w+)=', str(e))
+    if field and field.group(1) in set_fields(config.model.overrides):
+      raise ValueError(f'config.model.overrides.{field.group(1)}: {e}') from None
+    raise
+
+
+def check_init_from(config) -> None:
+  """config.model.init_from names something that exists (pretrained.load says what it must be)."""
+  path = config.model.get('init_from')
+  if path and not os.path.exists(path):
+    raise FileNotFoundError(f'config.model.init_from={path}: no such file or folder; give an lmlab workdir, a '
+                            'converted or Hugging Face model directory, or a .gguf file.')
+
+
+def _fit_warmup(config, log):
+  """optim.warmup_steps at or past the run's optimizer steps (a short run of a config made for long ones: 100 steps
+  of warmup, 10 of training) -> clipped to a tenth of them, said in one line: linear and cosine decay need steps
+  after the warmup."""
+  oc = config.optim
+  total, warmup = int(oc.get('total_steps') or 0), int(oc.get('warmup_steps') or 0)
+  if oc.get('decay', 'linear') not in ('linear', 'cosine') or not 0 < total <= warmup:
+    return config
+  clipped = total // 10
+  log(f'config.optim.warmup_steps={warmup} does not fit the run\'s {total} optimizer steps: warmup clipped to '
+      f'{clipped} (a tenth of them); set --config.optim.warmup_steps below {total} to choose it.')
+  return _with(config, optim__warmup_steps=clipped)
 
 
 def _schedule_steps(config):
@@ -284,10 +383,15 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
 def _prepare(config, workdir: str, *, devices, log) -> Run:
   objectives = dict(config.objectives)
   check_train(config)
-  config = _schedule_steps(config)
+  check_objectives(config)
+  check_loss(config)
+  check_mesh(config, devices)
+  check_init_from(config)
+  config = _fit_warmup(_schedule_steps(config), log)
   task = tasks.task_of(config) or tasks.pretraining_task(objectives)
   pipeline.check_config(config.data, task)
   labeled, config = _labeled(config, task)
+  check_model(config)
   from train.selection import cost  # pylint: disable=g-import-not-at-top  (cost reads trainer's arch_config)
   cost.check_config(config, num_devices=len(devices) if devices else None, log=log)
   mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
@@ -303,7 +407,7 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   if data.no_eval and config.train.eval_steps:
     log(data.no_eval)
   if config.train.get('epochs'):
-    config, lr_fn = _steps_from_epochs(config, data.train_size, log), None
+    config, lr_fn = _fit_warmup(_steps_from_epochs(config, data.train_size, log), log), None
   model_cfg = arch_cfg if init is not None else with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
   too_long = data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder'
   if model_cfg.position == 'learned' and too_long:
@@ -370,17 +474,26 @@ def _train_and_evaluate(config, workdir: str, *, devices, log, signals) -> dict[
   try:
     state, start = restore_or_init(run, ckpts)
     if start >= int(run.config.train.steps):
-      # A finished run (or one preempted after its last save): nothing to train, nothing written again.
+      # A finished run (or one preempted after its last save): nothing to train, nothing written again, but the
+      # retention a kill right after the final save cut short is applied now.
       log(f'{workdir} already holds the final checkpoint (step {start} of {int(run.config.train.steps)}); '
           'nothing to do. Raise config.train.steps to train on, or use a new --workdir.')
+      removed = ckpts.trim()
+      if removed:
+        log(f'removed checkpoint step(s) {removed}: config.train.keep_checkpoints={run.config.train.keep_checkpoints} '
+            'keeps fewer (their removal was cut short when the run stopped)')
       return _summary('finished', start, None, None, workdir, heads_lib.count_params(state['params']), state)
+    if start:
+      _say_length_changes(run, log)
     workdir_lib.write_config(run.workdir, workdir_lib.config_dict(run.config), run.setup.model_cfg)
     writer = MetricsWriter(workdir, resume_step=start)
     n_params = heads_lib.count_params(run.setup.abstract_state['params'])
+    trainable = trainable_params(run.setup)
     c = run.config
     mc = run.setup.model_cfg
     log(f'model {c.model.init_from or c.model.preset}: {mc.arch}, {mc.num_layers} layers, d_model {mc.d_model}, '
-        f'vocab {mc.vocab_size} ({n_params / 1e6:.2f}M params), objectives '
+        f'vocab {mc.vocab_size} ({n_params / 1e6:.2f}M params: {trainable:,} trainable, {n_params - trainable:,} '
+        f'frozen), objectives '
         f'{dict(c.objectives)}, mesh {dict(run.setup.mesh.shape)}, {int(c.train.steps)} steps of '
         f'{c.data.batch_size} x {run.data.tokens_per_example} tokens')
     loop, t_start = loop_lib.Loop(run, ckpts, writer), time.time()
@@ -398,6 +511,24 @@ def _train_and_evaluate(config, workdir: str, *, devices, log, signals) -> dict[
     if ckpts is not None:
       ckpts.close()
   return _summary(status, step, loop, time.time() - t_start, workdir, n_params, state)
+
+
+def _say_length_changes(run: Run, log) -> None:
+  """A resumed run whose train.steps differs from the workdir's config.json trains on to the new count: one line
+  says so, and whether the learning-rate schedule moved with it (optim.total_steps follows train.steps)."""
+  path = os.path.join(run.workdir, 'config.json')
+  try:
+    with open(path) as f:
+      saved = json.load(f)['config']
+    before, schedule_before = int(saved['train']['steps']), int(saved['optim']['total_steps'])
+  except (OSError, ValueError, KeyError, TypeError):  # no readable config.json: nothing to compare with
+    return
+  now, schedule_now = int(run.config.train.steps), int(run.config.optim.total_steps)
+  if now == before:
+    return
+  schedule = (f'; the learning-rate schedule now ends at step {schedule_now} instead of {schedule_before}'
+              if schedule_now != schedule_before else '')
+  log(f'config.train.steps changed from {before} ({path}) to {now}: training on to step {now}{schedule}')
 
 
 def _summary(status, step, loop: Optional[loop_lib.Loop], wall_s, workdir, n_params, state) -> dict[str, Any]:

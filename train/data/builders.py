@@ -333,6 +333,13 @@ def catalog_source(name: str, *, split: str, data_dir: str | os.PathLike | None 
   """Any TFDS catalog dataset (e.g. "glue/sst2") in ArrayRecord form, its fields renamed onto our record keys:
     `field_map={"text_a": "sentence", "label": "label"}` ("a/b" reaches into nested features). Needs the network the
     first time (ArrayRecord is prepared locally, since GCS copies are TFRecord)."""
-  src = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
-                         download=download, builder_kwargs={"file_format": "array_record"})
+  try:
+    src = tfds.data_source(name, split=split, data_dir=None if data_dir is None else os.fspath(data_dir),
+                           download=download, builder_kwargs={"file_format": "array_record"})
+  except tfds.core.registered.DatasetNotFoundError:  # its message lists every dataset TFDS knows, on one line
+    import difflib  # pylint: disable=g-import-not-at-top
+    close = difflib.get_close_matches(name.split("/")[0], tfds.list_builders(), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(f"no dataset {name!r} in the TFDS catalog; {hint}the catalog: "
+                     "https://www.tensorflow.org/datasets/catalog") from None
   return DecodedSource(src, field_map=field_map)

@@ -16,6 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any, Optional
 
 import ml_collections
+import numpy as np
 
 from train.data import embedded
 from train.data import few_shot
@@ -27,6 +28,14 @@ if TYPE_CHECKING:  # the records are train/tasks.py's, which builds on this pack
 
 SOURCES = ('embedded', 'files', 'tfds')
 MIN_VOCAB = 300  # byte-level BPE's 256-byte alphabet and the special tokens
+# The shortest config.data.seq_len that holds one pre-training example of each record, and why.
+MIN_SEQ_LEN = {
+    'clm': (2, 'a causal-LM row predicts each token from the ones before it; at 1 there is nothing before it'),
+    'mlm': (3, 'a masked-LM row holds [CLS] and [SEP] around its text'),
+    'rtd': (3, 'a replaced-token row holds [CLS] and [SEP] around its text'),
+    'nsp': (5, 'a next-sentence row holds [CLS] A [SEP] B [SEP], a token in each segment'),
+    'span': (5, 'span corruption drops no token from fewer than 5 input tokens'),
+}
 
 
 @dataclasses.dataclass
@@ -66,11 +75,38 @@ def sources(value, data) -> list:
   return [builders.CatalogSplit.parse(p, data.get('tfds_data_dir') or '') if _is_tfds(p) else p for p in paths]
 
 
+def _readable(path: str) -> bool:
+  """A regular file or a folder: a FIFO, a socket or a device cannot be read twice (TFDS builds, then reads again)."""
+  return os.path.isfile(path) or os.path.isdir(path)
+
+
+def _is_fraction(value, *, high_open: bool = True) -> bool:
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  return ok and (0 <= value < 1 if high_open else 0 < value <= 1)
+
+
 def check_config(data, task: tasks.Task):
   """Raises ValueError naming the config.data field and the fix (missing files included)."""
   for field in ('seq_len', 'batch_size'):
     if int(data[field]) <= 0:
       raise ValueError(f'config.data.{field}={data[field]}: must be positive.')
+  low, why = MIN_SEQ_LEN.get(task.name, (1, ''))
+  if int(data.seq_len) < low:
+    raise ValueError(f'config.data.seq_len={data.seq_len}: too short for one {task.name} example ({why}); give at '
+                     f'least {low}, e.g. 128.')
+  if not _is_fraction(data.get('eval_fraction', 0.0)):
+    raise ValueError(f'config.data.eval_fraction={data.get("eval_fraction")!r}: the share of passages held out for '
+                     'evaluation must be in [0, 1) (0: none held out; 1 would leave nothing to train on).')
+  prefetch = data.get('prefetch', 0)
+  if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+    raise ValueError(f'config.data.prefetch={prefetch!r}: how many batches are prepared ahead on a thread pool; give '
+                     'an integer >= 0 (0: none).')
+  if not _is_fraction(data.get('mask_rate', 0.15), high_open=False):
+    raise ValueError(f'config.data.mask_rate={data.get("mask_rate")!r}: the share of tokens chosen for prediction '
+                     'must be in (0, 1], e.g. 0.15 as BERT.')
+  if int(data.get('max_predictions') or 0) < 0:
+    raise ValueError(f'config.data.max_predictions={data.max_predictions}: must be >= 0 (0: round(mask_rate * '
+                     'seq_len) + 1).')
   if int(data.get('targets_len') or 0) < 0:
     raise ValueError(f'config.data.targets_len={data.targets_len}: must be >= 0 (0 derives it from seq_len).')
   if not data.get('tokenizer_path') and int(data.get('vocab_size') or 0) < MIN_VOCAB:
@@ -79,6 +115,11 @@ def check_config(data, task: tasks.Task):
   if data.tokenizer_path and not os.path.exists(data.tokenizer_path):
     raise FileNotFoundError(f'config.data.tokenizer_path: {data.tokenizer_path} does not exist; point it at a saved '
                             'tokenizer folder, tokenizer.json or vocab.txt, or leave it empty to train one.')
+  if data.tokenizer_path and not _readable(data.tokenizer_path):
+    raise ValueError(f'config.data.tokenizer_path: {data.tokenizer_path} is not a regular file or a folder; point it '
+                     'at a saved tokenizer folder, tokenizer.json or vocab.txt.')
+  if data.tokenizer_path:
+    _given_tokenizer(data)  # read now (milliseconds), before the cost model reads it for the vocabulary size
   if task.kind == 'task':
     if not _paths(data.get('train')):
       raise ValueError(f'config.data.train is empty: task {task.name!r} trains on a labeled file; give '
@@ -93,6 +134,9 @@ def check_config(data, task: tasks.Task):
         elif not os.path.exists(p):
           raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file or a TFDS split '
                                   '(tfds:NAME:SPLIT).')
+        elif not _readable(p):
+          raise ValueError(f'config.data.{field}: {p} is not a regular file or a folder (a FIFO, socket or device '
+                           'cannot be read twice); give a file.')
     return
   if data.source not in SOURCES:
     raise ValueError(f'config.data.source={data.source!r}: use one of {SOURCES}.')
@@ -104,6 +148,9 @@ def check_config(data, task: tasks.Task):
     for p in paths:
       if not os.path.exists(p):
         raise FileNotFoundError(f'config.data.path: {p} does not exist; give an existing text file or folder.')
+      if not _readable(p):
+        raise ValueError(f'config.data.path: {p} is not a regular file or a folder (a FIFO, socket or device cannot '
+                         'be read twice); give a text file or a folder of .txt files.')
   if data.source == 'tfds' and not data.tfds_name:
     raise ValueError('config.data.tfds_name is empty: name a TFDS catalog dataset, e.g. "wikipedia/20230601.en".')
 
@@ -171,12 +218,15 @@ def _records(data, workdir: str) -> dict[str, Any]:
     }
   from train.data import builders
   field_map = dict(data.tfds_field_map) if data.tfds_field_map else {'text': 'text'}
-  return {
-      'train': builders.catalog_source(data.tfds_name, split=data.tfds_train_split, data_dir=data.tfds_data_dir,
-                                       field_map=field_map),
-      'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split, data_dir=data.tfds_data_dir,
-                                            field_map=field_map)
-  }
+  try:
+    return {
+        'train': builders.catalog_source(data.tfds_name, split=data.tfds_train_split, data_dir=data.tfds_data_dir,
+                                         field_map=field_map),
+        'validation': builders.catalog_source(data.tfds_name, split=data.tfds_eval_split, data_dir=data.tfds_data_dir,
+                                              field_map=field_map)
+    }
+  except ValueError as e:  # TFDS's own: no such dataset, config or split
+    raise ValueError(f'config.data.tfds_name={data.tfds_name!r}: {" ".join(str(e).split())[:400]}') from None
 
 
 def _verbatim_split(records, eval_fraction: float) -> dict[str, list]:
@@ -207,14 +257,25 @@ class _Slice:
     return self.source[self.start + i]
 
 
+def _given_tokenizer(data) -> toks.Tokenizer:
+  try:
+    return toks.Tokenizer.load(data.tokenizer_path)
+  except ValueError as e:  # a file that is no tokenizer, named in one line
+    raise ValueError(f'config.data.tokenizer_path: {e}; or leave it empty to train one.') from None
+
+
 def _tokenizer(data, task: tasks.Task, texts, workdir: str) -> toks.Tokenizer:
   """config.data.tokenizer_path's, the run's own (a resumed run keeps the one its checkpoints were trained with), or
   one trained on `texts` (a callable: only called when training) and saved to <workdir>/tokenizer."""
   saved = os.path.join(workdir, 'tokenizer')
   if data.tokenizer_path:
-    return toks.Tokenizer.load(data.tokenizer_path)
+    return _given_tokenizer(data)
   if os.path.exists(saved):
-    return toks.Tokenizer.load(saved)
+    try:
+      return toks.Tokenizer.load(saved)
+    except ValueError as e:  # the run's own, written by an earlier start of this workdir and damaged since
+      raise ValueError(f'{e}. It is this run\'s own tokenizer: put back an intact copy (its checkpoints were trained '
+                       f'with it), or start over in a new --workdir.') from None
   tok = toks.train_tokenizer(data.tokenizer_kind or task.tokenizer_kind, texts(), vocab_size=data.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   tok.save(saved)
@@ -269,8 +330,14 @@ def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[
   except ValueError as e:
     evaluation = None  # a validation split too small for one batch: no eval rather than no run, said in the log
     no_eval = f'no evaluation: {e}'
-  tokens = data.seq_len + (data.targets_len or 0)
-  return RunData(tokenizer, train, evaluation, task.name, tokens, train_size=len(train.source), no_eval=no_eval)
+  return RunData(tokenizer, train, evaluation, task.name, _tokens_per_example(train), train_size=len(train.source),
+                 no_eval=no_eval)
+
+
+def _tokens_per_example(loader) -> int:
+  """Input tokens of one example, an encoder-decoder's targets included (span corruption derives their length)."""
+  example = loader.transform(loader.source[0], np.random.default_rng(0))
+  return sum(int(np.shape(example[k])[-1]) for k in ('tokens', 'encoder_tokens', 'decoder_tokens') if k in example)
 
 
 def _fixed_windows(data):

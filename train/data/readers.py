@@ -170,6 +170,10 @@ def text_records(paths: PathLike | Sequence[PathLike], *, document_split: str = 
   doc_id = 0
   for path in expand_paths(paths, pattern):
     lines = [line for _, line in decoded_lines(path, problems)]
+    if lines and not any(ch.isprintable() and not ch.isspace() for line in lines for ch in line):
+      # A binary or control-character file decodes as UTF-8 and would train a tokenizer on nothing readable.
+      problems(path, None, "holds no text, only control characters and whitespace; give a UTF-8 text file")
+      continue
     if document_split == "verbatim":
       if any(line.strip() for line in lines):
         text = "\n".join(lines)

@@ -7,6 +7,7 @@ per-id "starts a word" table for whole-word masking. `save(dir)` writes the toke
 checkpoint is usable without the training run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -191,13 +192,17 @@ class Tokenizer:
   @classmethod
   def load(cls, path: str | os.PathLike, **kwargs) -> "Tokenizer":
     """Loads a directory written by `save`, or a directory / file holding `tokenizer.json`, `vocab.txt` or a
-        SentencePiece `*.model`. kwargs go to the format-specific loader (e.g. lowercase= for vocab.txt)."""
+        SentencePiece `*.model`. kwargs go to the format-specific loader (e.g. lowercase= for vocab.txt). A file
+        that is not such a tokenizer (damaged, or another kind of file) is a ValueError naming it, in one line."""
     p = Path(path)
     if p.is_dir():
       if (p / _META_FILE).exists() and (p / _HF_FILE).exists():
-        meta = json.loads((p / _META_FILE).read_text())
-        return cls(hf.Tokenizer.from_file(str(p / _HF_FILE)), kind=meta["kind"], special_tokens=meta["special_tokens"],
-                   sentinels=meta.get("sentinels", ()))
+        with _reading(p / _META_FILE):
+          meta = json.loads((p / _META_FILE).read_text(encoding="utf-8"))
+          kind, special_tokens, sentinels = meta["kind"], meta["special_tokens"], meta.get("sentinels", ())
+        with _reading(p / _HF_FILE):
+          return cls(hf.Tokenizer.from_file(str(p / _HF_FILE)), kind=kind, special_tokens=special_tokens,
+                     sentinels=sentinels)
       for name in (_HF_FILE, "vocab.txt"):
         if (p / name).exists():
           return cls.load(p / name, **kwargs)
@@ -205,16 +210,33 @@ class Tokenizer:
       if models_:
         return cls.load(models_[0], **kwargs)
       raise FileNotFoundError(f"{p}: no {_HF_FILE}, vocab.txt or *.model in this directory")
-    if p.suffix == ".json":
-      return from_tokenizer_json(p, **kwargs)
-    if p.suffix == ".txt":
-      return from_vocab_txt(p, **kwargs)
-    if p.suffix == ".model":
-      return from_sentencepiece(p, **kwargs)
-    raise ValueError(f"{p}: cannot tell the tokenizer format from the name (want .json, .txt or .model)")
+    loader = {".json": from_tokenizer_json, ".txt": from_vocab_txt, ".model": from_sentencepiece}.get(p.suffix)
+    if loader is None:
+      raise ValueError(f"{p}: cannot tell the tokenizer format from the name (want .json, .txt or .model)")
+    with _reading(p):
+      return loader(p, **kwargs)
 
   def __repr__(self):
     return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, special_tokens={self.special_tokens})"
+
+
+class TokenizerFileError(ValueError):
+  """A tokenizer file this module read and found wrong; its message already names the file."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+  """Whatever a tokenizer file's parser raises (the Rust library's bare Exception, a UnicodeDecodeError, a missing
+  key, a protobuf error) -> one ValueError line naming the file."""
+  try:
+    yield
+  except TokenizerFileError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    what = " ".join(str(e).split())[:200] or type(e).__name__
+    raise TokenizerFileError(
+        f"{path}: not a readable tokenizer file ({type(e).__name__}: {what}); give a "
+        "tokenizer.json, a BERT vocab.txt or a SentencePiece .model (or a folder holding one)") from None
 
 
 # ---- training ------------------------------------------------------------------------------------------------------
@@ -358,6 +380,11 @@ def from_vocab_txt(path: str | os.PathLike, *, lowercase: bool | None = None) ->
     no upper-case word is an uncased one."""
   path = Path(path)
   vocab = path.read_text(encoding="utf-8").splitlines()
+  spaced = next((i for i, t in enumerate(vocab, 1) if " " in t), None)  # WordPiece splits at spaces first
+  if spaced is not None or "[UNK]" not in vocab:
+    why = f"line {spaced} is not one token: {vocab[spaced - 1][:40]!r}" if spaced else "it has no [UNK] token"
+    raise TokenizerFileError(f"{path}: not a BERT vocab.txt ({why}); a vocab.txt holds one token per line, [UNK] "
+                             "among them")
   if lowercase is None:
     lowercase = not any("A" <= t[:1] <= "Z" for t in vocab)
   tok = hf.Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
@@ -366,7 +393,8 @@ def from_vocab_txt(path: str | os.PathLike, *, lowercase: bool | None = None) ->
   tok.decoder = decoders.WordPiece(prefix="##")
   present = [t for t in _SPECIALS["wordpiece"].values() if t in vocab]
   tok.add_special_tokens(present)
-  _bert_post_processor(tok, "[CLS]", "[SEP]")
+  if "[CLS]" in present and "[SEP]" in present:  # a vocab without them encodes text without the BERT frame
+    _bert_post_processor(tok, "[CLS]", "[SEP]")
   roles = {r: t for r, t in _SPECIALS["wordpiece"].items() if t in present}
   return Tokenizer(tok, kind="wordpiece", special_tokens=roles)
 
