@@ -63,6 +63,55 @@ def test_committed_clean_with_a_colab_only_install_cell(path):
   assert any('LMLAB_COLAB_TINY' in c.source for c in code), f'{path}: no cell reads LMLAB_COLAB_TINY'
 
 
+def _install_command(source, cwd, monkeypatch):
+  """Runs a setup cell as on Colab (google.colab imported, no TPU, no GPU) from cwd -> the pip command it runs."""
+  import glob as glob_lib
+  import shutil
+  import subprocess
+  import sys
+  import types
+  calls = []
+  monkeypatch.setitem(sys.modules, 'google.colab', types.ModuleType('google.colab'))
+  monkeypatch.setattr(subprocess, 'run', lambda args, **kwargs: calls.append(list(args)))
+  monkeypatch.setattr(shutil, 'which', lambda name: None)
+  monkeypatch.setattr(glob_lib, 'glob', lambda pattern: [])
+  monkeypatch.delenv('COLAB_TPU_ADDR', raising=False)
+  monkeypatch.chdir(cwd)
+  exec(compile(source, 'setup cell', 'exec'), {})  # pylint: disable=exec-used
+  assert len(calls) == 1 and calls[0][1:5] == ['-m', 'pip', 'install', '-q'], calls
+  return calls[0][5:]
+
+
+@pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)
+def test_the_install_cell_takes_the_repository_from_repo_url_and_invents_no_url(path, monkeypatch, tmp_path):
+  import ast
+  import json
+  cells = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == 'code']
+  first = cells[0].source
+  tree = ast.parse(first)
+  assigned = [n for n in tree.body if isinstance(n, ast.Assign)]
+  assert assigned and ast.unparse(assigned[0]) == "REPO_URL = ''", 'REPO_URL is not the first variable it sets'
+  install = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and 'pip' in ast.unparse(n))
+  assert 'source' in ast.unparse(install) and "'lmlab" not in ast.unparse(install), ast.unparse(install)
+  # No repository URL is written anywhere in a notebook: only REPO_URL says where one is.
+  text = json.dumps(nbformat.read(path, as_version=4))
+  assert 'github.com' not in text and 'git+https' not in text, path
+  # '' installs the checkout it runs in; a URL is installed from git; neither is one line saying what to set.
+  assert _install_command(first, REPO, monkeypatch) == [REPO]
+  url = 'https://example.org/someone/lmlab.git'
+  given = first.replace("\nREPO_URL = ''\n", f'\nREPO_URL = {url!r}\n', 1)
+  assert _install_command(given, tmp_path, monkeypatch) == [f'lmlab @ git+{url}']
+  if not os.path.exists('/content/lmlab'):
+    with pytest.raises(RuntimeError, match='set REPO_URL'):
+      _install_command(first, tmp_path, monkeypatch)
+
+
+def test_the_colabs_readme_names_no_repository_url():
+  with open(os.path.join(REPO, 'colabs', 'README.md')) as f:
+    text = f.read()
+  assert 'github.com' not in text and 'REPO_URL' in text
+
+
 @pytest.mark.parametrize('where', ['.', 'colabs'])
 def test_the_setup_cell_finds_the_repository_from_the_root_and_from_colabs(where, monkeypatch, tmp_path):
   _kernel_env(monkeypatch, tmp_path)
