@@ -14,6 +14,15 @@ import jax
 import jax.numpy as jnp
 
 ARCHS = ('encoder', 'decoder', 'encoder_decoder')
+# How a model built from scratch is initialized (weights loaded from a checkpoint replace it; model/layers.py applies it):
+#   'normal': every kernel and embedding table N(0, init_std): BERT's initializer_range 0.02 (google-research/bert
+#     modeling.py), GPT-2's and LLaMA's 0.02 (their Hugging Face configs' initializer_range); biases zero, norms one.
+#   't5': Mesh TensorFlow's, which Hugging Face's T5PreTrainedModel._init_weights reproduces: a kernel N(0, fan_in^-0.5)
+#     (k, v, wi: d_model^-0.5; attention out: (heads x d_kv)^-0.5; wo: d_ff^-0.5), the query N(0, (d_model x
+#     d_kv)^-0.5) because T5 folds attention's 1/sqrt(d_kv) into it (attention_scale=1.0), the token embeddings N(0, 1),
+#     the relative-position bias N(0, d_model^-0.5). An untied output layer is a fan-in kernel too (d_model^-0.5, so
+#     the first logits have unit scale; Hugging Face draws it at std 1.0); init_std is not read.
+INITS = ('normal', 't5')
 POSITIONS = ('learned', 'sinusoidal', 'rope', 'relative', 'none')
 REMAT_POLICIES = {
     'none': None,
@@ -67,7 +76,8 @@ class ModelConfig:
   bos_id: Optional[int] = None
   eos_id: Optional[int] = None
   decoder_start_id: int = 0
-  init_std: float = 0.02
+  init_std: float = 0.02                  # init='normal': the std of every kernel and embedding table
+  init: str = 'normal'                    # INITS: 'normal' (BERT, GPT-2, LLaMA) or 't5' (fan-in; see INITS)
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   scan_layers: bool = True
@@ -97,6 +107,8 @@ class ModelConfig:
       bad('arch', f'must be one of {ARCHS}.')
     if self.position not in POSITIONS:
       bad('position', f'must be one of {POSITIONS}.')
+    if self.init not in INITS:
+      bad('init', f'must be one of {INITS} (model/config.py says what each draws).')
     if self.norm not in ('layernorm', 'rmsnorm'):
       bad('norm', "must be 'layernorm' or 'rmsnorm'.")
     if self.activation not in ('gelu', 'gelu_tanh', 'relu', 'silu'):
@@ -230,7 +242,7 @@ def _t5(layers, d, heads, ff, v11=False, **kw):
               d_ff=ff, max_len=512, position='relative', activation='gelu_tanh' if v11 else 'relu', gated_mlp=v11,
               norm='rmsnorm', norm_eps=1e-6, pre_norm=True, use_bias=False, attention_scale=1.0,
               attention_dropout_rate=0.1, mlp_dropout_rate=0.1, tie_embeddings=not v11, scale_tied_logits=not v11,
-              pad_id=0, eos_id=1, decoder_start_id=0, init_std=1.0 / d ** 0.5)
+              pad_id=0, eos_id=1, decoder_start_id=0, init='t5')
   base.update(kw)
   return base
 

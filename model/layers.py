@@ -15,6 +15,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from model import attention as attn
@@ -33,8 +34,21 @@ def activation(name: str):
   return _ACTIVATIONS[name]
 
 
-def kernel_init(cfg: ModelConfig, names: tuple[str, ...], scale: float = 1.0):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), names)
+def init_std(cfg: ModelConfig, *, fan_in: int, query: bool = False) -> float:
+  """The std of a kernel with fan_in inputs under cfg.init (model/config.py INITS): init_std for 'normal'; for 't5'
+  fan_in^-0.5, and the query also head_dim^-0.5 (T5 folds the attention scale into it)."""
+  if cfg.init == 't5':
+    return fan_in ** -0.5 * (cfg.head_width ** -0.5 if query else 1.0)
+  return cfg.init_std
+
+
+def table_std(cfg: ModelConfig) -> float:
+  """The std of the token (and position, token-type) embedding tables: 1.0 under T5's init, else init_std."""
+  return 1.0 if cfg.init == 't5' else cfg.init_std
+
+
+def kernel_init(cfg: ModelConfig, names: tuple[str, ...], std: float):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
 def zeros_init(names: tuple[str, ...]):
@@ -87,7 +101,8 @@ class Dense(nn.Module):
     cfg = self.cfg
     axis = tuple(sorted(a % x.ndim for a in self.axis))
     in_shape = tuple(x.shape[a] for a in axis)
-    kernel = self.param('kernel', kernel_init(cfg, self.names), in_shape + self.features, cfg.jnp_param_dtype)
+    std = init_std(cfg, fan_in=int(np.prod(in_shape)), query=self.name == 'query')
+    kernel = self.param('kernel', kernel_init(cfg, self.names, std), in_shape + self.features, cfg.jnp_param_dtype)
     if axis == (x.ndim - 1,) and len(self.features) == 1:  # through projection's VJP
       y = projection(x.astype(cfg.jnp_dtype), kernel.astype(cfg.jnp_dtype), False)
     else:
@@ -158,15 +173,15 @@ class Embeddings(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    emb_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('vocab', 'embed'))
+    emb_init = nn.with_logical_partitioning(nn.initializers.normal(table_std(cfg)), ('vocab', 'embed'))
     self.token = nn.Embed(cfg.vocab_size, cfg.embed_width, embedding_init=emb_init, dtype=cfg.jnp_dtype,
                           param_dtype=cfg.jnp_param_dtype)
     if cfg.position == 'learned':
-      pos_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ('length', 'embed'))
+      pos_init = nn.with_logical_partitioning(nn.initializers.normal(table_std(cfg)), ('length', 'embed'))
       self.position = nn.Embed(cfg.max_len, cfg.embed_width, embedding_init=pos_init, dtype=cfg.jnp_dtype,
                                param_dtype=cfg.jnp_param_dtype)
     if cfg.type_vocab_size:
-      type_init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'embed'))
+      type_init = nn.with_logical_partitioning(nn.initializers.normal(table_std(cfg)), (None, 'embed'))
       self.token_type = nn.Embed(cfg.type_vocab_size, cfg.embed_width, embedding_init=type_init, dtype=cfg.jnp_dtype,
                                  param_dtype=cfg.jnp_param_dtype)
     if cfg.embed_norm:

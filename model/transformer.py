@@ -31,7 +31,8 @@ class RelativePositionBias(nn.Module):
   def __call__(self, q_positions, kv_positions):
     cfg = self.cfg
     table = self.param('rel_embedding',
-                       nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, 'heads')),
+                       nn.with_logical_partitioning(nn.initializers.normal(
+                           cfg.d_model ** -0.5 if cfg.init == 't5' else cfg.init_std), (None, 'heads')),
                        (cfg.relative_buckets, cfg.num_heads), cfg.jnp_param_dtype)
     buckets = attn.t5_relative_position_bucket(kv_positions[:, None, :] - q_positions[:, :, None],
                                                bidirectional=self.bidirectional, num_buckets=cfg.relative_buckets,

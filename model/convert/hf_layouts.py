@@ -204,7 +204,7 @@ def t5_config(hf, where, tied: bool):
               scale_tied_logits=scale and tied, pad_id=int(field(hf, 'pad_token_id',
                                                                  0)), eos_id=field(hf, 'eos_token_id', 1),
               decoder_start_id=int(field(hf, 'decoder_start_token_id',
-                                         0)), init_std=float(field(hf, 'initializer_factor', 1.0)) / d ** 0.5)
+                                         0)), init='t5')
 
 
 def _rope_theta(hf, where):
