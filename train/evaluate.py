@@ -272,7 +272,7 @@ def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, ba
   init = pretrained.load(checkpoint, save_dir=os.path.join(out_dir, 'tokenizer'))
   task = tasks.for_run(task, config, init.cfg.arch)
   records = task.read(pipeline.sources(data_path, data), data)
-  heads = tasks.run_heads(config)
+  heads = tasks.run_heads(config, init.cfg.arch)
   module = heads_lib.LanguageModel(init.cfg, heads=heads, num_labels=len(data.label_names))
   shapes = heads_lib.abstract_params(init.cfg, heads, num_labels=len(data.label_names))
   params, report = pretrained.merge_params(shapes, init.params, where=checkpoint, report=True)

@@ -15,6 +15,7 @@ import optax
 from train import checkpoint as ckpt_lib
 from train import evaluate
 from train import signals as signals_lib
+from train import tasks
 from train import workdir as workdir_lib
 from train.data.loader import global_batch
 from train.steps import summarize
@@ -38,6 +39,7 @@ class Loop:
     self.lowest_loss = None
     self.saved_at = None  # the step of the newest save
     self.start_norm = None  # the parameters' global norm when this process started training (max_param_growth)
+    self.warned = set()  # the health warnings (tasks.health_warnings) already logged
 
   def check_finite(self, state):
     bad = int(jax.device_get(state['nonfinite_step']))
@@ -93,11 +95,14 @@ class Loop:
       run.log(f'step {step}: dev ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(values.items())))
     else:
       rng = jax.random.key(int(run.config.seed) + 7)
-      values = summarize([
-          run.eval_fn(state['params'], global_batch(run.data.eval[i], run.setup.batch_sharding), rng)
-          for i in range(int(self.tc.eval_steps))
-      ])
-      run.log(f'step {step}: eval loss {values["loss"]:.4f}')
+      batches = [run.data.eval[i] for i in range(int(self.tc.eval_steps))]
+      values = summarize([run.eval_fn(state['params'], global_batch(b, run.setup.batch_sharding), rng) for b in batches])
+      values.update(tasks.token_baselines(run.config.objectives, batches))  # what the accuracies must beat
+      run.log(f'step {step}: eval loss {values["loss"]:.4f}' + ''.join(
+          f', {k} {values[k]:.4f} (baseline {v:.4f})' for k, v in
+          ((k[:-len('_baseline')], v) for k, v in values.items() if k.endswith('_baseline')) if k in values))
+      for line in tasks.health_warnings(values, split='eval'):
+        run.log(line)
     self.writer.write(step, 'eval', values)
     self.last_eval, self.eval_at = values, step
     self._track_best(values)
@@ -135,6 +140,12 @@ class Loop:
     values['tokens_per_sec'] = (values['steps_per_sec'] * int(self.run.config.data.batch_size)
                                 * self.run.data.tokens_per_example)
     self.writer.write(step, 'train', values)
+    # Past the warmup (a discriminator at step 10 has not learned yet either), each warning once per run.
+    if step > max(2 * int(self.run.config.optim.get('warmup_steps') or 0), 50):
+      for line in tasks.health_warnings(values, split='train'):
+        if line.split(':')[1] not in self.warned:
+          self.warned.add(line.split(':')[1])
+          self.run.log(line)
     self.first_loss = values['loss'] if self.first_loss is None else self.first_loss
     self.last_train = values
     self.check_diverged(state, step)

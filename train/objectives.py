@@ -126,6 +126,23 @@ def seq2seq_loss(*, logits, targets, weights, label_smoothing: float = 0.0, z_lo
   return cross_entropy(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
+def span_loss(*, logits, targets, weights, roles=None, label_smoothing: float = 0.0, z_loss: float = 0.0):
+  """T5 span corruption: seq2seq_loss, and with roles [B,T_dec] (train/data/examples.py span_target_roles: 1 span
+  token, 2 sentinel, 3 EOS, 0 padding) the accuracy of each kind of target, as T5's diagnostics separate them:
+  token_accuracy (the dropped text: the part a most-frequent-token guess is the baseline for), sentinel_accuracy,
+  eos_accuracy. A model at init predicts none of them; one that learned only the format gets sentinels and EOS."""
+  loss, metrics = seq2seq_loss(logits=logits, targets=targets, weights=weights, label_smoothing=label_smoothing,
+                               z_loss=z_loss)
+  if roles is None:
+    return loss, metrics
+  logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+  safe = jnp.where(weights > 0, targets, 0).astype(jnp.int32)
+  hit = (jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0] >= jnp.max(logits, axis=-1)).astype(jnp.float32)
+  for role, name in ((1, 'token_accuracy'), (2, 'sentinel_accuracy'), (3, 'eos_accuracy')):
+    metrics[name] = _weighted_mean(hit, ((roles == role) & (weights > 0)).astype(jnp.float32))[0]
+  return loss, metrics
+
+
 def rtd_loss(*, logits, labels, weights):
   """ELECTRA's discriminator: sigmoid CE. logits [B,T], labels [B,T] (1 = replaced), weights [B,T] (real tokens)."""
   return sigmoid_cross_entropy(logits=logits, labels=labels, weights=weights)
@@ -196,6 +213,65 @@ def rtd_labels(*, corrupted, original, segment_ids):
   return labels, weights
 
 
+def binary_auc(*, scores, labels, weights):
+  """Area under the ROC curve of scores [...] for labels [...] in {0, 1}, over the entries with weights [...] > 0:
+  P(score of a random positive > score of a random negative), ties counting one half (Mann-Whitney U / (n+ n-)).
+
+  Sorted, not pairwise: O(N log N) for N entries. -> (auc, pairs): auc is 0.5 when either class is empty, pairs =
+  n+ * n- (a logger weighs batches by it)."""
+  scores = scores.astype(jnp.float32).reshape(-1)
+  real = weights.reshape(-1) > 0
+  pos = real & (labels.reshape(-1) > 0)
+  neg = real & ~(labels.reshape(-1) > 0)
+  negatives = jnp.sort(jnp.where(neg, scores, jnp.inf))  # the negatives' scores first, +inf after them
+  below = jnp.searchsorted(negatives, scores, side='left').astype(jnp.float32)
+  at_most = jnp.searchsorted(negatives, scores, side='right').astype(jnp.float32)
+  wins = jnp.sum(jnp.where(pos, below + 0.5 * (at_most - below), 0.0))
+  pairs = jnp.sum(pos).astype(jnp.float32) * jnp.sum(neg).astype(jnp.float32)
+  return jnp.where(pairs > 0, wins / jnp.maximum(pairs, 1.0), 0.5), pairs
+
+
+def token_variance_share(*, hidden, weights):
+  """The share of hidden [B,T,D]'s second moment over the real tokens (weights [B,T] > 0) that differs between
+  tokens: sum_d Var_tokens(h_d) / sum_d E_tokens(h_d^2), in [0, 1]. Near 0 when every token has the same vector (the
+  collapse of a post-LN discriminator that predicts the base rate everywhere)."""
+  h = hidden.astype(jnp.float32)
+  w = (weights > 0).astype(jnp.float32)[..., None]  # [B,T,1]
+  n = jnp.maximum(jnp.sum(w), 1.0)
+  mean = jnp.sum(h * w, axis=(0, 1)) / n  # [D]
+  second = jnp.sum(jnp.square(h) * w, axis=(0, 1)) / n  # [D]
+  total = jnp.sum(second)
+  return jnp.where(total > 0, jnp.sum(second - jnp.square(mean)) / jnp.maximum(total, 1e-30), 0.0)
+
+
+def rtd_diagnostics(*, logits, labels, weights, hidden, generator_accuracy):
+  """What ELECTRA's reference logs to tell learning from collapse (its run_pretraining.py metric_fn: disc_auc,
+  disc_precision and disc_recall on replaced tokens), plus the replaced share, the loss of predicting that share
+  everywhere (its entropy: what the discriminator loss must go below), the generator's accuracy and the
+  discriminator's token_variance_share. logits/labels/weights [B,T], hidden [B,T,D]. Accuracy cannot show a collapse:
+  predicting "original" everywhere scores 1 - replaced_fraction."""
+  real = weights > 0
+  predicted = real & (logits > 0)
+  replaced = real & (labels > 0)
+  hits = jnp.sum(predicted & replaced).astype(jnp.float32)
+  auc, pairs = binary_auc(scores=logits, labels=labels, weights=weights)
+  n_real = jnp.sum(real).astype(jnp.float32)
+  share = jnp.sum(replaced).astype(jnp.float32) / jnp.maximum(n_real, 1.0)
+  eps = 1e-7
+  base_rate_loss = -(share * jnp.log(share + eps) + (1 - share) * jnp.log(1 - share + eps))
+  return {
+      'disc_auc': auc,
+      'disc_precision': hits / jnp.maximum(jnp.sum(predicted), 1).astype(jnp.float32),
+      'disc_recall': hits / jnp.maximum(jnp.sum(replaced), 1).astype(jnp.float32),
+      'replaced_fraction': share,
+      # The loss of a discriminator that knows only the replaced share (predicts it everywhere): its entropy.
+      'disc_loss_baseline': base_rate_loss,
+      'generator_accuracy': generator_accuracy,
+      'token_variance_share': token_variance_share(hidden=hidden, weights=weights),
+      'weight_sum': n_real,
+  }
+
+
 def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0, deterministic: bool = False,
                  temperature: float = 1.0):
   """Generator MLM loss + rtd_lambda * discriminator loss for one ELECTRA step -> (loss, metrics).
@@ -203,7 +279,9 @@ def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0
   The generator predicts the masked tokens of batch['tokens'] (already masked by the data pipeline); one replacement
   per masked position is sampled from its softmax, with the logits stop-gradient'ed (the discriminator's loss must not
   train the generator through the sample, as in ELECTRA); the discriminator sees the corrupted sequence and predicts,
-  at every real token, whether it differs from the original. Metrics: 'generator/*', 'discriminator/*', 'loss'.
+  at every real token, whether it differs from the original. Metrics: 'generator/*', 'discriminator/*', 'loss', and
+  rtd_diagnostics' (disc_auc, disc_precision, disc_recall, replaced_fraction, disc_loss_baseline,
+  generator_accuracy, token_variance_share), weighted by the real tokens.
   """
   sample_rng, gen_rng, disc_rng = jax.random.split(rng, 3)
   variables = {'params': params}
@@ -221,11 +299,13 @@ def electra_loss(params, batch, rng, *, model: Electra, rtd_lambda: float = 50.0
   if segment_ids is None:
     segment_ids = jnp.ones_like(batch['tokens'])
   labels, weights = rtd_labels(corrupted=corrupted, original=original, segment_ids=segment_ids)
-  disc_logits = model.apply(variables, batch, corrupted, deterministic=deterministic, rngs={'dropout': disc_rng},
-                            method=Electra.discriminate)  # [B,T]
+  disc_logits, disc_hidden = model.apply(variables, batch, corrupted, deterministic=deterministic,
+                                         rngs={'dropout': disc_rng}, method=Electra.discriminate_with_hidden)
   disc_loss, disc_m = rtd_loss(logits=disc_logits, labels=labels, weights=weights)
   loss = gen_loss + rtd_lambda * disc_loss
   metrics = {'loss': loss}
   metrics.update({f'generator/{k}': v for k, v in gen_m.items()})
   metrics.update({f'discriminator/{k}': v for k, v in disc_m.items()})
+  metrics.update(rtd_diagnostics(logits=jax.lax.stop_gradient(disc_logits), labels=labels, weights=weights,
+                                 hidden=jax.lax.stop_gradient(disc_hidden), generator_accuracy=gen_m['accuracy']))
   return loss, metrics

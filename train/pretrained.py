@@ -93,7 +93,7 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
   if own and own != ['rtd']:
     raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model; export the part to start from with '
                      'model.convert.')
-  heads = ('rtd',) if own else tasks.run_heads(config)
+  heads = ('rtd',) if own else tasks.run_heads(config, cfg.arch)
   shapes = _electra_shapes(config, cfg) if own else heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)

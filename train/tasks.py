@@ -128,10 +128,10 @@ def for_run(task: Task, config, arch: str) -> Task:
                                   1 if arch == 'encoder' or not prompting(config) or config.finetune.bos else 0)
 
 
-def run_heads(config) -> tuple[str, ...]:
-  """The LanguageModel heads config trains: its objectives' (heads_for), the classifier swapped for the 'prompt'
-  head when config.finetune.prompt is on."""
-  heads = heads_for(config.objectives)
+def run_heads(config, arch: Optional[str] = None) -> tuple[str, ...]:
+  """The LanguageModel heads config trains on `arch`: its objectives' (heads_for), the classifier swapped for the
+  'prompt' head when config.finetune.prompt is on."""
+  heads = heads_for(config.objectives, arch)
   if prompting(config):
     heads = tuple(sorted({'prompt' if h == 'classifier' else h for h in heads}, key=HEADS.index))
   return heads
@@ -163,6 +163,12 @@ def _clm(out, batch, opts):
 def _seq2seq(out, batch, opts):
   return losses.seq2seq_loss(logits=out['lm_logits'], targets=batch['decoder_targets'],
                              weights=batch['decoder_weights'], label_smoothing=opts.label_smoothing, z_loss=opts.z_loss)
+
+
+def _span(out, batch, opts):
+  return losses.span_loss(logits=out['lm_logits'], targets=batch['decoder_targets'], weights=batch['decoder_weights'],
+                          roles=batch.get('decoder_target_roles'), label_smoothing=opts.label_smoothing,
+                          z_loss=opts.z_loss)
 
 
 def _classification(out, batch, opts):
@@ -211,6 +217,12 @@ def _needs_one_label(model):
   return None
 
 
+# Classification on an encoder-decoder (T5's way): the label's name is the target text (LM head, seq2seq loss), and
+# evaluation ranks every label by the log-probability of its text (LanguageModel.label_text_scores -> cls_logits).
+_LABEL_TEXT = dict(heads=('lm',), batch_keys=('encoder_tokens',) + _SEQ2SEQ[3:6], loss=_seq2seq,
+                   examples=task_io.label_text_examples, provides=_SEQ2SEQ + ('label',), tokenizer_kind='unigram',
+                   eval_examples=task_io.label_text_candidates)
+
 _BUILTIN = (
     Task('mlm', ('encoder',), ('mlm',), _MASKED, _mlm, "use an encoder (arch='encoder'); decoder-only models train "
          "with 'clm'", task_io.masked_examples, _ENCODER + _MASKED, 'wordpiece', _TOKEN_METRICS),
@@ -225,9 +237,10 @@ _BUILTIN = (
         _ENCODER + _MASKED, 'wordpiece', ('loss', 'generator/loss', 'discriminator/loss', 'discriminator/accuracy'),
         model=_electra_model, step_loss=_electra_step_loss),
     Task(
-        'span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
+        'span', ('encoder_decoder',), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _span,
         "span corruption needs an encoder-decoder (arch='encoder_decoder'); use 'mlm' for encoders, 'clm' for "
-        'decoders', task_io.span_examples, _SEQ2SEQ, 'unigram', _TOKEN_METRICS),
+        'decoders', task_io.span_examples, _SEQ2SEQ + ('decoder_target_roles',), 'unigram',
+        _TOKEN_METRICS + ('token_accuracy', 'sentinel_accuracy', 'eos_accuracy')),
     Task(
         'seq2seq', ('encoder_decoder', 'decoder'), ('lm',), ('encoder_tokens',) + _SEQ2SEQ[3:6], _seq2seq,
         "use an encoder-decoder (source in, target out) or a decoder (source in a prompt, target after it)",
@@ -237,13 +250,14 @@ _BUILTIN = (
             'decoder': dict(batch_keys=('targets', 'weights'), loss=_clm, examples=task_io.completion_examples,
                             provides=_CAUSAL, tokenizer_kind='bpe', eval_examples=task_io.completion_prompts)
         }),
-    Task('classification', ('encoder', 'decoder'), ('classifier',), ('label',), _classification,
-         "encoder-decoders classify with 'seq2seq' and the label as target text", task_io.classification_examples,
+    Task('classification', ('encoder', 'decoder', 'encoder_decoder'), ('classifier',), ('label',), _classification,
+         '', task_io.classification_examples,
          _ENCODER + ('label',), 'wordpiece', ('loss', 'accuracy', 'weight_sum'), kind='task',
          read=task_io.read_classification(('sentence', 'label')), labels=task_io.classification_labels(
              ('sentence',
               'label')), label_field='label_names', eval_examples=task_io.each_record(task_io.classification_examples),
-         outputs=('cls_logits',), score=evaluate.score_classification, columns=('sentence', 'label')),
+         outputs=('cls_logits',), score=evaluate.score_classification, columns=('sentence', 'label'),
+         arch_fields={'encoder_decoder': _LABEL_TEXT}),
     Task('regression', ('encoder', 'decoder'), ('classifier',), ('label',), _regression,
          "encoder-decoders regress with 'seq2seq' on the value as text", None, (), 'wordpiece', kind='task',
          check_model=_needs_one_label),
@@ -366,10 +380,12 @@ def _check_shared_heads(objectives):
       raise ValueError(f'objectives {" and ".join(map(repr, tasks))} both read the one {head} head; pick one.')
 
 
-def heads_for(objectives: Iterable[str]) -> tuple[str, ...]:
-  """The LanguageModel heads the objectives (names, or a {name: weight} dict) read, in HEADS order: ('mlm', 'nsp')."""
+def heads_for(objectives: Iterable[str], arch: Optional[str] = None) -> tuple[str, ...]:
+  """The LanguageModel heads the objectives (names, or a {name: weight} dict) read, in HEADS order: ('mlm', 'nsp');
+  on `arch` when given (classification on an encoder-decoder reads the LM head, not a classifier)."""
   _check_names(objectives)
-  needed = {h for name in objectives for h in REGISTRY[name].heads}
+  records = [for_arch(REGISTRY[name], arch) if arch else REGISTRY[name] for name in objectives]
+  needed = {h for task in records for h in task.heads}
   return tuple(h for h in HEADS if h in needed)
 
 
@@ -397,7 +413,7 @@ def build_model(config, model_cfg: ModelConfig):
   for name in objectives:
     if REGISTRY[name].model is not None:
       return REGISTRY[name].model(config, model_cfg)
-  return LanguageModel(model_cfg, heads=run_heads(config), **model_kwargs(config))
+  return LanguageModel(model_cfg, heads=run_heads(config, model_cfg.arch), **model_kwargs(config))
 
 
 def task_of(config) -> Optional[Task]:
@@ -429,6 +445,58 @@ def example_task(objectives: Mapping[str, float]) -> Task:
       return task
   raise ValueError(f'config.objectives={sorted(objectives)}: no one example builder provides every batch key they '
                    f'read ({sorted(needed)}); train them separately or register a Task whose examples provide all.')
+
+
+# ---------------------------------------------------------------------------------- baselines and collapse signals
+
+# Where each token objective's targets sit in a batch: (targets, weights, roles key or None, the metric compared).
+# Span corruption's baseline counts the dropped text only (roles == 1), as its token_accuracy does.
+_TOKEN_TARGETS = {
+    'mlm': ('masked_ids', 'masked_weights', None, 'accuracy'),
+    'clm': ('targets', 'weights', None, 'accuracy'),
+    'span': ('decoder_targets', 'decoder_weights', 'decoder_target_roles', 'token_accuracy'),
+}
+
+
+def token_baselines(objectives: Iterable[str], batches: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """'<objective>/<metric>_baseline' for each token objective among `objectives`: the accuracy of always predicting
+  the most frequent target of these batches (the evaluation's own, so a generous trivial baseline): what
+  mlm/accuracy, clm/accuracy and span/token_accuracy must beat before a model can be said to have learned."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  out = {}
+  for name in objectives:
+    if name not in _TOKEN_TARGETS:
+      continue
+    targets, weights, roles, metric = _TOKEN_TARGETS[name]
+    ids = []
+    for batch in batches:
+      if targets not in batch:
+        break
+      keep = np.asarray(batch[weights]) > 0
+      if roles is not None and roles in batch:
+        keep &= np.asarray(batch[roles]) == 1
+      ids.append(np.asarray(batch[targets])[keep])
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(ids):
+      out[f'{name}/{metric}_baseline'] = float(np.bincount(ids.astype(np.int64)).max() / len(ids))
+  return out
+
+
+def health_warnings(values: Mapping[str, float], *, split: str) -> list[str]:
+  """One line per objective whose logged values say it is not learning (ELECTRA's discriminator predicting the base
+  rate everywhere; its final hidden states the same vector for every token). split: 'train' (a window, dropout on)
+  or 'eval' (no dropout: token_variance_share is only read there, as dropout alone keeps it near 0.08 in training)."""
+  out = []
+  auc, loss, base = (values.get(f'rtd/{k}') for k in ('disc_auc', 'discriminator/loss', 'disc_loss_baseline'))
+  if auc is not None and base is not None and auc < 0.55 and loss > base - 0.005:
+    out.append(f'warning: rtd did not learn: disc_auc {auc:.3f} and discriminator loss {loss:.4f} at the base rate\'s '
+               f'{base:.4f} ({split}): it predicts "original" everywhere. Lower config.optim.learning_rate, lengthen '
+               'warmup_steps or raise config.loss.generator_temperature (configs/electra.py says what was measured).')
+  share = values.get('rtd/token_variance_share')
+  if split == 'eval' and share is not None and share < 0.01:
+    out.append(f'warning: rtd collapsed: the discriminator\'s final hidden states are one vector for every token '
+               f'(token_variance_share {share:.4f}, healthy runs > 0.05).')
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ the combinator
@@ -471,7 +539,7 @@ def build_loss_fn(cfg_or_arch: Union[ModelConfig, str], objectives: Mapping[str,
   validate_objectives(cfg_or_arch, objectives)
   objectives = dict(objectives)
   opts = LossOptions(**options)
-  heads = tuple(heads) if heads is not None else heads_for(objectives)
+  heads = tuple(heads) if heads is not None else heads_for(objectives, _arch(cfg_or_arch))
   records = {n: for_arch(REGISTRY[n], _arch(cfg_or_arch)) for n in objectives}
   own = [t for t in records.values() if t.step_loss is not None]
 

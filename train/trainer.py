@@ -104,7 +104,7 @@ def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]
 
 def build_parts(config, model_cfg: ModelConfig, devices=None) -> Parts:
   """Model (from the objectives' records), loss, optimizer, learning-rate schedule, mesh and rules for config."""
-  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), heads=tasks.run_heads(config),
+  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), heads=tasks.run_heads(config, model_cfg.arch),
                                 **dict(config.get('loss', {})))
   return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_mesh_parts(config, devices),
                **_optimizer_parts(config))
@@ -398,7 +398,8 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
   init, config = _start_from(config, workdir, log)
   arch_cfg = arch_config(config, init)
   task = tasks.for_run(task, config, arch_cfg.arch)  # seq2seq on a decoder: prompt + completion examples; prompts
-  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, heads=tasks.run_heads(config), **dict(config.get('loss', {})))
+  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, heads=tasks.run_heads(config, arch_cfg.arch),
+                                **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
   if init is not None and init.tokenizer_dir and jax.process_index() == 0:
     # The run carries its checkpoint's tokenizer: generate, evaluate and a later init_from read <workdir>/tokenizer.

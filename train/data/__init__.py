@@ -11,7 +11,8 @@ Causal LM: `tokens` [B,T], `targets` [B,T] (targets[:, t] is the token after tok
 padding and where the next token starts another segment), `segment_ids`, `positions`. Seq2seq and T5 span corruption:
 `encoder_tokens`, `encoder_segment_ids`, `encoder_positions` [B,T_enc]; `decoder_tokens` (targets shifted right, starting
 with the decoder start id = pad id), `decoder_targets`, `decoder_weights`, `decoder_segment_ids`, `decoder_positions`
-[B,T_dec]. Tasks add to the encoder keys (`tokens`, `segment_ids`, `positions`, `token_type_ids`): `label` [B]
+[B,T_dec], and for span corruption `decoder_target_roles` [B,T_dec] (1 a dropped token, 2 a sentinel, 3 the final EOS,
+0 padding). Tasks add to the encoder keys (`tokens`, `segment_ids`, `positions`, `token_type_ids`): `label` [B]
 (classification, sentence pairs), `tag_labels` [B,T] + `tag_weights` [B,T] (first sub-word of each word labeled, others
 weight 0), `start_positions` / `end_positions` [B] (QA; 0 = [CLS] when the answer was cut off) with `offsets` [B,T,2]
 (character span of each context token, -1 elsewhere) so predictions map back to text."""

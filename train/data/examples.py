@@ -327,8 +327,23 @@ class SpanCorruption:
     inputs, targets = span_corruption(toks, rng=rng, sentinel_ids=sp.sentinel_ids, eos_id=sp.eos,
                                       noise_density=self.noise_density,
                                       mean_noise_span_length=self.mean_noise_span_length)
-    return encoder_decoder_arrays(inputs, targets, inputs_length=self.inputs_length, targets_length=self.targets_length,
-                                  pad_id=sp.pad)
+    out = encoder_decoder_arrays(inputs, targets, inputs_length=self.inputs_length,
+                                 targets_length=self.targets_length, pad_id=sp.pad)
+    out['decoder_target_roles'] = span_target_roles(targets, sp.sentinel_ids, self.targets_length)
+    return out
+
+
+SPAN_TOKEN, SPAN_SENTINEL, SPAN_EOS = 1, 2, 3
+
+
+def span_target_roles(targets: np.ndarray, sentinel_ids: np.ndarray, targets_length: int) -> np.ndarray:
+  """What each decoder target of a span-corruption pair is, [targets_length] int32: 0 padding, SPAN_TOKEN a token of
+  a dropped span, SPAN_SENTINEL a sentinel, SPAN_EOS the final EOS (the loss reports an accuracy per role)."""
+  n = min(len(targets), targets_length)
+  roles = np.where(np.isin(targets[:n], sentinel_ids), SPAN_SENTINEL, SPAN_TOKEN).astype(np.int32)
+  if n == len(targets):  # the EOS survived truncation
+    roles[n - 1] = SPAN_EOS
+  return pad_to(roles, targets_length, 0)
 
 
 def encoder_decoder_arrays(inputs: np.ndarray, targets: np.ndarray, *, inputs_length: int, targets_length: int,

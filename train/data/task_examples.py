@@ -238,6 +238,43 @@ class Seq2Seq:
                                   targets_length=self.targets_length, pad_id=self.pad)
 
 
+class LabelText:
+  """Classification on an encoder-decoder, T5's way: the text (a pair joined by EOS) in, the label's name as target
+  text out ({"text_a", "text_b", "label"} records, as Classification reads). `__call__` is a training pair;
+  `candidates` adds every label's name as a scored target ([L, targets_length] decoder arrays under 'label_*' keys),
+  so evaluation ranks the labels by the log-probability of their text instead of decoding freely (a free decode may
+  start with anything, a sentinel included, and score nothing by exact match)."""
+
+  def __init__(self, tokenizer: Tokenizer, *, inputs_length: int, targets_length: int, label_names: Sequence[str]):
+    tokenizer.require("eos")
+    if not label_names:
+      raise ValueError("classification on an encoder-decoder needs the label names (config.data.label_names)")
+    self.tok, self.inputs_length, self.targets_length = tokenizer, inputs_length, targets_length
+    self.eos, self.pad, self.label_names = tokenizer.eos_id, tokenizer.pad_id, list(label_names)
+    self.targets = [self.tok.encode(str(n))[:targets_length - 1] + [self.eos] for n in self.label_names]
+
+  def _source(self, record) -> list[int]:
+    src = self.tok.encode(record["text_a"])
+    if record.get("text_b"):
+      src = src + [self.eos] + self.tok.encode(record["text_b"])
+    return src[:self.inputs_length - 1] + [self.eos]
+
+  def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    label = _label_id(record["label"], self.label_names)
+    out = encoder_decoder_arrays(np.array(self._source(record)), np.array(self.targets[label]),
+                                 inputs_length=self.inputs_length, targets_length=self.targets_length, pad_id=self.pad)
+    out["label"] = np.int32(label)
+    return out
+
+  def candidates(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    out = self(record)
+    rows = [encoder_decoder_arrays(np.array([self.eos]), np.array(t), inputs_length=1,
+                                   targets_length=self.targets_length, pad_id=self.pad) for t in self.targets]
+    for key in ("decoder_tokens", "decoder_targets", "decoder_weights", "decoder_segment_ids", "decoder_positions"):
+      out["label_" + key] = np.stack([r[key] for r in rows])  # [L, targets_length]
+    return out
+
+
 def completion_length(seq_len: int, targets_len: int = 0) -> int:
   """Target tokens (EOS included) a decoder-only seq2seq example holds: data.targets_len, else half of seq_len."""
   return int(targets_len) if targets_len else max(1, int(seq_len) // 2)

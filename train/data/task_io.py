@@ -57,6 +57,22 @@ def classification_examples(records, tokenizer, data):
   return tex.Classification(tokenizer, seq_len=data.seq_len, label_names=_names(data, 'label_names')), records
 
 
+def _label_text(tokenizer, data):
+  return tex.LabelText(tokenizer, inputs_length=data.seq_len, targets_length=int(data.get('targets_len') or 8),
+                       label_names=_names(data, 'label_names'))
+
+
+def label_text_examples(records, tokenizer, data):
+  """Classification on an encoder-decoder: the label's name is the target text."""
+  return _label_text(tokenizer, data), records
+
+
+def label_text_candidates(records, tokenizer, data):
+  """Its evaluation examples: each record with every label's name as a candidate target, to be scored."""
+  builder = _label_text(tokenizer, data)
+  return [builder.candidates(r) for r in records]
+
+
 def tagging_examples(records, tokenizer, data):
   return tex.Tagging(tokenizer, seq_len=data.seq_len, tag_names=_names(data, 'tag_names')), records
 

@@ -475,7 +475,7 @@ def count_params(model: Mapping[str, Any], config: Mapping[str, Any], kind: str 
   if own:
     raise ValueError(f'config.objectives={sorted(objectives)}: {own[0]!r} trains its own model (ELECTRA: a '
                      'generator and a discriminator); count_params reads LanguageModel runs only.')
-  shapes = pytree.flatten(heads_lib.abstract_params(cfg, tasks.run_heads(run), **tasks.model_kwargs(run)))
+  shapes = pytree.flatten(heads_lib.abstract_params(cfg, tasks.run_heads(run, cfg.arch), **tasks.model_kwargs(run)))
   if kind == 'total':
     return sum(int(np.prod(s.shape)) for s in shapes.values())
   if kind != 'non_embedding':
