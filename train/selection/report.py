@@ -14,6 +14,7 @@ import numpy as np
 
 from train import plots
 from train.selection import search as search_lib
+from train.selection import stats
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -29,8 +30,10 @@ def _objectives(s: search_lib.Search, cand: search_lib.Candidate) -> str:
 
 def leaderboard(s: search_lib.Search, result: dict[str, Any]) -> list[dict[str, Any]]:
   """One row per candidate, best first: what it is, what it cost, its dev metric (mean +- std over the seeds of the
-  last rung it reached), whether it was chosen and why."""
+  last rung it reached) with a 95% interval, whether it beat the majority baseline beyond noise, whether it was
+  chosen and why. A candidate that did not learn is not ranked (rank '-'), whatever its mean."""
   rungs, plan, metric = result['rungs'], s.plan, s.config.metric.split('/')[-1]
+  base = search_lib.majority(s)
   rows = []
   for cand in s.cands:
     reached = max(k for k, names in enumerate(rungs) if cand.name in names)
@@ -39,20 +42,27 @@ def leaderboard(s: search_lib.Search, result: dict[str, Any]) -> list[dict[str, 
     values = [s.study.get(cand.name, steps, k)['value'] for k in range(seeds)]
     spent = [e for (n, _, _), e in s.study.done.items() if n == cand.name]
     mean, std = _mean_std(values)
+    correct = search_lib.correctness(s, cand.name, steps, seeds)
+    v = stats.verdict(correct, base) if correct is not None and base is not None else None
     rows.append(dict(candidate=cand.name, arch=search_lib.arch_of(cand), objective=_objectives(s, cand),
                      strategy=cand.strategy, params=s.costs.finetune[cand.name].params, rung=reached + 1,
                      pretrain_steps=steps, flops=sum(e['flops'] for e in spent),
                      seconds=sum(e['seconds'] for e in spent), mean=mean, std=std, seeds=seeds,
-                     chosen=cand.name == result['chosen']))
-  rows.sort(key=lambda r: (-r['rung'], -r['mean'], r['candidate']))
+                     low=v.low if v else float('nan'), high=v.high if v else float('nan'),
+                     interval=v.how if v else '', learned=v.learned if v else True,
+                     chosen=cand.name == result['chosen'], correct=correct))
+  rows.sort(key=lambda r: (not r['learned'], -r['rung'], -r['mean'], r['candidate']))
   for rank, row in enumerate(rows, 1):
-    row['rank'] = rank
-    row['why'] = _why(row, rows, rungs, plan, metric)
+    row['rank'] = rank if row['learned'] else '-'
+    row['why'] = _why(row, rows, rungs, plan, metric, base)
   return rows
 
 
-def _why(row, rows, rungs, plan, metric) -> str:
+def _why(row, rows, rungs, plan, metric, base) -> str:
   last = len(rungs)
+  if not row['learned']:
+    return (f'did not learn: {metric} {row["mean"]:.4f} is not above the majority baseline {base:.4f} beyond noise '
+            f'(95% interval [{row["low"]:.3f}, {row["high"]:.3f}]); not ranked')
   if row['chosen']:
     seeds = f'over {row["seeds"]} seeds' if row['seeds'] > 1 else 'one seed'
     return (f'best mean {metric} at the last rung ({row["mean"]:.4f}, {seeds})'
@@ -66,11 +76,41 @@ def _why(row, rows, rungs, plan, metric) -> str:
 
 
 _COLUMNS = ('rank', 'candidate', 'arch', 'objective', 'strategy', 'params', 'rung', 'pretrain_steps', 'flops',
-            'seconds', 'mean', 'std', 'seeds', 'chosen', 'why')
+            'seconds', 'mean', 'std', 'low', 'high', 'interval', 'seeds', 'learned', 'chosen', 'why')
 
 
 def _fmt_metric(row) -> str:
-  return f'{row["mean"]:.4f}' + ('' if np.isnan(row['std']) else f' ± {row["std"]:.4f}')
+  out = f'{row["mean"]:.4f}' + ('' if np.isnan(row['std']) else f' ± {row["std"]:.4f}')
+  return out + ('' if np.isnan(row['low']) else f' [{row["low"]:.3f}, {row["high"]:.3f}]')
+
+
+def noise_lines(s: search_lib.Search, rows) -> list[str]:
+  """What the dev set can and cannot tell: the baseline, the significance of the top two, the dev set's resolution."""
+  base, metric = search_lib.majority(s), s.config.metric.split('/')[-1]
+  if base is None:
+    return [f'No per-example dev predictions for {s.config.metric}: no baseline, interval or significance test '
+            '(they are computed for accuracy).']
+  any_row = next(r for r in rows if r['correct'] is not None)
+  n = any_row['correct'].shape[-1]
+  label = next(e['majority_label'] for e in s.study.done.values() if e.get('majority') is not None)
+  out = [f'Majority-class baseline: {metric} {base:.4f} (always "{label}", the most frequent of the {n} dev labels). '
+         f'Intervals are 95%: {any_row["interval"] or "bootstrap over dev examples"} at the last rung, bootstrap '
+         'over dev examples for one seed.']
+  learned = [r for r in rows if r['learned']]
+  if not learned:
+    out.append('No candidate is above the majority baseline beyond noise: none learned the task; the choice below is '
+               'the best mean, not a model that works.')
+  last = max(r['rung'] for r in rows)
+  top = [r for r in learned if r['rung'] == last and r['correct'] is not None]
+  line = stats.top_two_line([r['candidate'] for r in top], {r['candidate']: r['correct'] for r in top}, metric)
+  if line:
+    out.append(line)
+  if len(top) >= 2:
+    gap, res = top[0]['mean'] - top[1]['mean'], stats.resolution(n, top[0]['mean'])
+    if gap < res:
+      out.append(f'Warning: {n} dev examples resolve {metric} differences of about {100 * res:.1f} points (95%); the '
+                 f'top two are {100 * gap:.1f} apart. A larger dev set (or more seeds) is needed to rank them.')
+  return out
 
 
 def markdown(s: search_lib.Search, rows) -> str:
@@ -81,8 +121,10 @@ def markdown(s: search_lib.Search, rows) -> str:
   out.write(f'Plan ({plan.mode}): pre-training steps per rung {list(plan.rung_steps)}, candidates per rung '
             f'{list(plan.survivors)}, {plan.seeds} fine-tuning seeds at the last rung; worst case {plan.worst_case:.3g}'
             f' of the budget {plan.budget:.3g} {s.config.search.budget_kind}.\n\n')
+  for line in noise_lines(s, rows):
+    out.write(line + '\n\n')
   out.write(f'| rank | candidate | arch | objective | strategy | params | rung | pre-training steps | compute (FLOPs) '
-            f'| seconds | dev {metric} | chosen | why |\n')
+            f'| seconds | dev {metric} (mean ± std [95% interval]) | chosen | why |\n')
   out.write('|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|:---:|---|\n')
   for r in rows:
     out.write(f'| {r["rank"]} | {r["candidate"]} | {r["arch"]} | {r["objective"]} | {r["strategy"]} | '
@@ -145,14 +187,26 @@ def _figure(width: float, height: float):
   return fig
 
 
-def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str) -> None:
+def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str, rows=()) -> None:
+  """Seed-0 dev metric of every rung against compute, the Pareto front, each candidate's last rung as mean with its
+  95% interval (error bars over seeds or dev examples, as the leaderboard), and the majority baseline."""
   fig = _figure(7, 4.5)
   ax = fig.subplots()
   points = _points(s)
+  last = {r['candidate']: r for r in rows}
   for i, (name, pts) in enumerate(points.items()):
     xs, ys = zip(*pts)
-    ax.plot(xs, ys, '-', marker='osD^vP*X'[i % 8], ms=9 - i % 4, label=name + (' (chosen)' if name == chosen else ''),
-            lw=2.5 if name == chosen else 1.2)
+    line, = ax.plot(xs, ys, '-', marker='osD^vP*X'[i % 8], ms=9 - i % 4,
+                    label=name + (' (chosen)' if name == chosen else '') +
+                    ('' if last.get(name, {}).get('learned', True) else ' (did not learn)'),
+                    lw=2.5 if name == chosen else 1.2)
+    r = last.get(name)
+    if r is not None and not np.isnan(r['low']):
+      ax.errorbar([xs[-1]], [r['mean']], yerr=[[r['mean'] - r['low']], [r['high'] - r['mean']]], color=line.get_color(),
+                  capsize=5, lw=1.5, fmt='none')
+  base = search_lib.majority(s)
+  if base is not None:
+    ax.axhline(base, color='gray', ls=':', lw=1.5, label=f'majority class ({base:.3f})')
   front = pareto([p for pts in points.values() for p in pts])
   if front:
     fx, fy = zip(*front)
@@ -160,7 +214,7 @@ def plot_metric_vs_compute(s: search_lib.Search, chosen: str, path: str) -> None
             label='Pareto front (circled)')
   ax.set_xscale('log')
   ax.set_xlabel('training compute of the model (FLOPs: pre-training + fine-tuning)')
-  ax.set_ylabel(f'dev {s.config.metric} (seed 0)')
+  ax.set_ylabel(f'dev {s.config.metric} (seed 0; bars: 95% interval, last rung)')
   ax.set_title(f'{s.config.task}: dev metric against compute, per rung')
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
@@ -235,7 +289,7 @@ def write(s: search_lib.Search, result: dict) -> dict[str, str]:
            'training_curves': os.path.join(w, 'training_curves.png'), 'chosen': os.path.join(w, 'chosen.py')}
   _atomic(paths['leaderboard'], markdown(s, rows))
   write_csv(paths['csv'], rows)
-  plot_metric_vs_compute(s, result['chosen'], paths['metric_vs_compute'])
+  plot_metric_vs_compute(s, result['chosen'], paths['metric_vs_compute'], rows)
   plot_training_curves(s, result, paths['training_curves'])
   write_hparams(s)
   write_chosen(s, result['chosen'], paths['chosen'])

@@ -98,27 +98,25 @@ def pretrain_config(config, cand: Candidate, *, steps: int, max_steps: int) -> m
   return c
 
 
-def _is_seq2seq(arch: str) -> bool:
-  return arch == 'encoder_decoder'
-
-
 def finetune_config(config, cand: Candidate, *, init_from: str, seed: int, arch: str,
                     data_files: tuple[str, str]) -> ml_collections.ConfigDict:
-  """configs/finetune.py for the task and the candidate's strategy, from `init_from`; an encoder-decoder trains the
-  task as seq2seq (label text as target) and is scored by exact match."""
-  seq2seq = _is_seq2seq(arch)
-  c = finetune_configs.get_config(f'task={"seq2seq" if seq2seq else config.task},strategy={cand.strategy}')
+  """configs/finetune.py for the task and the candidate's strategy, from `init_from`. Every architecture fine-tunes
+  the same task with the same optimizer, rate and steps, reading it the way it was pre-trained to: encoders with a
+  classifier on their mean hidden state, decoders on their last token, an encoder-decoder T5's way, with each label's
+  name as target text, ranked at evaluation by the log-probability of that text (train/tasks.py _LABEL_TEXT)."""
+  c = finetune_configs.get_config(f'task={config.task},strategy={cand.strategy}')
   f = config.finetune
   c.seed = int(seed)
   c.model.init_from = init_from
   c.data.train, c.data.dev = data_files
-  text_columns, label_column = tuple(config.data.text_columns), str(config.data.label_column)
-  if seq2seq:
-    c.data.source_column = text_columns[0] if text_columns else 'sentence'
-    c.data.target_column = label_column or 'label'
+  c.data.text_columns, c.data.label_column = tuple(config.data.text_columns), str(config.data.label_column)
+  if arch == 'encoder_decoder':
     c.data.targets_len = int(f.targets_len)
-  else:
-    c.data.text_columns, c.data.label_column = text_columns, label_column
+  if arch == 'encoder':
+    # The mean of the last hidden states, not [CLS] through a fresh pooler: an MLM- or RTD-only encoder never trained
+    # [CLS] to summarize (demo, 120 fine-tuning steps: bert_mlm 0.33 -> 0.58, electra_rtd 0.34 -> 0.52 dev accuracy);
+    # decoders read their last token, which has seen the whole text.
+    c.model.classifier_pooling = 'mean'
   c.data.seq_len, c.data.batch_size = int(f.seq_len), int(f.batch_size)
   if cand.learning_rate:
     c.optim.learning_rate = cand.learning_rate
@@ -422,8 +420,47 @@ def evaluate(s: Search, name: str, steps: int, seed: int, *, rung: int) -> dict:
   value = best_metric(ft_dir, s.config.metric)
   attrs = dict(rung=rung, flops=flops, seconds=time.time() - t0, pretrain_dir=pre_dir if cand.pretrains else '',
                finetune_dir=ft_dir)
+  if s.config.metric.split('/')[-1] == 'accuracy':
+    attrs.update(dev_predictions(ft_dir, s.files[1]))
   s.study.add(name, steps, seed, value, attrs)
   return dict(attrs, value=value)
+
+
+def dev_predictions(ft_dir: str, dev_file: str) -> dict[str, Any]:
+  """Which dev records the run's best checkpoint gets right ('correct': a string of 0/1 in file order, what the
+  report's intervals and paired tests resample) and the majority-class share of the dev labels, from the evaluate
+  job's predictions.jsonl (<ft_dir>/dev_eval)."""
+  from train import evaluate as evaluate_job  # pylint: disable=g-import-not-at-top
+  from train.selection import stats  # pylint: disable=g-import-not-at-top
+  out = os.path.join(ft_dir, 'dev_eval')
+  evaluate_job.evaluate_run(ft_dir, dev_file, out, step='best', log=lambda *_: None)
+  with open(os.path.join(out, 'predictions.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  share, label = stats.majority_share([r['label'] for r in rows])
+  return dict(correct=''.join('1' if str(r['label']) == str(r['prediction']) else '0' for r in rows),
+              majority=share, majority_label=label)
+
+
+def correctness(s: Search, name: str, steps: int, seeds: int) -> Optional[np.ndarray]:
+  """[seeds, N] 0/1 of the candidate's dev predictions at `steps`, or None when an evaluation kept none (a metric
+  other than accuracy, or a study written before predictions were kept)."""
+  rows = [s.study.get(name, steps, k) for k in range(seeds)]
+  if any(r is None or not r.get('correct') for r in rows):
+    return None
+  return np.array([[c == '1' for c in r['correct']] for r in rows], np.float64)
+
+
+def majority(s: Search) -> Optional[float]:
+  """The dev set's majority-class share (the accuracy of always predicting its most frequent label)."""
+  return next((e['majority'] for e in s.study.done.values() if e.get('majority') is not None), None)
+
+
+def learned(s: Search, name: str, steps: int, seeds: int) -> bool:
+  """Whether the candidate's dev accuracy is above the majority baseline beyond noise (stats.verdict); True when
+  there is nothing to test against."""
+  from train.selection import stats  # pylint: disable=g-import-not-at-top
+  correct, base = correctness(s, name, steps, seeds), majority(s)
+  return True if correct is None or base is None else stats.verdict(correct, base).learned
 
 
 def _ranked(s: Search, names: list[str], rung: int) -> list[str]:
@@ -462,10 +499,12 @@ def run(s: Search) -> dict[str, Any]:
         s.spent += result['flops'] if fresh else 0.0
         _progress(s, done, total, name, steps, seed, result, rung)
     alive = _ranked(s, alive, rung)
-  means = {n: np.mean([s.study.get(n, plan.steps(len(rungs) - 1, n), k)['value'] for k in range(plan.seeds)])
-           for n in rungs[-1]}
-  chosen = min(rungs[-1], key=lambda n: (-means[n], n))
-  return {'rungs': rungs, 'chosen': chosen, 'means': means}
+  last = len(rungs) - 1
+  means = {n: np.mean([s.study.get(n, plan.steps(last, n), k)['value'] for k in range(plan.seeds)]) for n in rungs[-1]}
+  # A candidate at chance is not ranked above one that learned, whatever its mean.
+  ok = {n: learned(s, n, plan.steps(last, n), plan.seeds) for n in rungs[-1]}
+  chosen = min(rungs[-1], key=lambda n: (not ok[n], -means[n], n))
+  return {'rungs': rungs, 'chosen': chosen, 'means': means, 'any_learned': any(ok.values())}
 
 
 def prepare(config, workdir: str, *, log=print) -> Search:
