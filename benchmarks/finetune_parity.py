@@ -24,7 +24,7 @@ from absl import flags
 import numpy as np
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))  # train/pretrained.py locates the packaged checkpoints
+sys.path.insert(0, str(_ROOT))  # train/core/pretrained.py locates the packaged checkpoints
 
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Training epochs for both.")
 _SEEDS = flags.DEFINE_list("seeds", ["13", "21", "42"], "One lmlab run and one torch run per seed.")
@@ -37,7 +37,7 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the t
 
 
 def _model_dir() -> Path:
-  from train import pretrained
+  from train.core import pretrained
   try:
     return Path(pretrained.packaged("all-MiniLM-L6-v2"))
   except FileNotFoundError as e:

@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))  # run as a script from anywhere: the readers and metrics come from the repo
 
-from train import metrics  # noqa: E402
-from train import pretrained  # noqa: E402
+from train.tasks import metrics  # noqa: E402
+from train.core import pretrained  # noqa: E402
 from train.data import readers  # noqa: E402
 
 _STRATEGY = flags.DEFINE_enum("strategy", "full", ["full", "head"], "full: train everything; head: frozen encoder, "

@@ -32,7 +32,8 @@ def step_tokens_per_second(kind: str, batch, vocab_size: int, steps: int = 5) ->
   import jax
   import ml_collections
   from model.config import preset
-  from train import optim, trainer
+  from train.core import optim
+  from train.core import trainer
   from train.data.loader import global_batch
   name = {"mlm": "bert-small", "clm": "gpt2-tiny"}[kind]
   b, t = batch["tokens"].shape

@@ -111,7 +111,7 @@ def split_text(path: str) -> tuple[str, str]:
 
 
 def run_lmlab(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int, workdir: str) -> dict:
-  from train import trainer
+  from train.core import trainer
   train_text, val_text = split_text(data_path)
   # Every window of 65 characters of the validation text (its final <|endoftext|> included) is one example.
   windows = (len(val_text) + 1) // (BLOCK + 1)

@@ -66,8 +66,8 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1')  # everything is local; never wait 
 import numpy as np  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(_ROOT))  # train/pretrained.py locates the packaged checkpoints
-GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # train/pretrained.py PACKAGED's file
+sys.path.insert(0, str(_ROOT))  # train/core/pretrained.py locates the packaged checkpoints
+GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'  # train/core/pretrained.py PACKAGED's file
 
 # task: (data folder, label column, template, verbalizer)
 TASKS = {
@@ -163,7 +163,7 @@ def load(threads: int):
   import gguf
   torch.set_num_threads(threads)
   transformers.logging.set_verbosity_error()
-  from train import pretrained
+  from train.core import pretrained
   try:
     d = Path(pretrained.packaged('SmolLM2-135M-Instruct')).parent
   except FileNotFoundError as e:

@@ -119,7 +119,8 @@ def synthetic_batch(c, seed=0):
 def lmlab_step(c):
   """(jitted train step, initial state, global batch) built the way train.main builds them."""
   import ml_collections
-  from train import optim, trainer
+  from train.core import optim
+  from train.core import trainer
   from train.data.loader import global_batch
   objective = {'gpt': 'clm', 'llama': 'clm', 'bert': 'mlm', 't5': 'span'}[c['kind']]
   opt = optim.default_config()

@@ -17,7 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from model import transformer
-from train import optim
+from train.core import optim
 
 _TRUE, _FALSE = ('', 'true', '1', 'yes'), ('false', '0', 'no')
 
@@ -82,6 +82,9 @@ def base() -> ml_collections.ConfigDict:
   # yapf: disable (a table: one field per line, its meaning aligned beside it)
   c.seed = 0                    # parameter init, dropout, data shuffling and masking all derive from it
   c.objectives = {}             # pre-training objective -> loss weight: 'mlm', 'nsp', 'clm', 'rtd', 'span'
+  c.register_from = ()          # Python modules or .py files imported before the run resolves its objectives: the
+  #                               tasks, objectives and strategies they register (docs/extending.md). Kept in
+  #                               config.json, so train.evaluate and a later init_from register them too
   c.loss = ml_collections.ConfigDict(dict(
       rtd_lambda=50.0,          # ELECTRA: loss = generator MLM + rtd_lambda * discriminator loss
       label_smoothing=0.0,      # clm/span: eps of the (1 - eps) one-hot + eps uniform target distribution
@@ -126,7 +129,7 @@ def base() -> ml_collections.ConfigDict:
                                 # epoch cuts the text anew (nanoGPT's random crops); eval windows stay fixed
       prefetch=2,               # batches prepared ahead on a thread pool (order unchanged); 0: none
   ))
-  c.optim = optim.default_config()  # fields and meanings: train/optim.py default_config()
+  c.optim = optim.default_config()  # fields and meanings: train/core/optim.py default_config()
   c.optim.learning_rate = 5e-4
   c.optim.warmup_steps = 100
   c.optim.total_steps = 0  # 0: the schedule ends with the run (train.steps / optim.grad_accum_steps)
@@ -144,7 +147,7 @@ def base() -> ml_collections.ConfigDict:
       max_loss_ratio=0.0,       # divergence guard: stop when a logged loss exceeds this times the lowest so far; 0: off
       max_param_growth=1000.0,  # divergence guard: stop without saving when the parameter norm exceeds this times its
       #                           value when the run (or its resumption) started; 0: off
-      memory_check=True,        # refuse a run whose estimated bytes per device (train/selection/cost.py) exceed the
+      memory_check=True,        # refuse a run whose estimated bytes per device (train/core/cost.py) exceed the
       #                           device's memory, before anything is built
       compilation_cache=True,   # JAX's persistent compilation cache in <workdir>/jax_cache (a rerun or resume starts
       #                           from the compiled step); a cache directory the user set wins
@@ -152,7 +155,7 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP
       rules=config_dict.placeholder(tuple),  # [[logical axis, mesh axes], ...], e.g. "[['embed', 'fsdp']]";
-      #                           None: train/partitioning.py DEFAULT_RULES
+      #                           None: train/core/partitioning.py DEFAULT_RULES
   ))
   # yapf: enable
   return c

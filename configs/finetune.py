@@ -21,7 +21,7 @@ W/results.md with mean +- std.
 CKPT is an lmlab run's workdir, a converted or Hugging Face model directory, or a .gguf file; its tokenizer and
 architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
 
-  task       the record in train/tasks.py the run trains, its reader and its dev metric:
+  task       the record in train/tasks/ the run trains, its reader and its dev metric:
                sst2, trec (coarse labels), trec_fine, rte, snli      classification (accuracy)
                classification                                       any TSV/CSV/JSONL: set data.text_columns and
                                                                     data.label_column (one or two text columns)
@@ -43,7 +43,7 @@ architecture come with it. Arguments (`task=...,strategy=...,runlocal`):
                          frozen backbone, plus a fresh task head; `model.convert export` writes merged weights
              prompt      classification as a cloze (encoders: MLM head at {mask}) or a continuation (decoders: LM
                          head), finetune.template + finetune.verbalizer (defaults per task and architecture in
-                         train/tasks.py), trained PET-style with full; prompt+head, prompt+soft_prompt and
+                         train/tasks/classification.py), trained PET-style with full; prompt+head, prompt+soft_prompt and
                          prompt+lora train only the MLM head's transform, the soft prompt or the adapters
   runlocal   seconds on a CPU: short sequences, small batches, a few steps (tests use it)
 
@@ -55,33 +55,27 @@ train.best_metric and stops early after train.early_stopping evaluations without
 import ml_collections
 
 from configs import common
-from train.finetune import STRATEGIES
+from train import tasks
+from train.finetune.strategies import STRATEGIES
 
-# The task records of train/tasks.py this config offers, and the dev metric each keeps its best checkpoint by.
-TASKS = ('sst2', 'trec', 'trec_fine', 'rte', 'snli', 'classification', 'wnut17', 'tagging', 'squad', 'xquad', 'qa',
-         'translation', 'seq2seq')
-_BEST = {
-    'wnut17': 'eval/f1',
-    'tagging': 'eval/f1',
-    'squad': 'eval/f1',
-    'xquad': 'eval/f1',
-    'qa': 'eval/f1',
-    'translation': 'eval/bleu',
-    'seq2seq': 'eval/bleu'
-}
+
+
+def tasks_offered() -> tuple[str, ...]:
+  """The downstream tasks registered (train/tasks: the built-in ones, and any a config file or test registered)."""
+  return tuple(sorted(n for n, r in tasks.REGISTRY.items() if r.kind == 'task'))
 
 
 def finetune_fields(c: ml_collections.ConfigDict) -> None:
   """The fields a fine-tuning run reads beyond base()'s, with their defaults and meanings."""
   # yapf: disable (a table: one field per line, its meaning aligned beside it)
   c.finetune = ml_collections.ConfigDict(dict(
-      strategy='full',          # 'full' | 'head' | 'soft_prompt' | 'lora' (train/finetune.py)
+      strategy='full',          # 'full' | 'head' | 'soft_prompt' | 'lora' (train/finetune/strategies.py)
       train_pooler=False,       # head: also train the [CLS] pooler (with model.classifier_pooling='cls')
       backbone_dropout=False,   # head: keep dropout inside the frozen backbone (default: eval mode, a linear probe)
-      # prompt-based classification (train/prompts.py), with any strategy above (PET) or none (zero-shot)
+      # prompt-based classification (train/finetune/prompts.py), with any strategy above (PET) or none (zero-shot)
       prompt=False,             # classify through template + verbalizer and the MLM (encoder) / LM (decoder) head
       template='',              # e.g. '{sentence} It was {mask}.'; ' || ' separates templates to ensemble;
-      #                           '': the task's default for the architecture (train/tasks.py _PROMPTS)
+      #                           '': the task's default for the architecture (train/tasks/classification.py PROMPTS)
       verbalizer='',            # label:word[|word...];... e.g. '0:terrible;1:great'; '': the task's default
       length_norm=False,        # a multi-token word scores its mean token log-probability, not the sum
       word_prefix=' ',          # decoders: written before each verbalizer word (' positive')
@@ -128,8 +122,9 @@ def finetune_fields(c: ml_collections.ConfigDict) -> None:
 
 def get_config(arg=None):
   args = common.parse_arg(arg, task='sst2', strategy='full')
-  if args.task not in TASKS:
-    raise ValueError(f'config argument task={args.task!r} is unknown; known tasks: {", ".join(TASKS)}.')
+  if args.task not in tasks_offered():
+    raise ValueError(f'config argument task={args.task!r} is unknown; known tasks: {", ".join(tasks_offered())} '
+                     '(a task registered with train.tasks.register is offered too).')
   parts = set(str(args.strategy).split('+'))
   strategy = (parts - {'prompt'} or {'full'}).pop()
   if len(parts - {'prompt'}) > 1 or strategy not in STRATEGIES:
@@ -155,7 +150,7 @@ def get_config(arg=None):
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 1
-  c.train.best_metric = _BEST.get(args.task, 'eval/accuracy')
+  c.train.best_metric = f'eval/{tasks.get(args.task).best}'
   c.train.best_mode = 'max'
   if args.runlocal:
     c.data.seq_len = 32

@@ -273,6 +273,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def register_preset(name: str, fields: dict[str, Any], *, replace: bool = False) -> None:
+  """Adds a named architecture (ModelConfig fields) that configs and preset() then offer, e.g. a new family's sizes
+  from its own config file; a name taken is an error unless replace=True."""
+  if name in PRESETS and not replace:
+    raise ValueError(f'model preset {name!r} is already registered; pick another name or pass replace=True.')
+  ModelConfig(**fields)  # validated now, naming the field
+  PRESETS[name] = dict(fields)
+
+
 def preset(name: str, **overrides) -> ModelConfig:
   """A named preset, with fields overridden: preset('bert-tiny', vocab_size=1000)."""
   if name not in PRESETS:

@@ -132,7 +132,7 @@ class LanguageModel(nn.Module):
   # the heads keep their dropout.
   backbone_deterministic: bool = False
   # Soft prompt (Lester et al.): this many learned vectors [n,E], added at the input positions that
-  # batch['soft_prompt_slots'] [B,T] marks 1..n over a placeholder token (train/prompts.py SoftPromptSlots).
+  # batch['soft_prompt_slots'] [B,T] marks 1..n over a placeholder token (train/finetune/prompts.py SoftPromptSlots).
   soft_prompt_length: int = 0
 
   def setup(self):
@@ -211,7 +211,7 @@ class LanguageModel(nn.Module):
 
   def prompt_logits(self, batch, *, deterministic: bool = True):
     """The 'prompt' head: label log-probabilities read off the MLM head at the masks (encoders) or the LM head at
-    the continuation (decoders), for examples of G inputs each (tokens [B,G,T]; train/prompts.py builds them).
+    the continuation (decoders), for examples of G inputs each (tokens [B,G,T]; train/finetune/prompts.py builds them).
 
     batch['score_group'] [B,C] names the input row of each candidate word, batch['score_positions'] [B,C,P] the
     positions whose output predicts its tokens batch['score_ids'] [B,C,P]. -> {'cls_logits' [B,L], 'label_scores'
@@ -252,7 +252,7 @@ class LanguageModel(nn.Module):
     if 'prompt' in self.heads:
       if 'score_group' not in batch:
         raise ValueError("LanguageModel(heads=('prompt',)) reads prompt examples (score_group, score_positions, "
-                         'score_ids, ...; train/prompts.py); this batch has ' + ', '.join(sorted(batch)) + '.')
+                         'score_ids, ...; train/finetune/prompts.py); this batch has ' + ', '.join(sorted(batch)) + '.')
       return self.prompt_logits(batch, deterministic=deterministic)
     hidden, encoded = self.backbone(batch, deterministic=deterministic or self.backbone_deterministic, decode=decode)
     out = {'hidden': hidden}

@@ -1,6 +1,6 @@
 """The Flax modules a transformer is built from: embeddings, norms, multi-head attention, MLP and one block.
 
-Every parameter carries logical axis names (embed, heads, kv_heads, kv, mlp, vocab) so that train/partitioning.py can
+Every parameter carries logical axis names (embed, heads, kv_heads, kv, mlp, vocab) so that train/core/partitioning.py can
 shard it without this file knowing about meshes. Modules take the frozen ModelConfig whole. Compute runs in
 `cfg.dtype`, parameters are stored in `cfg.param_dtype`; softmax and norms compute in float32.
 

@@ -26,7 +26,7 @@ ADAPTER_KEYS = ('lora_a', 'lora_b')
 
 def _matches(pattern: str, path: str) -> bool:
   """A pattern matches a module when it matches the end of its '/'-joined path ('query', 'self_attn/query',
-  'mlp/*'), or all of it ('*/mlp/*'), as a glob or as a full regex: train/optim.py's rule, read from the other end
+  'mlp/*'), or all of it ('*/mlp/*'), as a glob or as a full regex: train/core/optim.py's rule, read from the other end
   (there a pattern names a subtree, here the module itself)."""
   parts = path.split('/')
   for i in range(len(parts)):

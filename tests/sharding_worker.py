@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 
 from model import pytree  # noqa: E402
 from model import transformer  # noqa: E402
-from train import distributed  # noqa: E402
-from train import optim  # noqa: E402
-from train import partitioning as part  # noqa: E402
-from train import trainer  # noqa: E402
+from train.core import distributed  # noqa: E402
+from train.core import optim  # noqa: E402
+from train.core import partitioning as part  # noqa: E402
+from train.core import trainer  # noqa: E402
 from train.data.loader import global_batch  # noqa: E402
 
 VOCAB = 128  # divisible by every tensor degree used here (vocab is sharded over `tensor`)
@@ -184,7 +184,7 @@ def _probe_paths(kind):
 
 def group_checkpoint(kind: str = 'gpt', tmpdir: str = '') -> dict:
   """Train 2 steps on (2,2,2), save, then one more step there and after restoring on (8,1,1) and on one device."""
-  from train import checkpoint as ckpt_lib
+  from train.core import checkpoint as ckpt_lib
   batches = [make_batch(kind, seed=i) for i in range(3)]
   src = setup_for(kind, (2, 2, 2))
   state, _ = train(src, batches[:2])

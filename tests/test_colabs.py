@@ -119,10 +119,10 @@ def test_the_setup_cell_finds_the_repository_from_the_root_and_from_colabs(where
   nb = nbformat.v4.new_notebook(cells=[
       nbformat.v4.new_code_cell(setup.source),
       nbformat.v4.new_code_cell(f'assert not IN_COLAB and REPO == {REPO!r} and REPO in sys.path, (REPO, sys.path)\n'
-                                'from train import trainer\nprint(os.path.abspath(trainer.__file__))'),
+                                'from train.core import trainer\nprint(os.path.abspath(trainer.__file__))'),
   ])
   out = _execute(nb, os.path.join(REPO, where)).cells[1].outputs
-  assert out and out[0].get('text', '').strip() == os.path.join(REPO, 'train', 'trainer.py'), out
+  assert out and out[0].get('text', '').strip() == os.path.join(REPO, 'train', 'core', 'trainer.py'), out
 
 
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=_name)

@@ -153,7 +153,7 @@ def test_bert_classifier_checkpoint_pooler_merges(tmp_path):
   """BertForSequenceClassification ('bert.'-prefixed): the pooler is kept; a LanguageModel with a 'cls'-pooled
   classifier takes it via merge_params, only the classifier stays fresh, and its pooled output equals transformers'."""
   from model.heads import init_params
-  from train import pretrained
+  from train.core import pretrained
   torch.manual_seed(17)
   hf = _save(transformers.BertForSequenceClassification(transformers.BertConfig(**_bert_cfg(num_labels=3))),
              tmp_path / 'hf')

@@ -1,4 +1,4 @@
-"""train/selection/cost.py against the things it predicts: parameter counts against the eval_shape'd params of every
+"""train/core/cost.py against the things it predicts: parameter counts against the eval_shape'd params of every
 preset (pre-training heads, task heads, LoRA, ELECTRA), FLOPs against XLA's cost analysis of the trainer's compiled
 train step (encoder MLM + NSP, decoder CLM, encoder-decoder span corruption, full and head fine-tuning), bytes against
 the compiled step's memory analysis, optimizer state against optax's own init, and check_fits' refusal.
@@ -23,9 +23,12 @@ from model import heads as heads_lib
 from model import pytree
 from model.config import PRESETS, preset
 from configs import finetune as finetune_configs
-from train import finetune, optim, tasks, trainer
+from train.core import resolve
+from train.finetune import strategies as finetune
+from train.core import optim
+from train.core import trainer
 from train.data.loader import global_batch
-from train.selection import cost
+from train.core import cost
 
 SIZE = dict(d_model=256, num_heads=4, d_ff=1024, max_len=128, num_layers=2, scan_layers=False)
 
@@ -135,7 +138,7 @@ def _compile(run, batch, setup=None):
 def _scanned(run, example):
   """The same run's setup with its layers scanned in a loop (scan_unroll=1), for the memory comparison."""
   cfg = run.setup.model_cfg.replace(scan_layers=True, scan_unroll=1)
-  parts = trainer.Parts(tasks.build_model(run.config, cfg), cfg, run.setup.loss_fn, run.setup.optimizer,
+  parts = trainer.Parts(resolve.build_model(run.config, cfg), cfg, run.setup.loss_fn, run.setup.optimizer,
                         run.setup.lr_fn, run.setup.mesh, run.setup.rules, run.setup.train_patterns)
   return trainer.make_setup(parts, example)
 
@@ -341,7 +344,7 @@ def test_of_config_reads_a_checkpoints_config_only(tmp_path):
 
 def test_a_run_that_will_not_fit_is_refused_by_train_main_before_anything_is_built(tmp_path):
   from configs import gpt
-  from train import trainer
+  from train.core import trainer
   config = gpt.get_config('runlocal')
   config.data.batch_size = 2 ** 20  # about 2 TiB of activations at seq_len 64
   workdir = tmp_path / 'huge'

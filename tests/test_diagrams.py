@@ -1,4 +1,4 @@
-"""Pictures of the machinery (train/diagrams.py): token roles read off examples as the pipeline builds them (MLM's
+"""Pictures of the machinery (train/viz/diagrams.py): token roles read off examples as the pipeline builds them (MLM's
 80/10/10 replacements, NSP segments, CLM targets with weight 0 at a document end, T5 sentinels, ELECTRA's replaced
 tokens), the boxes drawn for them, attention masks as images, and which device holds which block of an array."""
 import types
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model import attention
-from train import diagrams
+from train.viz import diagrams
 from train.data import examples
 
 VOCAB = ['[PAD]', '[CLS]', '[SEP]', '[MASK]', '</s>', '<extra_id_0>', '<extra_id_1>'] + [f'w{i}' for i in range(20)]

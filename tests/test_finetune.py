@@ -166,7 +166,7 @@ def _same(a, b):
 
 def _prepared(tiny_bert, tmp_path, strategy):
   from configs import finetune
-  from train import trainer
+  from train.core import trainer
   rng = np.random.default_rng(3)
   train = _write_tsv(tmp_path / f'{strategy}.tsv', ('sentence', 'label'), _sentences(rng, 64))
   c = finetune.get_config(f'task=sst2,strategy={strategy},runlocal')
@@ -175,7 +175,7 @@ def _prepared(tiny_bert, tmp_path, strategy):
 
 
 def test_head_strategy_freezes_the_backbone_bitwise_and_skips_its_backward(tiny_bert, tmp_path):
-  from train import trainer
+  from train.core import trainer
   from train.data.loader import global_batch
   runs = {s: _prepared(tiny_bert, tmp_path, s) for s in ('full', 'head')}
   flops = {}
@@ -212,7 +212,7 @@ def _opt_bytes(state):
 def test_parameter_efficient_strategies_train_only_their_parameters(tiny_bert, tmp_path, strategy, trains):
   """Every leaf outside what the strategy trains is bitwise unchanged after steps; the step compiles to fewer FLOPs
   and the optimizer keeps less state than under full."""
-  from train import trainer
+  from train.core import trainer
   from train.data.loader import global_batch
   from model import pytree
   pytest.importorskip('model.lora') if 'lora' in strategy else None
@@ -361,7 +361,7 @@ def test_translation_from_scratch_beats_copying_the_source(tmp_path, preset, len
       f'--config.data.targets_len={lengths[1]}', '--config.data.batch_size=16', f'--config.model.preset={preset}'
   ], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  from train import metrics
+  from train.tasks import metrics
   copied = metrics.generation_metrics(predictions=[s for s, _ in dev_rows], references=[t for _, t in dev_rows])
   final = _evals(workdir)[-1]
   assert final['chrf'] > copied['chrf'] + 10 and final['bleu'] >= copied['bleu'], (final, copied)

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from configs import finetune, gpt  # noqa: E402
-from train import tasks, trainer  # noqa: E402
+from train import tasks  # noqa: E402
+from train.core import trainer  # noqa: E402
 from train.data import pipeline  # noqa: E402
 
 ONE_LINE = (ValueError, FileNotFoundError)  # train/main.py prints these as `error: ...`, exit 2

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import gpt
-from train import pretrained
-from train import trainer
+from train.core import pretrained
+from train.core import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

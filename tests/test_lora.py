@@ -69,7 +69,7 @@ def test_rank_zero_is_the_model_without_lora():
 
 def test_config_fields_round_trip_through_json():
   """config.json gives tuples back as lists: the config built from it equals (and hashes like) the original, and its
-  to_dict compares equal to the saved dict (train/workdir.py's check_same_model compares exactly that)."""
+  to_dict compares equal to the saved dict (train/core/workdir.py's check_same_model compares exactly that)."""
   cfg = _cfg('llama-tiny', lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets=('query', 'mlp/*'))
   saved = json.loads(json.dumps(cfg.to_dict()))
   back = ModelConfig(**saved)
@@ -245,7 +245,7 @@ def test_a_lora_run_exports_merged_weights_that_transformers_loads(tmp_path):
   import torch
   import transformers
 
-  from train import pretrained
+  from train.core import pretrained
   from train.data import tokenizers
   repo = Path(__file__).resolve().parents[1]
   rows = [(f'the film was {w} and {f}', int(w in ('good', 'great')))

@@ -204,8 +204,8 @@ def test_set_fields_drops_unset_overrides():
 
 def test_every_config_field_is_documented_where_it_is_set():
   """Each field of base() (and of optim.default_config) has a comment on its line in configs/common.py (or
-  train/optim.py), so `grep field configs/common.py` tells what it means."""
-  sources = (REPO / 'configs' / 'common.py').read_text() + (REPO / 'train' / 'optim.py').read_text()
+  train/core/optim.py), so `grep field configs/common.py` tells what it means."""
+  sources = (REPO / 'configs' / 'common.py').read_text() + (REPO / 'train' / 'core' / 'optim.py').read_text()
   commented = [line for line in sources.splitlines() if '#' in line]
   names = []
   for key, value in common.base().items():
@@ -221,7 +221,7 @@ def test_every_config_field_is_documented_where_it_is_set():
 def test_a_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
   import signal
 
-  from train.workdir import WorkdirLock
+  from train.core.workdir import WorkdirLock
   workdir = tmp_path / 'run'
   first = subprocess.Popen([
       sys.executable, '-m', 'train.main', '--config=configs/gpt.py:runlocal', f'--workdir={workdir}',
@@ -312,7 +312,7 @@ def test_a_disk_that_fills_inside_an_async_save_is_one_line_and_the_rerun_resume
 
 
 def test_a_full_disk_is_recognised_from_every_layer_and_nothing_else_is(tmp_path):
-  from train import failures  # pylint: disable=g-import-not-at-top
+  from train.core import failures  # pylint: disable=g-import-not-at-top
   (tmp_path / 'checkpoints' / '12').mkdir(parents=True)
   (tmp_path / 'checkpoints' / '15.orbax-checkpoint-tmp').mkdir()
   orbax = ValueError('OUT_OF_RANGE: Error writing "params/0" in OCDBT database at local file "/w/ckpt/": Failed '
@@ -340,7 +340,7 @@ def test_the_lock_leaves_another_runs_lock_file_alone(tmp_path):
   # remove the new run's lock file.
   import shutil
 
-  from train.workdir import WorkdirLock
+  from train.core.workdir import WorkdirLock
   workdir = tmp_path / 'run'
   with WorkdirLock(str(workdir)):
     shutil.rmtree(workdir)

@@ -9,7 +9,7 @@ import string
 import numpy as np
 import pytest
 
-from train import metrics as M
+from train.tasks import metrics as M
 
 seqeval_metrics = pytest.importorskip("seqeval.metrics")
 sacrebleu = pytest.importorskip("sacrebleu")

@@ -1,5 +1,5 @@
 """A process of a multi-host run that dies or hangs mid-run: the others stop within --peer_timeout with one line naming
-it and exit code 75 (train/distributed.py's Watchdog), instead of hanging in a gloo collective until a C++ abort a
+it and exit code 75 (train/core/distributed.py's Watchdog), instead of hanging in a gloo collective until a C++ abort a
 minute later; the checkpoints left on disk are whole, and a restart of every process resumes from the newest one.
 
 The Watchdog itself is tested in-process over socket pairs (no JAX); the end-to-end cases run two `python -m
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from train.distributed import PEER_LOST_EXIT
-from train.distributed import Watchdog
+from train.core.distributed import PEER_LOST_EXIT
+from train.core.distributed import Watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'

@@ -15,9 +15,9 @@ from configs import electra as electra_config
 from configs import t5 as t5_config
 from model import heads
 from model import transformer
-from train import objectives as obj
+from train.tasks import losses as obj
 from train import tasks
-from train import trainer
+from train.core import trainer
 from train.data import examples as ex
 
 

@@ -1,4 +1,4 @@
-"""train/objectives.py: each loss against float64 numpy written from its formula, masking, ELECTRA's corruption and
+"""train/tasks/losses.py: each loss against float64 numpy written from its formula, masking, ELECTRA's corruption and
 labels, the combinator's gradients (weighted sum of the parts') and its refusals."""
 import functools
 
@@ -10,7 +10,7 @@ import pytest
 from model.heads import Electra, LanguageModel
 from model.heads import init_params as _init_params
 from model.transformer import preset
-from train import objectives as obj
+from train.tasks import losses as obj
 from train import tasks
 
 V = 101

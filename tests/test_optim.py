@@ -1,4 +1,4 @@
-"""train/optim.py: schedules against their formulas, where weight decay applies, frozen subtrees (zero update, no
+"""train/core/optim.py: schedules against their formulas, where weight decay applies, frozen subtrees (zero update, no
 state), gradient accumulation, clipping and layer-wise learning-rate decay, on small hand-made param trees shaped like
 the model's (a scanned stack with a leading layer axis, unrolled layers, norms, biases, heads)."""
 import math
@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from model import pytree
-from train import optim
+from train.core import optim
 
 L = 3
 

@@ -1,4 +1,4 @@
-"""Run plots (train/plots.py): metrics.jsonl read as the trainer writes it (a cut-off last line skipped), curves by
+"""Run plots (train/viz/plots.py): metrics.jsonl read as the trainer writes it (a cut-off last line skipped), curves by
 split, every form of `runs`, labels, errors that name the run and what it logged, the PNG, and no pyplot."""
 import json
 import sys
@@ -7,7 +7,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from train import plots
+from train.viz import plots
 
 
 def _write_run(folder, losses, *, eval_every=2, cut=False):

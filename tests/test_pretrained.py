@@ -7,7 +7,7 @@ reference implementations on this machine:
   the same file with `gguf_file=` (<= 1e-3), the GGUF tokenizer equals transformers', and greedy generation is the same
   32 tokens.
 
-Each module skips when its package (or torch/transformers) is missing. The starting-point helpers of train/pretrained.py
+Each module skips when its package (or torch/transformers) is missing. The starting-point helpers of train/core/pretrained.py
 (merge_params' report, adopt_tokenizer) are tested here too, on tiny trees and tokenizers.
 """
 import os
@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from model import convert  # noqa: E402
 from model.heads import LanguageModel  # noqa: E402
-from train import pretrained  # noqa: E402
+from train.core import pretrained  # noqa: E402
 
 
 def _packaged(name) -> Path:

@@ -1,4 +1,4 @@
-"""Prompt-based classification (train/prompts.py, the 'prompt' head) and soft prompts.
+"""Prompt-based classification (train/finetune/prompts.py, the 'prompt' head) and soft prompts.
 
 Label scores equal a float64 hand computation from the plain MLM / LM heads, and the same scores computed by
 transformers + torch from the same Hugging Face checkpoint through the zero-shot evaluate job, for single- and
@@ -19,7 +19,9 @@ import pytest
 from configs import finetune as finetune_config
 from model import transformer
 from model.heads import LanguageModel, init_params
-from train import prompts, tasks
+from train import tasks
+from train.core import resolve
+from train.finetune import prompts
 from train.data import tokenizers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +65,7 @@ def _config(verbalizer=VERBALIZER, **finetune):
 
 
 def _examples(arch, tok, config, records=RECORDS):
-  task = tasks.for_run(tasks.get('sst2'), config, arch)
+  task = resolve.run_task(tasks.get('sst2'), config, arch)
   return task.eval_examples(records, tok, config.data)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from train import trainer
+from train.core import trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -102,7 +102,7 @@ def test_bad_options_name_the_argument():
 
 def test_points_from_runs_reads_tokens_and_final_eval_loss(tmp_path):
   from configs import gpt
-  from train import trainer
+  from train.core import trainer
 
   runs = []
   for name, steps, layers in (('a', 4, 2), ('b', 6, 1)):

@@ -1,6 +1,6 @@
 """Sharding on 8 fake CPU devices and across two processes: DP, FSDP, TP and a 2x2x2 mix equal the single-device run;
 FSDP divides memory by N; checkpoints reshard; meshes that do not fit fail before compiling; a missing peer times out
-(train/distributed.py).
+(train/core/distributed.py).
 
 JAX fixes its device count when it initializes, and pytest workers have initialized it already, so every scenario
 group runs in a fresh interpreter (tests/sharding_worker.py) and reports one JSON line. XLA's CPU backend optimization

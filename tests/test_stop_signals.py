@@ -135,7 +135,7 @@ def test_sigterm_just_after_the_final_save_says_nothing_was_lost(tmp_path):
   # Checkpoints.close, the one moment no real sender can aim at.
   workdir = tmp_path / 'run'
   patch = ('import os, runpy, signal, sys\n'
-           'from train import checkpoint\n'
+           'from train.core import checkpoint\n'
            'close = checkpoint.Checkpoints.close\n'
            'def closing(self):\n'
            '  os.kill(os.getpid(), signal.SIGTERM)\n'

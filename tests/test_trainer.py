@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import checkpoint as ckpt_lib
-from train import trainer
+from train.core import checkpoint as ckpt_lib
+from train.core import trainer
 
 DATA = Path(__file__).resolve().parents[2] / 'shared' / 'data'
 SHAKESPEARE = DATA / 'tinyshakespeare' / 'input.txt'
@@ -121,7 +121,7 @@ def test_train_step_applies_the_optimizer_or_leaves_a_nonfinite_step_bitwise(tra
   import jax
   import jax.numpy as jnp
   import optax
-  from train import steps
+  from train.core import steps
 
   def loss_fn(params, batch, rng, *, model, deterministic):
     loss = jnp.sum((batch['x'] @ params['w'] + params['b'] - 1.0) ** 2)

@@ -13,7 +13,7 @@ import sys
 import time
 
 from configs import select as select_configs
-from train import evaluate
+from train.core import evaluation
 from train import select
 
 WORKDIR = os.path.join('workdir', 'demo')
@@ -24,7 +24,7 @@ def _examples(s, result, log) -> None:
   name = result['chosen']
   run = os.path.join(s.workdir, 'finetune', f'{name}-{s.plan.steps(len(s.plan.rung_steps) - 1, name)}-seed0')
   out = os.path.join(s.workdir, 'chosen_eval')
-  scores = evaluate.evaluate_run(run, s.files[1], out, log=lambda *_: None)
+  scores = evaluation.evaluate_run(run, s.files[1], out, log=lambda *_: None)
   log(f'\nthe chosen model ({name}) at work, from {out}/predictions.jsonl (dev accuracy {scores["accuracy"]:.3f}):')
   with open(os.path.join(out, 'predictions.jsonl')) as f:
     first = {}  # the first dev docstring of each package, for variety

@@ -32,7 +32,7 @@ def infer_family(cfg: ModelConfig, init_from: str = '') -> str:
 def export_run(run_dir: str, out_dir: str, *, step='best', family: str = '', log=print):
   """Writes run_dir's checkpoint at `step` to out_dir in the Hugging Face layout (adapters merged)."""
   from model import convert  # pylint: disable=g-import-not-at-top
-  from train import pretrained  # pylint: disable=g-import-not-at-top
+  from train.core import pretrained  # pylint: disable=g-import-not-at-top
   loaded = pretrained.load_run(run_dir, step=step)
   p = loaded.pretrained
   heads = tuple(('mlm' if p.cfg.arch == 'encoder' else 'lm') if h == 'prompt' else h for h in p.heads)

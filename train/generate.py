@@ -1,6 +1,6 @@
 """Generate text from any checkpoint: `python -m train.generate --from=PATH --prompt="Once upon a time"`.
 
-PATH is an lmlab workdir, a converted checkpoint, a Hugging Face model directory or a .gguf file (train/pretrained.py).
+PATH is an lmlab workdir, a converted checkpoint, a Hugging Face model directory or a .gguf file (train/core/pretrained.py).
 Decoder-only models continue the prompt; encoder-decoder models read it as the encoder input. A run's tokenizer is
 <workdir>/tokenizer (where the trainer adopts an init_from checkpoint's), else the config.data.tokenizer_path it used.
 """
@@ -30,7 +30,7 @@ def main(argv):
   import numpy as np
   from model import decode
   from model import heads
-  from train import pretrained
+  from train.core import pretrained
   from train.data import tokenizers
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +43,7 @@ def main(argv):
     # config.data.tokenizer_path it trained with, which may since have moved.
     if ckpt.tokenizer_dir is None or not os.path.exists(ckpt.tokenizer_dir):
       where = 'no tokenizer files' if ckpt.tokenizer_dir is None else f'tokenizer {ckpt.tokenizer_dir}, which is gone'
-      fix = (f'copy the tokenizer it was trained with into it: train.pretrained.adopt_tokenizer(TOKENIZER, '
+      fix = (f'copy the tokenizer it was trained with into it: train.core.pretrained.adopt_tokenizer(TOKENIZER, '
              f'{_FROM.value!r})' if ckpt.source == 'lmlab-run' else 'put its tokenizer.json or vocab.txt next to it')
       print(f'error: {_FROM.value} has {where}; {fix}.', file=sys.stderr)
       return 2

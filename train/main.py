@@ -28,8 +28,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from train import failures
-from train import signals as signals_lib
+from train.core import failures
+from train.core import signals as signals_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +52,7 @@ _PEER_TIMEOUT = flags.DEFINE_integer(
     'stop with one line naming it and exit code 75, instead of hanging in a collective (a killed process is noticed '
     'at once). Keep it below the collective backend\'s own timeout (gloo: 60 s); 0 turns the watchdog off.')
 
-_WATCHDOG = []  # the multi-host peer watchdog (train/distributed.py), once started
+_WATCHDOG = []  # the multi-host peer watchdog (train/core/distributed.py), once started
 # SIGTERM and Ctrl-C from the start (installed by __main__): start-up stops at once, the loop saves first.
 _SIGNALS = signals_lib.Signals(immediate=True)
 
@@ -61,7 +61,7 @@ def _stopped(line: str, code: int, *, at_once: bool = False):
   """The run stopped on a signal: one line on stdout and the signal's exit code (multi-host: the peers are told, as
   by _fail). at_once: without waiting for the threads of a save in flight (Python's exit would join them)."""
   if _WATCHDOG:
-    from train import distributed  # pylint: disable=g-import-not-at-top
+    from train.core import distributed  # pylint: disable=g-import-not-at-top
     _WATCHDOG[0].stop(failed=line)
     distributed.exit_with(line, code)
   print(line, flush=True)
@@ -94,7 +94,7 @@ def _fail(message: str, code: int = 2):
   would wait minutes for peers that may be blocked in a collective."""
   line = f'error: {" ".join(str(message).split())}'
   if _WATCHDOG:
-    from train import distributed  # pylint: disable=g-import-not-at-top
+    from train.core import distributed  # pylint: disable=g-import-not-at-top
     _WATCHDOG[0].stop(failed=line.removeprefix('error: '))
     distributed.exit_with(line, code)
   print(line, file=sys.stderr)
@@ -274,7 +274,8 @@ def main(argv):
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
   failures.quiet_disk_full_noise()
   import jax  # after flag parsing, so XLA_FLAGS set by the caller take effect
-  from train import distributed, trainer
+  from train.core import distributed
+  from train.core import trainer
   if _PEER_TIMEOUT.value < 0:
     _fail(f'--peer_timeout={_PEER_TIMEOUT.value}: give seconds >= 0 (0 turns the peer watchdog off).')
   if _MULTIHOST.value or _COORDINATOR.value or _NUM_PROCESSES.value:
@@ -287,7 +288,7 @@ def main(argv):
     if watchdog is not None:
       _WATCHDOG.append(watchdog)
   log = print if jax.process_index() == 0 else (lambda *_, **__: None)  # one console: process 0
-  from train.workdir import WorkdirBusy
+  from train.core.workdir import WorkdirBusy
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, log=lambda m: log(m, flush=True),
                                          signals=_SIGNALS)

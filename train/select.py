@@ -13,7 +13,7 @@ import time
 from absl import app
 from absl import logging
 
-from train import host
+from train.core import host
 from train import main as cli
 
 
@@ -57,7 +57,7 @@ def main(argv):
     print('\n'.join(cli._config_lines(cli._CONFIG.value)))
     return
   from train.selection import search
-  from train.workdir import WorkdirBusy, WorkdirLock
+  from train.core.workdir import WorkdirBusy, WorkdirLock
   t0 = time.time()
   config, workdir, log = cli._CONFIG.value, cli._WORKDIR.value, lambda m: print(m, flush=True)
   try:

@@ -3,7 +3,7 @@
 One module per concern: store.py (the `Converted` record and our on-disk layout: params.safetensors +
 lmlab_model.json + tokenizer files), hf_layouts.py (per-family rule tables and the config.json <-> ModelConfig
 translation), hf.py (the import/export engine over those tables), gguf.py (llama.cpp GGUF files, dequantized, with
-their tokenizer), kinds.py (what kind of checkpoint a path is: the one dispatch the CLI and train/pretrained.py share)
+their tokenizer), kinds.py (what kind of checkpoint a path is: the one dispatch the CLI and train/core/pretrained.py share)
 and cli.py (`python -m model.convert import|export --from=SRC --to=DST`). The names below are the library's API:
 `from model import convert; convert.import_hf(dir)`.
 """

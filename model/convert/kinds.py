@@ -2,8 +2,8 @@
 
 An lmlab run's workdir (config.json + checkpoints/ + tokenizer/), a converted directory (lmlab_model.json, written by
 `python -m model.convert import`), a Hugging Face model directory (config.json + weights) or a .gguf file. The convert
-CLI and train/pretrained.py both dispatch on this one answer; `import_any` reads the three kinds that model/ can read
-on its own (an lmlab run is an orbax checkpoint, which train/pretrained.py restores).
+CLI and train/core/pretrained.py both dispatch on this one answer; `import_any` reads the three kinds that model/ can read
+on its own (an lmlab run is an orbax checkpoint, which train/core/pretrained.py restores).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def import_any(path, **kw) -> Converted:
   kind = checkpoint_kind(path)
   if kind == 'lmlab-run':
     raise ConversionError(f"{path} is an lmlab run's workdir (an orbax checkpoint), which model.convert does not read; "
-                          'start from it with train.pretrained.load(path), config.model.init_from or '
+                          'start from it with train.core.pretrained.load(path), config.model.init_from or '
                           '`python -m train.generate --from=PATH`.')
   if kind == 'converted':
     return load(path)

@@ -36,7 +36,7 @@ class Converted:
   """A converted checkpoint: LanguageModel(cfg, heads=heads) applies `params`.
 
   params may hold a 'pooler' that `heads` do not build (a BertModel's): applying ignores it, and a model that builds
-  one (NSP, classifier_pooling='cls') takes it when train/pretrained.py merges the params in.
+  one (NSP, classifier_pooling='cls') takes it when train/core/pretrained.py merges the params in.
   family: one of hf_layouts.FAMILIES; hf_config: the checkpoint's config.json (export starts from it); extras: numpy
   arrays that have no place in our params but that export puts back (RoBERTa's unused position rows); unused: HF
   tensors that were not mapped (e.g. BertForSequenceClassification's classifier); tokenizer: a `tokenizers.Tokenizer`

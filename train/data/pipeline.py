@@ -3,7 +3,7 @@
 Text comes from the embedded stdlib corpus (no files), local text files (through the TFDS text builder, built once
 into `<workdir>/tfds`), or a TFDS catalog dataset by name. The tokenizer is loaded from `data.tokenizer_path` or
 trained on the training text and saved to `<workdir>/tokenizer`, so a checkpoint is usable without the run. The
-example builder and the default tokenizer kind come from the record the trainer passes (train/tasks.py: mlm/rtd ->
+example builder and the default tokenizer kind come from the record the trainer passes (train/tasks/: mlm/rtd ->
 MaskedLM, mlm+nsp -> NextSentence, clm -> CausalLM, span -> SpanCorruption, or a registered one). A downstream task
 reads its labeled train and dev files through its record's validating reader instead (`read_labeled`), with the
 checkpoint's tokenizer.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import ml_collections
 import numpy as np
@@ -23,8 +23,9 @@ from train.data import few_shot
 from train.data import tokenizers as toks
 from train.data.loader import Loader
 
-if TYPE_CHECKING:  # the records are train/tasks.py's, which builds on this package; the trainer passes one in
-  from train import tasks
+# `task` below is a record of train/tasks (an Objective or a Task), which builds on this package: the trainer passes
+# one in, and this module reads its fields (name, examples, read, labels, tokenizer_kind) without importing it.
+Record = Any
 
 SOURCES = ('embedded', 'files', 'tfds')
 MIN_VOCAB = 300  # byte-level BPE's 256-byte alphabet and the special tokens
@@ -85,7 +86,7 @@ def _is_fraction(value, *, high_open: bool = True) -> bool:
   return ok and (0 <= value < 1 if high_open else 0 < value <= 1)
 
 
-def check_config(data, task: tasks.Task):
+def check_config(data, task: Record):
   """Raises ValueError naming the config.data field and the fix (missing files included)."""
   for field in ('seq_len', 'batch_size'):
     if int(data[field]) <= 0:
@@ -121,23 +122,33 @@ def check_config(data, task: tasks.Task):
   if data.tokenizer_path:
     _given_tokenizer(data)  # read now (milliseconds), before the cost model reads it for the vocabulary size
   if task.kind == 'task':
-    if not _paths(data.get('train')):
-      raise ValueError(f'config.data.train is empty: task {task.name!r} trains on a labeled file; give '
-                       '--config.data.train=FILE (and --config.data.dev=FILE to evaluate).')
-    for field in ('train', 'dev'):
-      for p in _paths(data.get(field)):
-        if _is_tfds(p):
-          name, _, split = p[len('tfds:'):].rpartition(':')
-          if not name or not split:
-            raise ValueError(f'config.data.{field}={p!r}: a TFDS split is written tfds:NAME:SPLIT, e.g. '
-                             'tfds:glue/sst2:train.')
-        elif not os.path.exists(p):
-          raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file or a TFDS split '
-                                  '(tfds:NAME:SPLIT).')
-        elif not _readable(p):
-          raise ValueError(f'config.data.{field}: {p} is not a regular file or a folder (a FIFO, socket or device '
-                           'cannot be read twice); give a file.')
+    _check_labeled_files(data, task)
     return
+  _check_text_source(data)
+
+
+def _check_labeled_files(data, task: Record) -> None:
+  """A downstream task's data.train (required) and data.dev: files that exist and can be read, or TFDS splits."""
+  if not _paths(data.get('train')):
+    raise ValueError(f'config.data.train is empty: task {task.name!r} trains on a labeled file; give '
+                     '--config.data.train=FILE (and --config.data.dev=FILE to evaluate).')
+  for field in ('train', 'dev'):
+    for p in _paths(data.get(field)):
+      if _is_tfds(p):
+        name, _, split = p[len('tfds:'):].rpartition(':')
+        if not name or not split:
+          raise ValueError(f'config.data.{field}={p!r}: a TFDS split is written tfds:NAME:SPLIT, e.g. '
+                           'tfds:glue/sst2:train.')
+      elif not os.path.exists(p):
+        raise FileNotFoundError(f'config.data.{field}: {p} does not exist; give an existing file or a TFDS split '
+                                '(tfds:NAME:SPLIT).')
+      elif not _readable(p):
+        raise ValueError(f'config.data.{field}: {p} is not a regular file or a folder (a FIFO, socket or device '
+                         'cannot be read twice); give a file.')
+
+
+def _check_text_source(data) -> None:
+  """Pre-training text: data.source, and data.path's files or data.tfds_name."""
   if data.source not in SOURCES:
     raise ValueError(f'config.data.source={data.source!r}: use one of {SOURCES}.')
   if data.source == 'files':
@@ -155,14 +166,14 @@ def check_config(data, task: tasks.Task):
     raise ValueError('config.data.tfds_name is empty: name a TFDS catalog dataset, e.g. "wikipedia/20230601.en".')
 
 
-def _few_shot_sizes(data, task: tasks.Task) -> tuple[int, int]:
+def _few_shot_sizes(data, task: Record) -> tuple[int, int]:
   """(k, dev_k) from config.data.few_shot_k / few_shot_dev_k; (0, 0) when few-shot sampling is off."""
   k, dev_k = int(data.get('few_shot_k') or 0), int(data.get('few_shot_dev_k', -1))
   if k < 0:
     raise ValueError(f'config.data.few_shot_k={k}: must be >= 0 (records per class; 0 trains on all of data.train).')
   if k == 0:
     return 0, 0
-  if task.label_field != 'label_names':
+  if _label_field(task) != 'label_names':
     raise ValueError(f'config.data.few_shot_k={k}: few-shot sampling draws k records per class, and task '
                      f'{task.name!r} has no classes; use a classification task (sst2, trec, rte, ...) or set it to 0.')
   if dev_k < -1:
@@ -171,9 +182,14 @@ def _few_shot_sizes(data, task: tasks.Task) -> tuple[int, int]:
   return k, k if dev_k == -1 else dev_k
 
 
-def read_labeled(data, task: tasks.Task) -> Labeled:
+def _label_field(task) -> str:
+  labels = getattr(task, 'labels', None)
+  return labels.field if labels is not None else ''
+
+
+def read_labeled(data, task: Record) -> Labeled:
   """The task's train and dev records through its validating reader, with the label names it resolves: those of
-  config.data.<label_field> when given (a record with another label is an error naming its file and line), else the
+  config.data.<task.labels.field> when given (a record with another label is an error naming its file and line), else the
   sorted set found in the training file.
 
   config.data.few_shot_k > 0 (classification) trains on k records per class drawn with config.data.few_shot_seed and
@@ -181,9 +197,10 @@ def read_labeled(data, task: tasks.Task) -> Labeled:
   come from the whole training file, so every seed's model has the same classes in the same order."""
   k, dev_k = _few_shot_sizes(data, task)
   names = {}
-  if task.label_field:
-    given = tuple(data.get(task.label_field) or ())
-    names[task.label_field] = given or tuple(task.labels(sources(data.train, data), data))
+  field = _label_field(task)
+  if field:
+    given = tuple(data.get(field) or ())
+    names[field] = given or tuple(task.labels.find(sources(data.train, data), data))
     data = ml_collections.ConfigDict({**data.to_dict(), **names})  # the reader checks records against them
   train = task.read(sources(data.train, data), data)
   if not train:
@@ -264,7 +281,7 @@ def _given_tokenizer(data) -> toks.Tokenizer:
     raise ValueError(f'config.data.tokenizer_path: {e}; or leave it empty to train one.') from None
 
 
-def _tokenizer(data, task: tasks.Task, texts, workdir: str) -> toks.Tokenizer:
+def _tokenizer(data, task: Record, texts, workdir: str) -> toks.Tokenizer:
   """config.data.tokenizer_path's, the run's own (a resumed run keeps the one its checkpoints were trained with), or
   one trained on `texts` (a callable: only called when training) and saved to <workdir>/tokenizer."""
   saved = os.path.join(workdir, 'tokenizer')
@@ -295,7 +312,7 @@ def _record_texts(records, limit: int) -> list[str]:
   return out
 
 
-def build(data, task: tasks.Task, *, workdir: str, seed: int, labeled: Optional[Labeled] = None) -> RunData:
+def build(data, task: Record, *, workdir: str, seed: int, labeled: Optional[Labeled] = None) -> RunData:
   """Tokenizer + train loader (+ eval loader when a validation split exists); check_config(data) has passed.
 
   A downstream task passes its `read_labeled` records; pre-training reads its text here."""
@@ -349,7 +366,7 @@ def _fixed_windows(data):
   return fixed
 
 
-def _build_labeled(data, task: tasks.Task, labeled: Labeled, seed: int, workdir: str) -> RunData:
+def _build_labeled(data, task: Record, labeled: Labeled, seed: int, workdir: str) -> RunData:
   # Usually the init_from checkpoint's tokenizer; a model trained from scratch on the task gets one of its own.
   tokenizer = _tokenizer(data, task, lambda: _record_texts(labeled.train, data.tokenizer_train_records), workdir)
   transform, source = task.examples(labeled.train, tokenizer, data)

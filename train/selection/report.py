@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from train import plots
+from train.viz import plots
 from train.selection import search as search_lib
 from train.selection import stats
 

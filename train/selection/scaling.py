@@ -468,14 +468,15 @@ def count_params(model: Mapping[str, Any], config: Mapping[str, Any], kind: str 
   from model import pytree
   from model.config import ModelConfig
   from train import tasks
+  from train.core import resolve
 
   cfg, run = ModelConfig(**model), ml_collections.ConfigDict(dict(config))
   objectives = dict(run.objectives)
-  own = [k for k in objectives if tasks.get(k).model is not None]
+  own = [k for k in objectives if getattr(tasks.get(k), 'own', None) is not None]
   if own:
     raise ValueError(f'config.objectives={sorted(objectives)}: {own[0]!r} trains its own model (ELECTRA: a '
                      'generator and a discriminator); count_params reads LanguageModel runs only.')
-  shapes = pytree.flatten(heads_lib.abstract_params(cfg, tasks.run_heads(run, cfg.arch), **tasks.model_kwargs(run)))
+  shapes = pytree.flatten(heads_lib.abstract_params(cfg, resolve.heads(run, cfg.arch), **resolve.model_kwargs(run)))
   if kind == 'total':
     return sum(int(np.prod(s.shape)) for s in shapes.values())
   if kind != 'non_embedding':

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -21,10 +22,28 @@ import ml_collections
 import numpy as np
 
 from configs import finetune as finetune_configs
-from train.selection import cost as cost_lib
+from train.core import cost as cost_lib
 
-_ARCH_OF_FAMILY = {'bert': 'encoder', 'roberta': 'encoder', 'electra': 'encoder', 'gpt': 'decoder',
-                   'llama': 'decoder', 't5': 'encoder_decoder'}
+
+
+def family_config(family: str, arg: str = ''):
+  """A config family's config: configs/<family>.py's get_config(arg), or a .py file of one's own (any file whose
+  get_config returns a pre-training config), so a new family is a new config file and nothing else."""
+  if family.endswith('.py'):
+    spec = importlib.util.spec_from_file_location(f'lmlab_family_{os.path.basename(family)[:-3]}', family)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  else:
+    module = importlib.import_module(f'configs.{family}')
+  return module.get_config(arg or None)
+
+
+def families() -> tuple[str, ...]:
+  """The config families in configs/ (every module there with a model preset, i.e. a pre-training config)."""
+  import configs  # pylint: disable=g-import-not-at-top
+  here = os.path.dirname(configs.__file__)
+  names = sorted(f[:-3] for f in os.listdir(here) if f.endswith('.py') and not f.startswith('_'))
+  return tuple(n for n in names if n not in ('common', 'finetune', 'select'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,9 +71,12 @@ def candidates_of(config) -> list[Candidate]:
   for name in sorted(config.candidates):
     entry = dict(config.candidates[name])
     where = f'config.candidates.{name}'
-    if not entry.get('init_from') and entry.get('family') not in _ARCH_OF_FAMILY:
+    family = str(entry.get('family') or '')
+    if not entry.get('init_from') and family not in families() and not (family.endswith('.py') and
+                                                                         os.path.isfile(family)):
       raise ValueError(f'{where}.family={entry.get("family")!r}: name a config family '
-                       f'({", ".join(sorted(_ARCH_OF_FAMILY))}) or give {where}.init_from (a local checkpoint).')
+                       f'({", ".join(families())}) or a config file of your own (.py), or give {where}.init_from '
+                       '(a local checkpoint).')
     out.append(Candidate(name=name, family=entry.get('family', ''), arg=entry.get('arg', ''),
                          init_from=entry.get('init_from', ''), strategy=entry.get('strategy', 'full'),
                          learning_rate=float(entry.get('learning_rate', 0.0)),
@@ -72,7 +94,7 @@ def candidates_of(config) -> list[Candidate]:
 def pretrain_config(config, cand: Candidate, *, steps: int, max_steps: int) -> ml_collections.ConfigDict:
   """The candidate's family config with the selection's pre-training data, its overrides, `steps` to train and a
   schedule that ends at `max_steps` (the same for every rung)."""
-  c = importlib.import_module(f'configs.{cand.family}').get_config(cand.arg or None)
+  c = family_config(cand.family, cand.arg)
   p = config.pretrain
   c.seed = int(config.seed)
   if cand.objectives:
@@ -103,7 +125,7 @@ def finetune_config(config, cand: Candidate, *, init_from: str, seed: int, arch:
   """configs/finetune.py for the task and the candidate's strategy, from `init_from`. Every architecture fine-tunes
   the same task with the same optimizer, rate and steps, reading it the way it was pre-trained to: encoders with a
   classifier on their mean hidden state, decoders on their last token, an encoder-decoder T5's way, with each label's
-  name as target text, ranked at evaluation by the log-probability of that text (train/tasks.py _LABEL_TEXT)."""
+  name as target text, ranked at evaluation by the log-probability of that text (train/tasks/classification.py LABEL_TEXT)."""
   c = finetune_configs.get_config(f'task={config.task},strategy={cand.strategy}')
   f = config.finetune
   c.seed = int(seed)
@@ -131,8 +153,10 @@ def finetune_config(config, cand: Candidate, *, init_from: str, seed: int, arch:
 
 def arch_of(cand: Candidate) -> str:
   if cand.pretrains:
-    return _ARCH_OF_FAMILY[cand.family]
-  from train import pretrained
+    from model import config as model_config  # pylint: disable=g-import-not-at-top
+    c = family_config(cand.family, cand.arg)
+    return model_config.preset(c.model.preset, **model_config.set_fields(c.model.overrides)).arch
+  from train.core import pretrained
   return pretrained.load(cand.init_from).cfg.arch
 
 
@@ -350,7 +374,7 @@ def _write_embedded(name: str, split: str, folder: str) -> str:
 
 def best_metric(workdir: str, metric: str) -> float:
   """The best value of `metric` ('eval/accuracy') in a run's metrics.jsonl: what train.best_metric kept."""
-  from train import plots
+  from train.viz import plots
   split, name = metric.split('/', 1) if '/' in metric else ('eval', metric)
   values = [float(r[name]) for r in plots.read_metrics(workdir) if r.get('split') == split and name in r]
   if not values:
@@ -386,7 +410,7 @@ def _quiet_log(path: str) -> Callable:
 
 
 def _train(config, workdir: str, log_path: str) -> None:
-  from train import trainer
+  from train.core import trainer
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
   summary = trainer.train_and_evaluate(config, workdir, log=_quiet_log(log_path))
   if summary['status'] == 'preempted':
@@ -430,10 +454,10 @@ def dev_predictions(ft_dir: str, dev_file: str) -> dict[str, Any]:
   """Which dev records the run's best checkpoint gets right ('correct': a string of 0/1 in file order, what the
   report's intervals and paired tests resample) and the majority-class share of the dev labels, from the evaluate
   job's predictions.jsonl (<ft_dir>/dev_eval)."""
-  from train import evaluate as evaluate_job  # pylint: disable=g-import-not-at-top
+  from train.core import evaluation  # pylint: disable=g-import-not-at-top
   from train.selection import stats  # pylint: disable=g-import-not-at-top
   out = os.path.join(ft_dir, 'dev_eval')
-  evaluate_job.evaluate_run(ft_dir, dev_file, out, step='best', log=lambda *_: None)
+  evaluation.evaluate_run(ft_dir, dev_file, out, step='best', log=lambda *_: None)
   with open(os.path.join(out, 'predictions.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   share, label = stats.majority_share([r['label'] for r in rows])

@@ -4,7 +4,7 @@ an array is laid out over a device mesh.
 
 The token roles are read off an example dict as the data pipeline builds it (the batch contract of
 train/data/__init__.py), so the picture shows what the loss will see, not what a re-implementation thinks it sees.
-Figures are made without pyplot, as train/plots.py makes them: pass `ax` to draw into your own figure, `path` to
+Figures are made without pyplot, as train/viz/plots.py makes them: pass `ax` to draw into your own figure, `path` to
 write a PNG.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from train.plots import new_axes, new_figure, save
+from train.viz.plots import new_axes, new_figure, save
 
 # Role -> (fill colour, what it means), in legend order.
 ROLES = {

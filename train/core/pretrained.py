@@ -3,7 +3,7 @@
 `load(path)` accepts an lmlab run's workdir (config.json + checkpoints/ + tokenizer/), a converted checkpoint
 (`python -m model.convert import`), a Hugging Face model directory or a GGUF file; `convert.checkpoint_kind` says which
 it is. model/convert reads the last three; the run's orbax checkpoint is restored here, since model/ knows nothing of
-train/checkpoint.py. `config.model.init_from` in the trainer and `python -m train.generate --from=PATH` both read
+train/core/checkpoint.py. `config.model.init_from` in the trainer and `python -m train.generate --from=PATH` both read
 through it.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from model import convert
 from model import heads as heads_lib
 from model.config import ModelConfig
 from model.transformer import stack_layers, unstack_layers
-from train import checkpoint as ckpt_lib
+from train.core import checkpoint as ckpt_lib
 from train import tasks
+from train.core import resolve
 
 # Pretrained checkpoints that ship as pip packages, weights inside (no hub): name -> (module, path in it, install).
 PACKAGED = {
@@ -88,13 +89,15 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   cfg, config = ModelConfig(**saved['model']), ml_collections.ConfigDict(saved['config'])
+  resolve.import_registrations(config)  # a task a config file registered
   objectives = dict(config.objectives)
-  own = [n for n in objectives if tasks.get(n).model is not None]
+  own = [n for n in objectives if getattr(tasks.get(n), 'own', None) is not None]
   if own and own != ['rtd']:
     raise ValueError(f'{workdir}: a {own[0]!r} run holds its own model; export the part to start from with '
                      'model.convert.')
-  heads = ('rtd',) if own else tasks.run_heads(config, cfg.arch)
-  shapes = _electra_shapes(config, cfg) if own else heads_lib.abstract_params(cfg, heads, **tasks.model_kwargs(config))
+  heads = ('rtd',) if own else resolve.heads(config, cfg.arch)
+  shapes = _electra_shapes(config, cfg) if own else heads_lib.abstract_params(cfg, heads,
+                                                                               **resolve.model_kwargs(config))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   tc = config.get('train', {})
@@ -109,13 +112,13 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
     params = {'embed': params['embed'], 'transformer': params['discriminator'], 'rtd': params['rtd']}
   tok = os.path.join(workdir, 'tokenizer')
   tok = tok if os.path.exists(tok) else (config.data.get('tokenizer_path') or None)
-  model = heads_lib.LanguageModel(cfg, heads=heads) if own else tasks.build_model(config, cfg)
+  model = heads_lib.LanguageModel(cfg, heads=heads) if own else resolve.build_model(config, cfg)
   return LoadedRun(config, model, Pretrained(cfg, params, heads, tok, 'lmlab-run'), at)
 
 
 def _electra_shapes(config, cfg: ModelConfig):
   """The params' shapes of an ELECTRA run's Electra(generator, discriminator) module, allocating nothing."""
-  model = tasks.build_model(config, cfg)
+  model = resolve.build_model(config, cfg)
   batch = {'tokens': jnp.zeros((1, 2), jnp.int32), 'masked_positions': jnp.zeros((1, 1), jnp.int32)}
   return jax.eval_shape(lambda: heads_lib.init_params(model, jax.random.key(0), batch))
 

@@ -1,5 +1,5 @@
 """FLOPs and saved residuals of one train step, counted as XLA's cost analysis counts the compiled step: matmuls,
-attention, per-element costs, forward always and backward only where a gradient flows (train/selection/cost.py).
+attention, per-element costs, forward always and backward only where a gradient flows (train/core/cost.py).
 
 Letters: B batch, T length (S source), D model width, N heads, H head dim, F MLP width, V vocab, P MLM predictions.
 """
@@ -10,7 +10,7 @@ from typing import Mapping, Optional
 from model import lora as lora_lib
 from model.config import ModelConfig
 
-from train.selection.params import _F32, _Model
+from train.core.params import _F32, _Model
 
 # XLA's CPU cost analysis per element (forward, backward), measured on jitted value_and_grad of each function; the
 # backward share is paid only where a gradient flows. 'dropout' is mostly its threefry random bits, 'sample' the
@@ -361,7 +361,7 @@ def _language_model_flops(c: _Count, m: _Model, b: int, t: int, u: int, p: int, 
 
 
 def _electra_flops(c: _Count, m: _Model, b: int, t: int, p: int, policy: str) -> None:
-  """train/objectives.py electra_loss: the generator's MLM at P positions, a sampled replacement per position
+  """train/tasks/losses.py electra_loss: the generator's MLM at P positions, a sampled replacement per position
   (stop-gradient), the discriminator on the corrupted rows and its per-token logit."""
   g, d = m.generator, m.cfg
   x = _embed_flops(c, d, b, t, det=False)

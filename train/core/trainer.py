@@ -1,5 +1,5 @@
-"""A run around the pure steps of train/steps.py: config -> model, sharded state, data and jitted steps (prepare),
-restore or init, then the loop of train/loop.py (logging, eval, checkpoints, resumption).
+"""A run around the pure steps of train/core/steps.py: config -> model, sharded state, data and jitted steps (prepare),
+restore or init, then the loop of train/core/loop.py (logging, eval, checkpoints, resumption).
 
 `jit_steps` jits train_step / eval_step with in/out shardings and donation. A step whose loss or gradient is not finite
 leaves the state as it was and records its number; the loop stops at the next log or checkpoint boundary with that
@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import time
-import types
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -28,44 +27,26 @@ import numpy as np
 import optax
 
 from model import heads as heads_lib
-from model.config import ModelConfig, preset, set_fields
-from train import checkpoint as ckpt_lib
-from train import workdir as workdir_lib
-from train.workdir import WorkdirLock
-from train.writers import MetricsWriter
-from train import evaluate
-from train import finetune
-from train import host
-from train import loop as loop_lib
-from train import optim
-from train import partitioning as part
-from train import pretrained
-from train import signals as signals_lib
+from model.config import ModelConfig, set_fields
+from train.core import checkpoint as ckpt_lib
+from train.core import workdir as workdir_lib
+from train.core.workdir import WorkdirLock
+from train.core.writers import MetricsWriter
+from train.finetune import strategies as finetune
+from train.core import host
+from train.core import loop as loop_lib
+from train.core import optim
+from train.core import partitioning as part
+from train.core import cost
+from train.core import pretrained
+from train.core import resolve
+from train.core import signals as signals_lib
 from train import tasks
+from train.tasks import scoring
 from train.data import pipeline
-from train.steps import eval_step, train_step
+from train.core.steps import eval_step, train_step
 
 # ---------------------------------------------------------------------------------------------- model and state
-
-
-def arch_config(config, init: Optional[pretrained.Pretrained] = None) -> ModelConfig:
-  """config.model: the preset with its overrides, or the init_from checkpoint's architecture with the overrides."""
-  overrides = {**set_fields(config.model.overrides), **finetune.model_fields(config)}
-  return init.cfg.replace(**overrides) if init is not None else preset(config.model.preset, **overrides)
-
-
-def with_tokenizer(cfg: ModelConfig, tokenizer, overrides) -> ModelConfig:
-  """cfg with the tokenizer's vocabulary size and special ids, where config.model.overrides does not set them."""
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-  fields = {
-      'vocab_size': tokenizer.vocab_size,
-      'pad_id': pad,
-      'decoder_start_id': pad,
-      'eos_id': tokenizer.eos_id,
-      'bos_id': tokenizer.bos_id
-  }
-  set_ = set_fields(overrides)
-  return cfg.replace(**{k: v for k, v in fields.items() if v is not None and k not in set_})
 
 
 def _rules(config):
@@ -104,9 +85,9 @@ def _optimizer_parts(config, lr_fn: Optional[Callable] = None) -> dict[str, Any]
 
 def build_parts(config, model_cfg: ModelConfig, devices=None) -> Parts:
   """Model (from the objectives' records), loss, optimizer, learning-rate schedule, mesh and rules for config."""
-  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), heads=tasks.run_heads(config, model_cfg.arch),
+  loss_fn = tasks.build_loss_fn(model_cfg, dict(config.objectives), heads=resolve.heads(config, model_cfg.arch),
                                 **dict(config.get('loss', {})))
-  return Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **_mesh_parts(config, devices),
+  return Parts(resolve.build_model(config, model_cfg), model_cfg, loss_fn, **_mesh_parts(config, devices),
                **_optimizer_parts(config))
 
 
@@ -198,7 +179,7 @@ class Run:
   train_fn: Callable
   eval_fn: Callable
   log: Callable
-  task: tasks.Task  # the record that made the batches; a downstream task's scorer evaluates the dev records
+  task: Any  # the record (train/tasks: an Objective or a Task) that made the batches; a downstream task's scorer evaluates the dev records
   forward: Optional[Callable] = None  # jitted params, batch -> the outputs task.score reads (downstream tasks)
 
 
@@ -223,13 +204,13 @@ def _steps_from_epochs(config, train_size: int, log):
   return _with(config, train__steps=steps, optim__total_steps=steps, optim__warmup_steps=warmup)
 
 
-def _labeled(config, task: tasks.Task):
+def _labeled(config, task):
   """A downstream task's records (read and validated now) and config with the label names they resolve."""
   if task.kind != 'task':
     return None, config
   labeled = pipeline.read_labeled(config.data, task)
   config = _with(config, **{f'data__{k}': v for k, v in labeled.names.items()}) if labeled.names else config
-  return labeled, finetune.apply_strategy(config, tasks.run_heads(config))
+  return labeled, resolve.with_strategy(config)
 
 
 def _start_from(config, workdir: str, log):
@@ -319,15 +300,14 @@ def check_model(config) -> None:
   """config.model.overrides (with the fine-tuning strategy's fields) over the preset, or over the architecture the
   init_from checkpoint's config file names: a ValueError naming the field before the cost model reads them (it would
   only log that it cannot)."""
-  init = None
+  init_cfg = None
   if config.model.get('init_from'):
-    from train.selection import cost  # pylint: disable=g-import-not-at-top
     try:
-      init = types.SimpleNamespace(cfg=cost._checkpoint_model_cfg(config.model.init_from))  # pylint: disable=protected-access
+      init_cfg = resolve.checkpoint_model_cfg(config.model.init_from)
     except Exception:  # pylint: disable=broad-except  (a format only the full load reads, e.g. GGUF: checked there)
       return
   try:
-    arch_config(config, init)
+    resolve.arch_config(config, init_cfg)
   except ValueError as e:  # ModelConfig names its own field; say where the run set it
     field = re.match(r'ModelConfig\.(\w+)=', str(e))
     if field and field.group(1) in set_fields(config.model.overrides):
@@ -382,23 +362,23 @@ def prepare(config, workdir: str, *, devices=None, log=print) -> Run:
 
 def _prepare(config, workdir: str, *, devices, log) -> Run:
   objectives = dict(config.objectives)
+  resolve.import_registrations(config)
   check_train(config)
   check_objectives(config)
   check_loss(config)
   check_mesh(config, devices)
   check_init_from(config)
   config = _fit_warmup(_schedule_steps(config), log)
-  task = tasks.task_of(config) or tasks.pretraining_task(objectives)
+  task = resolve.record(config)
   pipeline.check_config(config.data, task)
   labeled, config = _labeled(config, task)
   check_model(config)
-  from train.selection import cost  # pylint: disable=g-import-not-at-top  (cost reads trainer's arch_config)
   cost.check_config(config, num_devices=len(devices) if devices else None, log=log)
   mesh, lr_fn = _mesh_parts(config, devices), optim.learning_rate_fn(config.optim)
   init, config = _start_from(config, workdir, log)
-  arch_cfg = arch_config(config, init)
-  task = tasks.for_run(task, config, arch_cfg.arch)  # seq2seq on a decoder: prompt + completion examples; prompts
-  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, heads=tasks.run_heads(config, arch_cfg.arch),
+  arch_cfg = resolve.arch_config(config, init.cfg if init is not None else None)
+  task = resolve.run_task(task, config, arch_cfg.arch)  # seq2seq on a decoder: prompt + completion examples; prompts
+  loss_fn = tasks.build_loss_fn(arch_cfg, objectives, heads=resolve.heads(config, arch_cfg.arch),
                                 **dict(config.get('loss', {})))
   os.makedirs(workdir, exist_ok=True)
   if init is not None and init.tokenizer_dir and jax.process_index() == 0:
@@ -409,19 +389,19 @@ def _prepare(config, workdir: str, *, devices, log) -> Run:
     log(data.no_eval)
   if config.train.get('epochs'):
     config, lr_fn = _fit_warmup(_steps_from_epochs(config, data.train_size, log), log), None
-  model_cfg = arch_cfg if init is not None else with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
+  model_cfg = arch_cfg if init is not None else resolve.with_tokenizer(arch_cfg, data.tokenizer, config.model.overrides)
   too_long = data.tokens_per_example > model_cfg.max_len and model_cfg.arch != 'encoder_decoder'
   if model_cfg.position == 'learned' and too_long:
     raise ValueError(f'config.data.seq_len={config.data.seq_len} exceeds the model\'s max_len={model_cfg.max_len}; '
                      'lower seq_len or raise config.model.overrides.max_len.')
-  parts = Parts(tasks.build_model(config, model_cfg), model_cfg, loss_fn, **mesh, **_optimizer_parts(config, lr_fn))
+  parts = Parts(resolve.build_model(config, model_cfg), model_cfg, loss_fn, **mesh, **_optimizer_parts(config, lr_fn))
   setup = make_setup(parts, data.train[0])
   train_fn, eval_fn = jit_steps(setup)
   forward = None
-  if task.score is not None and data.dev_records:
-    forward = evaluate.task_forward(task, setup.model, config.data, params_sharding=setup.state_shardings['params'],
+  if task.kind == 'task' and data.dev_records:
+    forward = scoring.task_forward(task, setup.model, config.data, params_sharding=setup.state_shardings['params'],
                                     batch_sharding=setup.batch_sharding, rules=setup.rules, mesh=setup.mesh)
-  signals_lib.raise_if_stopped()  # a signal whose exception was swallowed (train/signals.py): prepare cleans up
+  signals_lib.raise_if_stopped()  # a signal whose exception was swallowed (train/core/signals.py): prepare cleans up
   return Run(config, workdir, init, data, setup, train_fn, eval_fn, log, task, forward)
 
 
@@ -462,7 +442,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None, log=print, signals
 
   -> summary dict (status, steps, first/final loss, throughput, last eval, workdir, params, state). A second run on
   a workdir that a live run holds raises workdir.WorkdirBusy naming that run. `signals`: the command line's
-  train/signals.py handlers, which the loop takes over (without them the loop installs its own for its duration)."""
+  train/core/signals.py handlers, which the loop takes over (without them the loop installs its own for its duration)."""
   with WorkdirLock(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir, devices=devices, log=log, signals=signals)
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from train.data import task_io
+from train.tasks import classification
 from train.data.examples import pad_to, segment_positions
 from train.data.tokenizers import Tokenizer
 
@@ -280,7 +280,7 @@ class SoftPromptSlots:
 
 
 # --------------------------------------------------------------------------- a task record, reworded as a prompt
-# train/tasks.py `for_run` applies these to a classification record when config.finetune says so.
+# train/core/resolve.py `run_task` applies these to a classification record when config.finetune says so.
 
 
 def with_soft_prompt(task, n: int, offset: int):
@@ -305,12 +305,12 @@ def with_soft_prompt(task, n: int, offset: int):
 
 def as_prompt_task(task, config, arch: str):
   """The classification record as a cloze (encoder) or continuation (decoder) over the 'prompt' head."""
-  if task.heads != ('classifier',) or task.label_field != 'label_names':
+  if task.heads != ('classifier',) or task.labels is None or task.labels.field != 'label_names':
     raise ValueError(f'config.finetune.prompt=True rewords a classification task as a cloze or a continuation; '
                      f'task {task.name!r} reads head(s) {task.heads}. Turn prompt off for it.')
   if arch not in ('encoder', 'decoder'):
     raise ValueError(f"config.finetune.prompt=True needs an encoder (MLM head) or a decoder (LM head); arch={arch!r} "
-                     "classifies with 'seq2seq' and the label as target text.")
+                     'classifies by the text of each label (finetune.prompt=False).')
   examples = lambda records, tokenizer, data: (prompt_builder(task, config, arch, tokenizer, data), records)
 
   def eval_examples(records, tokenizer, data):
@@ -343,7 +343,7 @@ def prompt_spec(task, config, arch: str, label_names):
 
 def _template_fields(task, data) -> dict[str, str]:
   """The names a template may use for the record's texts: text_a, text_b and the task's text columns."""
-  text, _ = task_io.columns_of(task.columns or ('sentence', 'label'), data)
+  text, _ = classification.columns_of(task.columns or ('sentence', 'label'), data)
   return {'text_a': 'text_a', 'text_b': 'text_b', **{c: k for c, k in zip(text, ('text_a', 'text_b'))}}
 
 

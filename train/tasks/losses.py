@@ -4,7 +4,7 @@ Each loss takes arrays by keyword (shapes in its docstring), computes log-probab
 dtype, and returns `(loss, metrics)`: the loss is a weighted mean over the real targets, and the metrics always carry
 `weight_sum` (how many targets the means were taken over) so that a logger can average them correctly across steps and
 devices. ELECTRA's `electra_loss` runs its own two forward passes, sampling the corruptions from the generator between
-them. Which batch keys and model outputs feed which loss, and their weighted combination, is train/tasks.py's job:
+them. Which batch keys and model outputs feed which loss, and their weighted combination, is train/tasks/'s job (compose.py):
 one record per objective and task.
 """
 from __future__ import annotations

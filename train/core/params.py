@@ -1,5 +1,5 @@
 """The parameters the cost model counts: every leaf the Flax modules create (path, shape, dtype, logical axes),
-built from a ModelConfig and the heads without tracing, and which of them train (train/selection/cost.py)."""
+built from a ModelConfig and the heads without tracing, and which of them train (train/core/cost.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -229,7 +229,7 @@ Trainable = Union[None, str, Sequence[str], Callable[[str], bool], Any]
 
 
 def _trains(leaves: Leaves, trainable: Trainable, frozen: Sequence[str]) -> dict[str, bool]:
-  """path -> whether the optimizer updates it. trainable: None (all), path patterns (train/optim.py trainable_mask:
+  """path -> whether the optimizer updates it. trainable: None (all), path patterns (train/core/optim.py trainable_mask:
   globs or regexes covering subtrees, with `frozen` patterns taken out), a callable(path) -> bool, or a bool pytree
   shaped like the params."""
   frozen = (frozen,) if isinstance(frozen, str) else tuple(frozen or ())
@@ -238,7 +238,7 @@ def _trains(leaves: Leaves, trainable: Trainable, frozen: Sequence[str]) -> dict
   if trainable is None or isinstance(trainable, (tuple, list)):
     if not trainable and not frozen:
       return {p: True for p in leaves}
-    from train import optim  # pylint: disable=g-import-not-at-top
+    from train.core import optim  # pylint: disable=g-import-not-at-top
     tree = pytree.unflatten({p: jax.ShapeDtypeStruct(leaf.shape, jnp.float32) for p, leaf in leaves.items()})
     return {p: bool(t) for p, t in pytree.flatten(optim.trainable_mask(tree, trainable, frozen)).items()}
   if frozen:

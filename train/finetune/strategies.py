@@ -1,9 +1,10 @@
 """Fine-tuning strategies as masks over the one params pytree: which leaves train, and which are not differentiated.
 
 Strategies: `full`, `head`, `soft_prompt` (n learned input vectors, config.finetune.soft_prompt_length) and `lora`
-(low-rank adapters on the backbone's projections, config.finetune.lora_*); the last two also train a task head that
-starts fresh (the classifier, tagger or QA span layer), as peft's modules_to_save. Any of them composes with
-config.finetune.prompt (train/prompts.py: the label read off the MLM/LM head through a template and verbalizer,
+(low-rank adapters on the backbone's projections, config.finetune.lora_*), each a `Strategy` in an open registry
+(`register(Strategy(...))` adds one that configs/finetune.py's strategy=<name> offers); the last two also train a task
+head that starts fresh (the classifier, tagger or QA span layer), as peft's modules_to_save. Any of them composes with
+config.finetune.prompt (train/finetune/prompts.py: the label read off the MLM/LM head through a template and verbalizer,
 PET-style), where `head` then trains the MLM head's transform.
 
 `full` trains every parameter (layer-wise learning-rate decay through config.optim.layerwise_lr_decay); `head` trains
@@ -15,13 +16,12 @@ the same mechanism a pre-training run uses to freeze parts of a model, so the ma
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
 
-STRATEGIES = ('full', 'head', 'soft_prompt', 'lora')
-ADAPTERS = {'soft_prompt': ('soft_prompt',), 'lora': ('*lora_a', '*lora_b')}
 FRESH_HEADS = ('classifier', 'tagger', 'qa')  # task heads a pretrained checkpoint never holds
 
 # A LanguageModel head's parameters sit under the attribute it is built as; 'pooler' serves NSP and classification.
@@ -36,20 +36,73 @@ HEAD_PARAMS = {
 }
 
 
-def trainable_patterns(strategy: str, heads: Sequence[str], *, train_pooler: bool = False) -> tuple[str, ...]:
-  """The config.optim.trainable patterns of a strategy: () = everything (full), the heads' subtrees (head)."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f'config.finetune.strategy={strategy!r}: use one of {STRATEGIES}.')
-  if strategy == 'full':
-    return ()
-  if strategy in ADAPTERS:
-    return ADAPTERS[strategy] + tuple(p for h in heads if h in FRESH_HEADS for p in HEAD_PARAMS[h])
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A fine-tuning strategy: trainable(heads, train_pooler) -> the config.optim.trainable patterns over the params
+  pytree (() = every parameter); model_fields(config) -> the ModelConfig fields it adds to the backbone (LoRA's)."""
+  name: str
+  trainable: Callable[[Sequence[str], bool], tuple[str, ...]]
+  model_fields: Callable[[Any], dict] = lambda config: {}
+  about: str = ''
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy, *, replace: bool = False) -> Strategy:
+  """Adds a strategy configs/finetune.py's strategy=<name> then offers; a name taken is an error unless replace."""
+  if strategy.name in STRATEGIES and not replace:
+    raise ValueError(f'strategy {strategy.name!r} is already registered; pick another name or pass replace=True.')
+  STRATEGIES[strategy.name] = strategy
+  return strategy
+
+
+def get(name: str) -> Strategy:
+  if name not in STRATEGIES:
+    raise ValueError(f'config.finetune.strategy={name!r}: use one of {tuple(STRATEGIES)}.')
+  return STRATEGIES[name]
+
+
+def fresh_head_patterns(heads) -> tuple[str, ...]:
+  """The patterns of the task heads among `heads` that a pretrained checkpoint never holds (they start fresh)."""
+  return tuple(p for h in heads if h in FRESH_HEADS for p in HEAD_PARAMS[h])
+
+
+def _head_only(heads, train_pooler):
   untrainable = [h for h in heads if h not in HEAD_PARAMS]
   if untrainable:
     raise ValueError(f"config.finetune.strategy='head' cannot train head(s) {untrainable} alone: the LM head is "
                      "tied to the input embedding, part of the backbone; use strategy='full'.")
-  patterns = tuple(p for h in heads for p in HEAD_PARAMS[h])
-  return patterns + (('pooler',) if train_pooler else ())
+  return tuple(p for h in heads for p in HEAD_PARAMS[h]) + (('pooler',) if train_pooler else ())
+
+
+def _lora_fields(config) -> dict:
+  ft = config.get('finetune') or {}
+  rank = int(ft.get('lora_rank') or 0)
+  if rank < 1:
+    raise ValueError(f"config.finetune.lora_rank={ft.get('lora_rank')!r}: strategy='lora' needs a rank >= 1 (e.g. 8).")
+  targets = tuple(ft.get('lora_targets') or ())
+  if not targets:
+    raise ValueError("config.finetune.lora_targets is empty: name the projections that get adapters, e.g. "
+                     "('query', 'value') or ('query', 'key', 'value', 'out', 'mlp/*').")
+  return dict(lora_rank=rank, lora_alpha=float(ft.get('lora_alpha', 16.0)),
+              lora_dropout=float(ft.get('lora_dropout', 0.0)), lora_targets=targets)
+
+
+for _strategy in (
+    Strategy('full', lambda heads, pooler: (), about='every parameter trains'),
+    Strategy('head', _head_only, about='the backbone is frozen and not differentiated; only the task head trains'),
+    Strategy('soft_prompt', lambda heads, pooler: ('soft_prompt',) + fresh_head_patterns(heads),
+             about='learned input vectors (and a fresh task head) on the frozen backbone'),
+    Strategy('lora', lambda heads, pooler: ('*lora_a', '*lora_b') + fresh_head_patterns(heads), _lora_fields,
+             about='low-rank adapters (and a fresh task head) on the frozen backbone'),
+):
+  register(_strategy)
+
+
+def trainable_patterns(strategy: str, heads: Sequence[str], *, train_pooler: bool = False) -> tuple[str, ...]:
+  """The config.optim.trainable patterns of a strategy: () = everything (full), the heads' subtrees (head)."""
+  return get(strategy).trainable(tuple(heads), train_pooler)
 
 
 def apply_strategy(config: ml_collections.ConfigDict, heads: Sequence[str]) -> ml_collections.ConfigDict:
@@ -69,19 +122,9 @@ def apply_strategy(config: ml_collections.ConfigDict, heads: Sequence[str]) -> m
 
 
 def model_fields(config) -> dict:
-  """ModelConfig fields a strategy sets on the backbone: the LoRA adapters' rank, scale, dropout and targets."""
+  """ModelConfig fields the run's strategy sets on the backbone (LoRA: the adapters' rank, scale, dropout, targets)."""
   ft = config.get('finetune') or {}
-  if ft.get('strategy') != 'lora':
-    return {}
-  rank = int(ft.get('lora_rank') or 0)
-  if rank < 1:
-    raise ValueError(f"config.finetune.lora_rank={ft.get('lora_rank')!r}: strategy='lora' needs a rank >= 1 (e.g. 8).")
-  targets = tuple(ft.get('lora_targets') or ())
-  if not targets:
-    raise ValueError("config.finetune.lora_targets is empty: name the projections that get adapters, e.g. "
-                     "('query', 'value') or ('query', 'key', 'value', 'out', 'mlp/*').")
-  return dict(lora_rank=rank, lora_alpha=float(ft.get('lora_alpha', 16.0)),
-              lora_dropout=float(ft.get('lora_dropout', 0.0)), lora_targets=targets)
+  return get(ft.strategy).model_fields(config) if ft.get('strategy') else {}
 
 
 def soft_prompt_length(config) -> int:

@@ -4,12 +4,12 @@ trains. `estimate(...)` takes those directly and `of_config(config)` resolves th
 trainer would; `calibrate()` measures this machine's FLOP/s, `predict_seconds` turns a Cost into a step time and
 `check_fits` refuses a run that does not fit a device, naming the numbers and the fix. FLOPs are counted the way XLA's
 cost analysis counts the trainer's compiled step: 2*M*N*K per matmul forward and, backward, one more such matmul per
-operand that carries a gradient (so a frozen backbone runs forward only, as train/steps.py differentiates only the
+operand that carries a gradient (so a frozen backbone runs forward only, as train/core/steps.py differentiates only the
 trained leaves); the full TxS attention even when causal; the MLM head at its gathered positions only; and per-element
 costs of activations, norms, softmax, dropout's random bits and the optimizer update, as XLA's CPU cost analysis counts
 them. Memory is the params, the gradients and optimizer state of the trained leaves, and the activations saved for the
 backward pass: per layer what jax.linearize keeps of model/layers.py's Block (without remat, under scan) or what the
-remat policy keeps, plus one layer's working set; each divided over the mesh as train/partitioning.py's rules shard it.
+remat policy keeps, plus one layer's working set; each divided over the mesh as train/core/partitioning.py's rules shard it.
 
 The leaves are counted in params.py, the step's FLOPs and saved residuals in flops.py.
 
@@ -19,21 +19,19 @@ width, N heads, K kv heads, H head dim, F MLP width, V vocab, P MLM predictions 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import statistics
 import time
-import types
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 
 from model.config import REMAT_POLICIES, ModelConfig
 
-from train.selection.flops import _Count, _electra_flops, _language_model_flops
-from train.selection.params import param_shapes  # noqa: F401  (the public count, callers read it here)
-from train.selection.params import Leaves, Trainable, _Leaf, _leaves, _model, _Model, _trains
+from train.core.flops import _Count, _electra_flops, _language_model_flops
+from train.core.params import param_shapes  # noqa: F401  (the public count, callers read it here)
+from train.core.params import Leaves, Trainable, _Leaf, _leaves, _model, _Model, _trains
 
 MiB = 2**20
 
@@ -85,19 +83,19 @@ def _mib(n: float) -> str:
 
 
 def _optimizer(optimizer: Union[str, Mapping[str, Any]]) -> dict[str, Any]:
-  """config.optim (or just the optimizer's name) over train/optim.py's defaults."""
-  from train import optim  # pylint: disable=g-import-not-at-top
+  """config.optim (or just the optimizer's name) over train/core/optim.py's defaults."""
+  from train.core import optim  # pylint: disable=g-import-not-at-top
   given = {'optimizer': optimizer} if isinstance(optimizer, str) else dict(optimizer.items())
   c = {**optim.default_config().to_dict(), **given}
   if c['optimizer'] not in _UPDATE:
-    raise ValueError(f'optimizer={c["optimizer"]!r}: the cost model knows {sorted(_UPDATE)} (train/optim.py).')
+    raise ValueError(f'optimizer={c["optimizer"]!r}: the cost model knows {sorted(_UPDATE)} (train/core/optim.py).')
   if int(c['grad_accum_steps']) < 1:
     raise ValueError(f'optimizer grad_accum_steps={c["grad_accum_steps"]}: must be an integer >= 1.')
   return c
 
 
 def _opt_state_leaves(leaf: _Leaf, opt: Mapping[str, Any]) -> list[tuple[int, bool]]:
-  """(elements, sharded like the param) of each optimizer-state array one trained leaf gets (train/optim.py's chain:
+  """(elements, sharded like the param) of each optimizer-state array one trained leaf gets (train/core/optim.py's chain:
   adam's two moments; adafactor's factored second moment, optax's rule, plus its momentum; sgd's trace)."""
   shape, out = leaf.shape, []
   if opt['optimizer'] == 'adamw':
@@ -135,7 +133,7 @@ def _mesh_axes(name: Optional[str], rules, used: set) -> tuple[str, ...]:
 
 
 def _shards(path: str, leaf: _Leaf, mesh: Mapping[str, int], rules) -> int:
-  """Into how many pieces the sharding rules cut this parameter (train/partitioning.py param_shardings)."""
+  """Into how many pieces the sharding rules cut this parameter (train/core/partitioning.py param_shardings)."""
   used, pieces = set(), 1
   for dim, name in zip(leaf.shape, leaf.axes):
     axes = _mesh_axes(name, rules, used)
@@ -178,12 +176,12 @@ def estimate(model_cfg: ModelConfig, *, heads: Sequence[str], batch_size: int, s
   batch_size: the global batch of one train-step call, seq_len its length (an encoder-decoder's input, targets_len its
   decoder length; 0: seq_len); max_predictions > 0: the MLM head runs at that many gathered positions per row.
   trainable/frozen: what the optimizer updates (see _trains; frozen leaves are not differentiated). mesh_shape:
-  (data, fsdp, tensor) sizes; rules: logical-axis rules (train/partitioning.py DEFAULT_RULES). remat_policy: None
+  (data, fsdp, tensor) sizes; rules: logical-axis rules (train/core/partitioning.py DEFAULT_RULES). remat_policy: None
   keeps model_cfg's. optimizer: a name or config.optim (its optimizer, clip_norm, weight_decay, momentum,
   adafactor_momentum and grad_accum_steps are read: an optimizer step is grad_accum_steps calls). model_kw:
   LanguageModel's num_labels, num_tags, classifier_pooling, backbone_deterministic, soft_prompt_length.
   """
-  from train import partitioning as part  # pylint: disable=g-import-not-at-top
+  from train.core import partitioning as part  # pylint: disable=g-import-not-at-top
   policy = model_cfg.remat_policy if remat_policy is None else remat_policy
   if policy != 'auto' and policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy={policy!r}: must be 'auto' or one of {tuple(REMAT_POLICIES)}.")
@@ -221,42 +219,8 @@ def estimate(model_cfg: ModelConfig, *, heads: Sequence[str], batch_size: int, s
 # ------------------------------------------------------------------------------------------------ of_config
 
 
-def _checkpoint_model_cfg(path: str) -> ModelConfig:
-  """The ModelConfig train/pretrained.py's load(path) would give, read from the checkpoint's config file alone.
-
-  An lmlab run's config.json, a converted directory's lmlab_model.json, a Hugging Face directory's config.json (the
-  ties of LM heads as it declares them with tie_word_embeddings; the importer reads them off the weights). A GGUF
-  file's architecture sits behind its whole tokenizer table and tensor index, so it is refused (ValueError)."""
-  from model import convert  # pylint: disable=g-import-not-at-top
-  from model.convert import hf_layouts as layouts  # pylint: disable=g-import-not-at-top
-  kind = convert.checkpoint_kind(path)
-  if kind == 'lmlab-run':
-    with open(os.path.join(path, 'config.json')) as f:
-      return ModelConfig(**json.load(f)['model'])
-  if kind == 'converted':
-    with open(os.path.join(path, convert.CONFIG_FILE)) as f:
-      return ModelConfig(**json.load(f)['model_config']).replace(scan_layers=True)
-  if kind == 'gguf':
-    raise ValueError(f'config.model.init_from={path}: the cost model reads a checkpoint\'s config only, and a GGUF '
-                     'file\'s lies behind its tokenizer and tensor tables; convert it once (python -m model.convert '
-                     'import --from=FILE --to=DIR) and set init_from=DIR, or call estimate() with its ModelConfig.')
-  where = os.path.join(path, 'config.json')
-  with open(where) as f:
-    hf = json.load(f)
-  family = layouts.model_family(hf, where)
-  if family in ('bert', 'roberta', 'electra'):
-    fields = layouts.bert_like_config(hf, family, where)
-  elif family == 'gpt2':
-    fields = layouts.gpt2_config(hf, where)
-  elif family == 't5':
-    fields = layouts.t5_config(hf, where, tied=bool(hf.get('tie_word_embeddings', True)))
-  else:
-    fields = layouts.llama_config(hf, where)
-  return ModelConfig(**fields, scan_layers=True)
-
-
 def _lengths(config, model: _Model) -> dict[str, int]:
-  """seq_len, targets_len and max_predictions of the batches config's example builder makes (train/tasks.py)."""
+  """seq_len, targets_len and max_predictions of the batches config's example builder makes (train/tasks/)."""
   from train.data import examples  # pylint: disable=g-import-not-at-top
   data, objectives = config.data, dict(config.objectives)
   seq_len, targets = int(data.seq_len), int(data.get('targets_len') or 0)
@@ -268,45 +232,34 @@ def _lengths(config, model: _Model) -> dict[str, int]:
   return dict(seq_len=seq_len, targets_len=targets, max_predictions=predictions if masked else 0)
 
 
-def _tokenizer_stand_in(data):
-  """What with_tokenizer reads of the run's tokenizer: a given one's vocabulary (loaded, it is small), else the size
-  the run would train (config.data.vocab_size; the trained one may come out a little smaller on a small corpus)."""
-  if data.get('tokenizer_path'):
-    from train.data import tokenizers  # pylint: disable=g-import-not-at-top
-    return tokenizers.Tokenizer.load(data.tokenizer_path)
-  return types.SimpleNamespace(vocab_size=int(data.vocab_size), pad_id=None, eos_id=None, bos_id=None)
-
-
 def of_config(config, *, num_devices: Optional[int] = None) -> Cost:
   """The Cost of the run a full lmlab config describes (configs/bert.py, gpt.py, t5.py, electra.py, finetune.py, ...).
 
-  The model is what train/trainer.py builds: arch_config (preset + overrides, or the init_from checkpoint's
-  architecture, read from its config file only: _checkpoint_model_cfg), with_tokenizer (config.data.vocab_size, or the
-  tokenizer at config.data.tokenizer_path), tasks.build_model (heads, label and tag counts from config.data.label_names
-  / tag_names, which a run reads from its training file: 2 when the config leaves them empty). What trains follows
-  config.finetune.strategy (train/finetune.py) and config.optim.trainable / frozen; lengths come from config.data;
+  The model is what train/core/trainer.py builds, through train/core/resolve.py: the preset with its overrides, or
+  the init_from checkpoint's architecture read from its config file only (checkpoint_model_cfg), with the vocabulary
+  of config.data.vocab_size or of the tokenizer at config.data.tokenizer_path, and build_model's heads, label and tag
+  counts (from config.data.label_names / tag_names, which a run reads from its training file: 2 when the config leaves
+  them empty). What trains follows
+  config.finetune.strategy (train/finetune/strategies.py) and config.optim.trainable / frozen; lengths come from config.data;
   the mesh is config.mesh.shape over num_devices (default: this process's jax.device_count()). No data is read and
   no tokenizer trained. Prompt-based classification (config.finetune.prompt) is refused with a ValueError.
   """
-  from train import finetune, tasks, trainer  # pylint: disable=g-import-not-at-top
-  from train import partitioning as part  # pylint: disable=g-import-not-at-top
-  objectives = dict(config.objectives)
-  task = tasks.task_of(config) or tasks.pretraining_task(objectives)
-  if tasks.prompting(config):
+  from train.core import partitioning as part  # pylint: disable=g-import-not-at-top
+  from train.core import resolve  # pylint: disable=g-import-not-at-top
+  from train.finetune import strategies  # pylint: disable=g-import-not-at-top
+  if resolve.prompting(config):
     raise ValueError('config.finetune.prompt: prompt-based classification (G template rows per example) is not '
                      "modelled; estimate() the MLM or LM head it reads, or set config.finetune.prompt=False.")
+  init = config.model.get('init_from')
+  model_cfg = resolve.model_config_of(config, init_cfg=resolve.checkpoint_model_cfg(init) if init else None)
+  task = resolve.record(config)
   ft = config.get('finetune') or {}
   if task.kind == 'task' and ft.get('strategy'):  # a run's own saved config already holds the strategy's patterns
-    patterns = finetune.trainable_patterns(ft.strategy, tasks.run_heads(config),
-                                           train_pooler=bool(ft.get('train_pooler', False)))
+    patterns = strategies.trainable_patterns(ft.strategy, resolve.heads(config, model_cfg.arch),
+                                             train_pooler=bool(ft.get('train_pooler', False)))
     if tuple(config.optim.get('trainable') or ()) != patterns:
-      config = finetune.apply_strategy(config, tasks.run_heads(config))
-  init = config.model.get('init_from')
-  init_cfg = _checkpoint_model_cfg(init) if init else None
-  arch = trainer.arch_config(config, types.SimpleNamespace(cfg=init_cfg) if init_cfg else None)
-  model_cfg = arch if init_cfg else trainer.with_tokenizer(arch, _tokenizer_stand_in(config.data),
-                                                           config.model.overrides)
-  built = tasks.build_model(config, model_cfg)
+      config = resolve.with_strategy(config, model_cfg.arch)
+  built = resolve.build_model(config, model_cfg)
   if hasattr(built, 'generator_cfg'):
     m = _model(built.discriminator_cfg, ('rtd',), built.generator_cfg, {})
   else:
@@ -375,8 +328,7 @@ def check_config(config, *, num_devices: Optional[int] = None, log=print) -> Non
   """train.prepare's check: a run whose estimate does not fit a device's memory is refused with its numbers before
   anything is built (config.train.memory_check=False trusts the run instead). Prompt-based runs, GGUF starting
   points and models the cost model does not cover go unchecked (the last with a log line)."""
-  from train import tasks  # pylint: disable=g-import-not-at-top
-  if not config.train.get('memory_check', True) or tasks.prompting(config):
+  if not config.train.get('memory_check', True) or bool((config.get('finetune') or {}).get('prompt')):
     return
   if str(config.model.get('init_from') or '').endswith('.gguf'):
     return

@@ -1,6 +1,6 @@
 """The pure train and eval steps over the state pytree {'params', 'opt_state', 'step', 'rng', 'nonfinite_step'}.
 
-`train_step(state, batch, *, ...)` and `eval_step` are module-level pure functions, jitted by train/trainer.py with
+`train_step(state, batch, *, ...)` and `eval_step` are module-level pure functions, jitted by train/core/trainer.py with
 in/out shardings and donation. A step whose loss or gradient is not finite leaves params and optimizer state as they
 were and records its number; the per-step rng is fold_in(run rng, step). `summarize` averages a window of per-step
 metrics the way the loop logs them.

@@ -1,8 +1,8 @@
 """SIGTERM (a preemption notice: Colab, Cloud TPU, a batch scheduler) and SIGINT (Ctrl-C), as a run honours them.
 
 A run meets a signal in one of three phases. During start-up (flags, data, tokenizer, model, restore) nothing has
-been trained, so it stops at once: `Stopped` is raised, train/trainer.py's prepare removes what it wrote, and the
-command line says so in one line. In the loop (train/loop.py) the signal is noted; the loop finishes the step in
+been trained, so it stops at once: `Stopped` is raised, train/core/trainer.py's prepare removes what it wrote, and the
+command line says so in one line. In the loop (train/core/loop.py) the signal is noted; the loop finishes the step in
 flight (it keeps at most two steps queued), saves a checkpoint and returns. After the loop, while the final
 checkpoint is written, the signal is noted and the save completes first. A second Ctrl-C raises KeyboardInterrupt as
 soon as Python runs again (the step in flight ends first): it stops without the save.

@@ -5,7 +5,7 @@ names to the axes of a 3-axis mesh (data, fsdp, tensor). Pure data parallelism i
 parameters and optimizer state over `fsdp` (N-way memory saving) while the batch is split over (data, fsdp); tensor
 parallelism splits heads and MLP width over `tensor`. Everything is checked before compiling: mesh sizes against the
 device count, the batch against the data-parallel degree, every sharded dimension against its mesh axes. Joining the
-processes of a multi-host run is train/distributed.py.
+processes of a multi-host run is train/core/distributed.py.
 """
 from __future__ import annotations
 

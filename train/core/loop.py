@@ -1,9 +1,9 @@
 """Stage 3 of a run, the loop: one jitted step per batch, with the metrics window, dev evaluation, early stopping,
-checkpoints, the finite and divergence guards, and SIGTERM / Ctrl-C around it. train/trainer.py prepares the `Run` it
+checkpoints, the finite and divergence guards, and SIGTERM / Ctrl-C around it. train/core/trainer.py prepares the `Run` it
 drives.
 
 Steps are dispatched asynchronously, but the loop waits for the step before last before it goes on, so at most two
-steps are queued: a signal (train/signals.py) is honoured within two steps, and the queued batches hold little memory.
+steps are queued: a signal (train/core/signals.py) is honoured within two steps, and the queued batches hold little memory.
 """
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import time
 import jax
 import optax
 
-from train import checkpoint as ckpt_lib
-from train import evaluate
-from train import signals as signals_lib
+from train.core import checkpoint as ckpt_lib
+from train.tasks import scoring
+from train.core import signals as signals_lib
 from train import tasks
-from train import workdir as workdir_lib
+from train.core import workdir as workdir_lib
 from train.data.loader import global_batch
-from train.steps import summarize
-from train.writers import MetricsWriter
+from train.core.steps import summarize
+from train.core.writers import MetricsWriter
 
 
 def _fmt_time(seconds: float) -> str:
@@ -89,7 +89,7 @@ class Loop:
     if not self.can_evaluate():
       return None
     if run.forward is not None:  # a downstream task: every dev record, scored with the task's metrics
-      values, _ = evaluate.score(run.task, run.forward, state['params'], run.data.dev_records, run.data.tokenizer,
+      values, _ = scoring.score(run.task, run.forward, state['params'], run.data.dev_records, run.data.tokenizer,
                                  run.config.data, batch_size=int(run.config.data.batch_size),
                                  batch_sharding=run.setup.batch_sharding)
       run.log(f'step {step}: dev ' + ', '.join(f'{k} {v:.4f}' for k, v in sorted(values.items())))

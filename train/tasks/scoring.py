@@ -1,0 +1,108 @@
+"""Scoring a model on a downstream task's records: every example once, the task's predictions and its metrics by name.
+
+The same functions serve the dev evaluation during fine-tuning (train/core/loop.py) and the evaluate job
+(train/core/evaluation.py), so the job reproduces what training logged for the same checkpoint. Examples are batched
+in order, the last batch padded with copies that are dropped after the forward pass; the forward is jitted once per
+batch shape. A task's record (train/tasks/registry.py) names the model outputs its scorer reads (or its own forward:
+generation), how to turn records into evaluation examples (QA: doc-stride windows) and the scorer, which lives in
+the task kind's module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+Scored = tuple[dict[str, float], list[dict[str, Any]]]
+
+
+def forward_fn(model, keys: Sequence[str], *, params_sharding=None, batch_sharding=None, rules=None, mesh=None):
+  """jit(params, batch) -> {key: model output} for the keys a scorer reads (nothing else leaves the device)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+
+  def fwd(params, batch):
+    out = model.apply({'params': params}, batch, deterministic=True)
+    return {k: out[k] for k in keys}
+
+  if mesh is None:
+    return jax.jit(fwd)
+
+  def under_rules(params, batch):
+    with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fwd(params, batch)
+
+  return jax.jit(under_rules, in_shardings=(params_sharding, batch_sharding))
+
+
+def task_forward(task, model, data, **shardings) -> Callable:
+  """What a task's scorer reads, as one jitted function: its own forward (generation), or the model outputs named."""
+  if task.forward is not None:
+    return task.forward(model, data)
+  return forward_fn(model, task.outputs, **shardings)
+
+
+def _padded_batches(examples: Sequence[Mapping[str, np.ndarray]], batch_size: int):
+  """(batch of batch_size rows, how many are real) in order; the last batch repeats its first row as padding."""
+  for start in range(0, len(examples), batch_size):
+    rows = list(examples[start:start + batch_size])
+    n = len(rows)
+    rows += [rows[0]] * (batch_size - n)
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, n
+
+
+def run_forward(fwd: Callable, params, examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int,
+                batch_sharding=None, log: Optional[Callable] = None) -> dict[str, np.ndarray]:
+  """The forward's outputs for every example, concatenated on the host: {key: [N, ...]}; a progress line with ETA."""
+  from train.data.loader import global_batch  # pylint: disable=g-import-not-at-top
+  outs, t0, total = [], time.time(), -(-len(examples) // batch_size)
+  for i, (batch, n) in enumerate(_padded_batches(examples, batch_size)):
+    if batch_sharding is not None:
+      rows = batch_size // jax.process_count()
+      local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
+      out = fwd(params, global_batch(local, batch_sharding))
+      if jax.process_count() > 1:
+        out = multihost_utils.process_allgather(out, tiled=True)
+    else:
+      out = fwd(params, batch)
+    outs.append({k: np.asarray(jax.device_get(v))[:n] for k, v in out.items()})
+    if log is not None and (i + 1) % 20 == 0:
+      rate = (i + 1) / max(time.time() - t0, 1e-9)
+      log(f'evaluate: batch {i + 1}/{total}, {rate * batch_size:.0f} examples/s, ETA {(total - i - 1) / rate:.0f} s')
+  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def label_names(data, field) -> list[str]:
+  """config.data.<field> (label_names, tag_names): the order the model's head and the scorer share."""
+  names = list(data.get(field) or [])
+  if not names:
+    raise ValueError(f'config.data.{field} is empty; the run resolves it from the training data.')
+  return names
+
+
+def score(task, fwd: Callable, params, records: Sequence[Mapping[str, Any]], tokenizer, data, *, batch_size: int,
+          batch_sharding=None, log: Optional[Callable] = None) -> Scored:
+  """(metrics, predictions) of `task` on `records`: its evaluation examples through `fwd`, then its scorer."""
+  if getattr(task, 'score', None) is None:
+    raise ValueError(f'{task.name!r} has no scorer; evaluate it by its loss (config.train.eval_steps).')
+  examples = task.eval_examples(records, tokenizer, data)
+  outputs = run_forward(fwd, params, examples, batch_size=batch_size, batch_sharding=batch_sharding, log=log)
+  return task.score(outputs, examples, records, data, tokenizer)
+
+
+def write(out_dir: str, scores: Mapping[str, float], predictions: Sequence[Mapping[str, Any]], **about) -> None:
+  """DIR/metrics.json and DIR/predictions.jsonl, each written to a temporary name and renamed (never half a file)."""
+  os.makedirs(out_dir, exist_ok=True)
+  for name, text in (('metrics.json', json.dumps({
+      **about,
+      **scores
+  }, indent=2, sort_keys=True) + '\n'), ('predictions.jsonl',
+                                         ''.join(json.dumps(p, ensure_ascii=False) + '\n' for p in predictions))):
+    tmp = os.path.join(out_dir, f'.{name}.tmp')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out_dir, name))
