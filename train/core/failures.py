@@ -13,7 +13,7 @@ import sys
 # A full disk in the text of an error that is not an OSError: tensorstore/orbax raise ValueErrors that carry the OS
 # error code (os_error_code='28'), the Rust tokenizer says '(os error 28)', wrapped OSErrors '[Errno 28]'.
 _CODES = '|'.join(str(code) for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT))
-_DISK_FULL = re.compile(rf"os_error_code='({_CODES})'|\(os error ({_CODES})\)|\[Errno ({_CODES})\]|"
+_DISK_FULL = re.compile(rf"os_error_code=\\?'({_CODES})\\?'|\(os error ({_CODES})\)|\[Errno ({_CODES})\]|"
                         'No space left on device|Disk quota exceeded')
 
 # The file tensorstore names, most precise first.
@@ -83,6 +83,8 @@ def _quiet_closed_loop(hook):
 
 
 def quiet_disk_full_noise() -> None:
-  """Installs the filters: absl's logger drops full-disk tracebacks, and closed-event-loop callbacks are skipped."""
-  logging.getLogger('absl').addFilter(_QuietDiskFull())
+  """Installs the filters: absl's logger and asyncio's (a failed write's future that no one awaited, logged when it is
+  collected) drop full-disk tracebacks, and closed-event-loop callbacks are skipped."""
+  for name in ('absl', 'asyncio'):
+    logging.getLogger(name).addFilter(_QuietDiskFull())
   sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
