@@ -30,6 +30,7 @@ def main(argv):
   import numpy as np
   from model import decode
   from model import heads
+  from train.core import host
   from train.core import pretrained
   from train.data import tokenizers
 
@@ -52,6 +53,9 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
       print(f'error: {_FROM.value}: cannot read its tokenizer: {e}', file=sys.stderr)
       return 2
+  # The decode loop compiles in seconds per prompt shape and method: a run keeps it in its workdir beside what
+  # training compiled, any other checkpoint in the user's cache (unless JAX_COMPILATION_CACHE_DIR names another).
+  host.use_job_cache(_FROM.value if ckpt.source == 'lmlab-run' else None, host.cache_home())
   if ckpt.cfg.arch == 'encoder':
     print('error: an encoder-only model does not generate text; use a decoder or encoder-decoder.', file=sys.stderr)
     return 2

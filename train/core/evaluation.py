@@ -7,11 +7,13 @@ the prediction), through train/tasks/scoring.py, which the dev evaluation during
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
 from model import heads as heads_lib
 from train import tasks
+from train.core import host
 from train.core import pretrained
 from train.core import resolve
 from train.data import pipeline
@@ -21,9 +23,16 @@ from train.tasks import scoring
 
 def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'best', batch_size: int = 0,
                  log=print) -> dict[str, float]:
-  """Scores a fine-tuning run's checkpoint (best by its dev metric, latest, or a step) on a file of its task."""
+  """Scores a fine-tuning run's checkpoint (best by its dev metric, latest, or a step) on a file of its task; a
+  directory holding a prompt config and no checkpoint (a zero-shot or in-context choice of the fine-tuning
+  selection) is scored by evaluate_prompt from the checkpoint it names."""
+  prompt = prompt_config(run_dir)
+  if prompt is not None:
+    return evaluate_prompt(prompt.model.init_from, prompt, data_path, out_dir, batch_size=batch_size, log=log)
   loaded = pretrained.load_run(run_dir, step=step)
   config = loaded.config
+  if config.get('train', {}).get('compilation_cache', True):  # the forward the run's dev evaluation compiled
+    host.use_job_cache(run_dir, out_dir)
   task = tasks.task_of(config.objectives)
   if task is None:
     raise ValueError(f'{run_dir}: its objectives {sorted(config.objectives)} are pre-training objectives; the '
@@ -46,6 +55,21 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   return scores
 
 
+def prompt_config(run_dir: str):
+  """The config of a directory whose config.json holds a prompt config and no model (nothing was trained: the
+  fine-tuning selection leaves its zero-shot and in-context candidates so), or None for anything else."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = os.path.join(run_dir, 'config.json')
+  if os.path.isdir(os.path.join(run_dir, 'checkpoints')) or not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    saved = json.load(f)
+  if 'model' in saved or not isinstance(saved.get('config'), dict):
+    return None
+  config = ml_collections.ConfigDict(saved['config'])
+  return config if resolve.prompting(config) else None
+
+
 def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, batch_size: int = 0,
                     log=print) -> dict[str, float]:
   """Zero-shot (and in-context) prompt scoring of any checkpoint with no training run: config's task, template and
@@ -63,6 +87,7 @@ def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, ba
         task.labels.find(pipeline.sources(data.get('train') or data_path, config.data), config.data))
   data = type(config.data)(data)
   init = pretrained.load(checkpoint, save_dir=os.path.join(out_dir, 'tokenizer'))
+  host.use_job_cache(checkpoint if init.source == 'lmlab-run' else None, out_dir)
   task = resolve.run_task(task, config, init.cfg.arch)
   records = task.read(pipeline.sources(data_path, data), data)
   heads = resolve.heads(config, init.cfg.arch)

@@ -63,3 +63,25 @@ def use_compilation_cache(workdir: str, min_compile_s: float = 0.5) -> bool:
     compilation_cache.reset_cache()
   _cache_dir = path
   return True
+
+
+def cache_home() -> str:
+  """$XDG_CACHE_HOME/lmlab (default ~/.cache/lmlab): where a job with no workdir of its own (train.generate from a
+  Hugging Face directory or a .gguf file) keeps compiled programs, so that running it again skips the compile."""
+  return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'lmlab')
+
+
+def use_job_cache(*dirs: str | None) -> bool:
+  """use_compilation_cache in the first of dirs that exists and can be written (or can be made): the evaluate job and
+  train.generate reuse what a run's training compiled in its workdir, and a read-only run (someone else's) falls back
+  to the next directory (the job's --out, cache_home()) rather than warning on every compile. -> True if set."""
+  for d in dirs:
+    if not d:
+      continue
+    d = os.path.abspath(d)
+    probe = d
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+      probe = os.path.dirname(probe)
+    if os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK):
+      return use_compilation_cache(d)
+  return False

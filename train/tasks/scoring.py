@@ -2,10 +2,17 @@
 
 The same functions serve the dev evaluation during fine-tuning (train/core/loop.py) and the evaluate job
 (train/core/evaluation.py), so the job reproduces what training logged for the same checkpoint. Examples are batched
-in order, the last batch padded with copies that are dropped after the forward pass; the forward is jitted once per
-batch shape. A task's record (train/tasks/registry.py) names the model outputs its scorer reads (or its own forward:
+(in order, or longest first with the length buckets below), the last batch padded with copies that are dropped after
+the forward pass; the forward is jitted once per batch shape. A task's record (train/tasks/registry.py) names the model outputs its scorer reads (or its own forward:
 generation), how to turn records into evaluation examples (QA: doc-stride windows) and the scorer, which lives in
 the task kind's module.
+
+Length buckets: where padding would be most of the work (SST-2 sentences of ~25 tokens at seq_len 128, zero-shot
+prompts), `run_forward` scores the examples longest first, cuts each batch's per-position arrays to the shortest of a
+few fixed lengths (`bucket_lengths`) that holds its longest example, and puts the outputs back in the examples' order:
+the forward compiles once per bucket, not per batch, and every row sees the same real tokens as at full length (the
+padding it loses was masked), so predictions and metrics are those of full-length scoring, logits equal to float
+rounding. Tasks whose outputs have a position axis (tags, QA spans) or no `segment_ids` (generation) keep full length.
 """
 from __future__ import annotations
 
@@ -55,12 +62,68 @@ def _padded_batches(examples: Sequence[Mapping[str, np.ndarray]], batch_size: in
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, n
 
 
+def bucket_lengths(seq_len: int, smallest: int = 16) -> tuple[int, ...]:
+  """16, 24, 32, 48, 64, 96, ... below seq_len, then seq_len: powers of two and their midpoints, so a batch carries at
+  most a third more positions than its longest example needs, and a task compiles a handful of shapes."""
+  out, n = [], smallest
+  while n < seq_len:
+    out.append(n)
+    n = n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3
+  return tuple(out) + (int(seq_len),)
+
+
+def example_lengths(examples: Sequence[Mapping[str, np.ndarray]]) -> Optional[np.ndarray]:
+  """Each example's positions up to its last real one (segment_ids != 0 along the last axis, over every input row of
+  a prompt example), or None where the examples have no segment_ids."""
+  if not examples or 'segment_ids' not in examples[0]:
+    return None
+  t = np.shape(examples[0]['segment_ids'])[-1]
+  real = np.stack([np.reshape(e['segment_ids'], (-1, t)).any(axis=0) for e in examples])  # [N, T]
+  last = t - np.argmax(real[:, ::-1], axis=1)
+  return np.where(real.any(axis=1), last, 1)
+
+
+def _cut(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+  """The batch with every array shaped like segment_ids (one entry per position) cut to `length` positions."""
+  shape = batch['segment_ids'].shape
+  return {k: v[..., :length] if v.shape == shape else v for k, v in batch.items()}
+
+
+def _buckets_apply(fwd: Callable, params, batch: Mapping[str, np.ndarray], length: int) -> bool:
+  """Whether cut batches give outputs of the full batch's shapes: no output has a position axis (traced, not run)."""
+  shapes = lambda b: jax.tree.map(lambda x: x.shape, jax.eval_shape(fwd, params, b))
+  return shapes(batch) == shapes(_cut(batch, length))
+
+
+def _plan(fwd, params, examples, batch_size, buckets):
+  """(order the examples are scored in, the bucket length of each batch or None for full length)."""
+  lengths = None if buckets is not None and not len(buckets) else example_lengths(examples)
+  if lengths is None:
+    return np.arange(len(examples)), None
+  seq_len = np.shape(examples[0]['segment_ids'])[-1]
+  sizes = np.asarray(sorted({min(int(b), seq_len) for b in buckets or bucket_lengths(seq_len)} | {seq_len}))
+  order = np.argsort(-lengths, kind='stable')  # longest first: the biggest shape compiles (and fails) first
+  longest = lengths[order][::batch_size]
+  per_batch = sizes[np.searchsorted(sizes, longest)]
+  if per_batch.min() == seq_len:
+    return np.arange(len(examples)), None
+  first, _ = next(_padded_batches([examples[i] for i in order[-batch_size:]], batch_size))
+  if not _buckets_apply(fwd, params, first, int(per_batch.min())):
+    return np.arange(len(examples)), None
+  return order, [int(x) for x in per_batch]
+
+
 def run_forward(fwd: Callable, params, examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int,
-                batch_sharding=None, log: Optional[Callable] = None) -> dict[str, np.ndarray]:
-  """The forward's outputs for every example, concatenated on the host: {key: [N, ...]}; a progress line with ETA."""
+                batch_sharding=None, log: Optional[Callable] = None,
+                buckets: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+  """The forward's outputs for every example, in the examples' order, concatenated on the host: {key: [N, ...]}; a
+  progress line with ETA. buckets: the lengths batches are cut to (None: bucket_lengths(seq_len); (): full length)."""
   from train.data.loader import global_batch  # pylint: disable=g-import-not-at-top
+  order, lengths = _plan(fwd, params, examples, batch_size, buckets)
   outs, t0, total = [], time.time(), -(-len(examples) // batch_size)
-  for i, (batch, n) in enumerate(_padded_batches(examples, batch_size)):
+  for i, (batch, n) in enumerate(_padded_batches([examples[j] for j in order], batch_size)):
+    if lengths is not None:
+      batch = _cut(batch, lengths[i])
     if batch_sharding is not None:
       rows = batch_size // jax.process_count()
       local = {k: v[jax.process_index() * rows:(jax.process_index() + 1) * rows] for k, v in batch.items()}
@@ -73,7 +136,12 @@ def run_forward(fwd: Callable, params, examples: Sequence[Mapping[str, np.ndarra
     if log is not None and (i + 1) % 20 == 0:
       rate = (i + 1) / max(time.time() - t0, 1e-9)
       log(f'evaluate: batch {i + 1}/{total}, {rate * batch_size:.0f} examples/s, ETA {(total - i - 1) / rate:.0f} s')
-  return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  result = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+  if lengths is None:
+    return result
+  inverse = np.empty_like(order)
+  inverse[order] = np.arange(len(order))
+  return {k: v[inverse] for k, v in result.items()}
 
 
 def label_names(data, field) -> list[str]:
@@ -85,12 +153,14 @@ def label_names(data, field) -> list[str]:
 
 
 def score(task, fwd: Callable, params, records: Sequence[Mapping[str, Any]], tokenizer, data, *, batch_size: int,
-          batch_sharding=None, log: Optional[Callable] = None) -> Scored:
-  """(metrics, predictions) of `task` on `records`: its evaluation examples through `fwd`, then its scorer."""
+          batch_sharding=None, log: Optional[Callable] = None, buckets: Optional[Sequence[int]] = None) -> Scored:
+  """(metrics, predictions) of `task` on `records`: its evaluation examples through `fwd` (length-bucketed unless
+  buckets=(): run_forward), then its scorer."""
   if getattr(task, 'score', None) is None:
     raise ValueError(f'{task.name!r} has no scorer; evaluate it by its loss (config.train.eval_steps).')
   examples = task.eval_examples(records, tokenizer, data)
-  outputs = run_forward(fwd, params, examples, batch_size=batch_size, batch_sharding=batch_sharding, log=log)
+  outputs = run_forward(fwd, params, examples, batch_size=batch_size, batch_sharding=batch_sharding, log=log,
+                        buckets=buckets)
   return task.score(outputs, examples, records, data, tokenizer)
 
 
