@@ -9,10 +9,14 @@ within a compute budget by successive halving on the dev metric (train/selection
   python -m train.select --config=configs/select.py:mode=equal_compute ...        # every candidate the same FLOPs
 
   python -m train.select --config=configs/select.py:mode=scaling ...              # loss against N and D, fitted
+  python -m train.select --config=configs/select.py:mode=finetune --workdir=/tmp/choose \
+      --config.data.train=../shared/data/sst2/train.tsv --config.data.dev=../shared/data/sst2/dev.tsv \
+      --config.search.budget=1800                           # pretrained models x strategies within 1800 s
 
 Arguments: `mode=halving` (default) | `equal_compute` | `scaling` (config.scaling: one pre-training per size and
-token budget, L = E + A/N^alpha + B/D^beta fitted with bootstrap intervals); `demo` (embedded corpus and the embedded docstring-package
-task, tiny candidates, minutes on a CPU); `runlocal` (tests: seconds).
+token budget, L = E + A/N^alpha + B/D^beta fitted with bootstrap intervals) | `finetune` (no pre-training: starting
+points x fine-tuning strategies, `_ft` candidates, train/selection/finetune_search.py); `demo` (embedded corpus and
+the embedded docstring-package task, tiny candidates, minutes on a CPU); `runlocal` (tests: seconds).
 
 Each candidate names a config family (configs/<family>.py and its argument) whose pre-training objective it brings
 (bert: mlm+nsp, electra: rtd, gpt/llama: clm, t5: span; `objectives` replaces them), model overrides, or a local
@@ -30,7 +34,7 @@ import ml_collections
 
 from configs import common
 
-MODES = ('halving', 'equal_compute', 'scaling')
+MODES = ('halving', 'equal_compute', 'scaling', 'finetune')
 
 
 def _candidate(family, arg='', *, strategy='full', learning_rate=0.0, pretrain_learning_rate=0.0, init_from='',
@@ -130,9 +134,62 @@ def get_config(arg=None):
   # yapf: enable
   if args.mode == 'scaling':
     c.pretrain.seq_len, c.pretrain.batch_size = 64, 16
-  if args.demo or args.runlocal:
+  if args.mode == 'finetune':
+    _finetune(c)
+  elif args.demo or args.runlocal:
     _small(c, demo=args.demo)
   return c
+
+
+def _ft(init_from, strategy='full', *, learning_rate=0.0, demonstrations=0, few_shot_k=0, seq_len=0, batch_size=0,
+        finetune=None, **overrides):
+  """A mode=finetune candidate: a starting point (a packaged name: all-MiniLM-L6-v2, SmolLM2-135M-Instruct; an lmlab
+  run; a Hugging Face or converted directory; a .gguf file) and a strategy of configs/finetune.py ('full', 'head',
+  'lora', 'soft_prompt', 'prompt+lora', ...; 'prompt' alone is zero-shot, with demonstrations=k in-context k-shot,
+  neither trains); few_shot_k trains on k records per class; seq_len / batch_size replace config.finetune's;
+  finetune: more config.finetune fields (lora_rank, template, verbalizer, ...); overrides: ModelConfig fields."""
+  return dict(init_from=init_from, strategy=strategy, learning_rate=learning_rate, demonstrations=demonstrations,
+              few_shot_k=few_shot_k, seq_len=seq_len, batch_size=batch_size, finetune=finetune or {},
+              overrides=overrides)
+
+
+def finetune_candidates() -> ml_collections.ConfigDict:
+  """The two packaged checkpoints across the strategies that suit them for classification: the sentence encoder
+  trained (every parameter, the head on mean-pooled states, LoRA adapters, a soft prompt), the 135M decoder read
+  through its LM head (zero-shot, in-context 4-shot, LoRA under the prompt). Rates: the fine-tuning table of
+  docs/results.md (MiniLM head 1e-3 to 1e-2, SmolLM2 prompt+lora 2e-4), raised for runs of a few hundred steps."""
+  minilm, smol = 'all-MiniLM-L6-v2', 'SmolLM2-135M-Instruct'
+  return ml_collections.ConfigDict({
+      'minilm_full': _ft(minilm, 'full', learning_rate=1e-4),
+      'minilm_head': _ft(minilm, 'head', learning_rate=3e-3),
+      'minilm_lora': _ft(minilm, 'lora', learning_rate=1e-3),
+      'minilm_soft_prompt': _ft(minilm, 'soft_prompt', learning_rate=3e-3),
+      'smollm2_zero_shot': _ft(smol, 'prompt'),
+      'smollm2_4shot': _ft(smol, 'prompt', demonstrations=4, seq_len=256),
+      'smollm2_prompt_lora': _ft(smol, 'prompt+lora', learning_rate=2e-4, batch_size=16),
+  })
+
+
+def _finetune(c):
+  """mode=finetune: starting points x strategies on config.task, within a budget in seconds (or FLOPs), by
+  successive halving over fine-tuning steps (train/selection/finetune_search.py)."""
+  f, s = c.finetune, c.search
+  f.steps = 600                 # the longest fine-tuning (the last rung); the plan takes the longest that fits up to
+  #                               it; 0: as long as the budget allows
+  f.seq_len, f.batch_size, f.warmup_steps = 64, 32, 30
+  s.budget_kind = 'seconds'     # 'seconds' (the cost model at this machine's calibrated FLOP/s, and the measured
+  #                               seconds as a hard limit) | 'flops'
+  s.budget = 1800.0
+  s.rungs, s.eta, s.seeds = 3, 2, 1  # seeds: of the last rung's survivors and of in-context candidates (>= 3: t
+  #                               intervals over seeds)
+  s.choose = 'best'             # 'best' (highest mean dev metric) | 'cheapest_within' (the cheapest candidate within
+  #                               search.within_points points of the best)
+  s.within_points = 1.0         # cheapest_within: how far below the best (points of 100) still counts
+  s.overhead_seconds = 30.0     # seconds budget: per evaluation, its process's start, loading and compiling
+  s.mfu = 0.4                   # seconds budget: the share of the calibrated matmul FLOP/s (calibration.json) that
+  #                               training and scoring steps reach (MiniLM full on SST-2, 2-core CPU: 0.4 measured)
+  s.only = ()                   # candidate names to keep (e.g. "('minilm_head','smollm2_zero_shot')"); (): all
+  c.candidates = finetune_candidates()
 
 
 def _small(c, *, demo):

@@ -40,6 +40,16 @@ def scaling(config, workdir: str, *, log=print) -> dict:
   return scaling_sweep.run(config, workdir, log=log)
 
 
+def finetune(config, workdir: str, *, log=print):
+  """mode=finetune: starting points x strategies within the budget -> (search, result, report paths, chosen, reason)."""
+  from train.selection import finetune_report, finetune_search
+  s = finetune_search.prepare(config, workdir, log=log)
+  log(finetune_search.describe(s))
+  result = finetune_search.run(s)
+  paths, chosen, reason = finetune_report.write(s, result)
+  return s, result, paths, chosen, reason
+
+
 def select(config, workdir: str, *, log=print):
   """The whole job -> (search, result {'rungs', 'chosen', 'means'}, report paths)."""
   from train.selection import report, search
@@ -66,6 +76,13 @@ def main(argv):
         out = scaling(config, workdir, log=log)
         print(out['fit'].summary(float(config.scaling.target_flops)))
         print(f'plot {out["paths"]["plot"]}, table {out["paths"]["summary"]} ({time.time() - t0:.0f} s)')
+        return
+      if config.search.mode == 'finetune':
+        s, result, paths, chosen, reason = finetune(config, workdir, log=log)
+        with open(paths['leaderboard']) as f:
+          print('\n' + f.read())
+        print(f'chosen: {chosen} ({time.time() - t0:.0f} s): {reason}; report in {workdir}: '
+              + ', '.join(f'{k} {v}' for k, v in paths.items()))
         return
       s, result, paths = select(config, workdir, log=log)
   except (ValueError, FileNotFoundError, FloatingPointError, WorkdirBusy) as e:

@@ -455,9 +455,14 @@ def dev_predictions(ft_dir: str, dev_file: str) -> dict[str, Any]:
   report's intervals and paired tests resample) and the majority-class share of the dev labels, from the evaluate
   job's predictions.jsonl (<ft_dir>/dev_eval)."""
   from train.core import evaluation  # pylint: disable=g-import-not-at-top
-  from train.selection import stats  # pylint: disable=g-import-not-at-top
   out = os.path.join(ft_dir, 'dev_eval')
   evaluation.evaluate_run(ft_dir, dev_file, out, step='best', log=lambda *_: None)
+  return read_predictions(out)
+
+
+def read_predictions(out: str) -> dict[str, Any]:
+  """dev_predictions' summary of an evaluate job's <out>/predictions.jsonl: 'correct', 'majority', 'majority_label'."""
+  from train.selection import stats  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out, 'predictions.jsonl')) as f:
     rows = [json.loads(line) for line in f]
   share, label = stats.majority_share([r['label'] for r in rows])
