@@ -48,7 +48,7 @@ def _score_both(config, model_cfg, tok, records, batch_size=4, seed=0):
   params = init_params(model, jax.random.key(seed), {k: np.stack([e[k] for e in examples[:2]]) for k in examples[0]})
   fwd = scoring.task_forward(task, model, config.data)
   run = lambda buckets: scoring.score(task, fwd, params, records, tok, config.data, batch_size=batch_size,
-                                      buckets=buckets)
+                                      buckets=buckets, min_batches=1)
   return run(()), run(None), (fwd, params, examples)
 
 
@@ -73,12 +73,12 @@ def test_bucketed_encoder_classifier_scores_as_at_full_length(pooling):
   full, bucketed, (fwd, params, examples) = _score_both(config, cfg, tok, records)
   _assert_same(full, bucketed)
   # the bucketed run really cut the batches: longest first, several lengths, all below seq_len but the longest
-  order, lengths = scoring._plan(fwd, params, examples, 4, None)  # pylint: disable=protected-access
+  order, lengths = scoring._plan(fwd, params, examples, 4, None, 1)  # pylint: disable=protected-access
   assert lengths is not None and len(set(lengths)) >= 2 and min(lengths) < 64
   got = scoring.example_lengths(examples)
   assert list(got[order]) == sorted(got, reverse=True)
   out_full = scoring.run_forward(fwd, params, examples, batch_size=4, buckets=())
-  out_b = scoring.run_forward(fwd, params, examples, batch_size=4)
+  out_b = scoring.run_forward(fwd, params, examples, batch_size=4, min_batches=1)
   np.testing.assert_allclose(out_b['cls_logits'], out_full['cls_logits'], atol=1e-5)
 
 
@@ -94,7 +94,7 @@ def test_bucketed_decoder_classifier_and_zero_shot_prompts_score_as_at_full_leng
   full, bucketed, (fwd, params, examples) = _score_both(prompt, cfg, tok, records, batch_size=5)
   _assert_same(full, bucketed)
   assert examples[0]['segment_ids'].ndim == 2
-  assert scoring._plan(fwd, params, examples, 5, None)[1] is not None  # pylint: disable=protected-access
+  assert scoring._plan(fwd, params, examples, 5, None, 1)[1] is not None  # pylint: disable=protected-access
 
 
 def test_outputs_with_a_position_axis_keep_full_length():
@@ -121,3 +121,10 @@ def test_bucket_lengths_are_few_and_end_at_seq_len():
   assert scoring.bucket_lengths(128) == (16, 24, 32, 48, 64, 96, 128)
   assert scoring.bucket_lengths(100)[-2:] == (96, 100)
   assert scoring.bucket_lengths(8) == (8,)
+
+
+def test_a_length_too_few_batches_would_use_goes_to_the_next_longer_one():
+  merge = scoring._merge_small  # pylint: disable=protected-access
+  assert merge(np.array([64, 48, 48, 32, 32, 32, 16]), 2).tolist() == [64, 48, 48, 32, 32, 32, 32]
+  assert merge(np.array([64, 48, 32, 16]), 4).tolist() == [64, 64, 64, 64]
+  assert merge(np.array([64, 32, 32, 32, 32, 24]), 4).tolist() == [64, 32, 32, 32, 32, 32]

@@ -10,7 +10,8 @@ the task kind's module.
 Length buckets: where padding would be most of the work (SST-2 sentences of ~25 tokens at seq_len 128, zero-shot
 prompts), `run_forward` scores the examples longest first, cuts each batch's per-position arrays to the shortest of a
 few fixed lengths (`bucket_lengths`) that holds its longest example, and puts the outputs back in the examples' order:
-the forward compiles once per bucket, not per batch, and every row sees the same real tokens as at full length (the
+the forward compiles once per bucket, not per batch (a length fewer than MIN_BATCHES_PER_BUCKET batches would use
+goes to the next longer one), and every row sees the same real tokens as at full length (the
 padding it loses was masked), so predictions and metrics are those of full-length scoring, logits equal to float
 rounding. Tasks whose outputs have a position axis (tags, QA spans) or no `segment_ids` (generation) keep full length.
 """
@@ -95,7 +96,23 @@ def _buckets_apply(fwd: Callable, params, batch: Mapping[str, np.ndarray], lengt
   return shapes(batch) == shapes(_cut(batch, length))
 
 
-def _plan(fwd, params, examples, batch_size, buckets):
+# A bucket length that fewer batches than this would use is merged into the next longer one: its compile (seconds)
+# would cost more than the padding it saves (a small dev set, the few longest examples).
+MIN_BATCHES_PER_BUCKET = 4
+
+
+def _merge_small(per_batch: np.ndarray, min_batches: int) -> np.ndarray:
+  """per_batch with each length that fewer than min_batches batches use raised to the next longer one in use."""
+  per_batch = per_batch.copy()
+  sizes = sorted(set(per_batch.tolist()))
+  for small, big in zip(sizes, sizes[1:]):
+    hit = per_batch == small
+    if hit.sum() < min_batches:
+      per_batch[hit] = big
+  return per_batch
+
+
+def _plan(fwd, params, examples, batch_size, buckets, min_batches=MIN_BATCHES_PER_BUCKET):
   """(order the examples are scored in, the bucket length of each batch or None for full length)."""
   lengths = None if buckets is not None and not len(buckets) else example_lengths(examples)
   if lengths is None:
@@ -104,7 +121,7 @@ def _plan(fwd, params, examples, batch_size, buckets):
   sizes = np.asarray(sorted({min(int(b), seq_len) for b in buckets or bucket_lengths(seq_len)} | {seq_len}))
   order = np.argsort(-lengths, kind='stable')  # longest first: the biggest shape compiles (and fails) first
   longest = lengths[order][::batch_size]
-  per_batch = sizes[np.searchsorted(sizes, longest)]
+  per_batch = _merge_small(sizes[np.searchsorted(sizes, longest)], min_batches)
   if per_batch.min() == seq_len:
     return np.arange(len(examples)), None
   first, _ = next(_padded_batches([examples[i] for i in order[-batch_size:]], batch_size))
@@ -115,11 +132,13 @@ def _plan(fwd, params, examples, batch_size, buckets):
 
 def run_forward(fwd: Callable, params, examples: Sequence[Mapping[str, np.ndarray]], *, batch_size: int,
                 batch_sharding=None, log: Optional[Callable] = None,
-                buckets: Optional[Sequence[int]] = None) -> dict[str, np.ndarray]:
+                buckets: Optional[Sequence[int]] = None,
+                min_batches: int = MIN_BATCHES_PER_BUCKET) -> dict[str, np.ndarray]:
   """The forward's outputs for every example, in the examples' order, concatenated on the host: {key: [N, ...]}; a
-  progress line with ETA. buckets: the lengths batches are cut to (None: bucket_lengths(seq_len); (): full length)."""
+  progress line with ETA. buckets: the lengths batches are cut to (None: bucket_lengths(seq_len); (): full length);
+  min_batches: the fewest batches a length below seq_len is compiled for (fewer go to the next longer length)."""
   from train.data.loader import global_batch  # pylint: disable=g-import-not-at-top
-  order, lengths = _plan(fwd, params, examples, batch_size, buckets)
+  order, lengths = _plan(fwd, params, examples, batch_size, buckets, min_batches)
   outs, t0, total = [], time.time(), -(-len(examples) // batch_size)
   for i, (batch, n) in enumerate(_padded_batches([examples[j] for j in order], batch_size)):
     if lengths is not None:
@@ -153,14 +172,15 @@ def label_names(data, field) -> list[str]:
 
 
 def score(task, fwd: Callable, params, records: Sequence[Mapping[str, Any]], tokenizer, data, *, batch_size: int,
-          batch_sharding=None, log: Optional[Callable] = None, buckets: Optional[Sequence[int]] = None) -> Scored:
+          batch_sharding=None, log: Optional[Callable] = None, buckets: Optional[Sequence[int]] = None,
+          min_batches: int = MIN_BATCHES_PER_BUCKET) -> Scored:
   """(metrics, predictions) of `task` on `records`: its evaluation examples through `fwd` (length-bucketed unless
   buckets=(): run_forward), then its scorer."""
   if getattr(task, 'score', None) is None:
     raise ValueError(f'{task.name!r} has no scorer; evaluate it by its loss (config.train.eval_steps).')
   examples = task.eval_examples(records, tokenizer, data)
   outputs = run_forward(fwd, params, examples, batch_size=batch_size, batch_sharding=batch_sharding, log=log,
-                        buckets=buckets)
+                        buckets=buckets, min_batches=min_batches)
   return task.score(outputs, examples, records, data, tokenizer)
 
 
