@@ -355,8 +355,8 @@ def test_translation_from_scratch_beats_copying_the_source(tmp_path, preset, len
   workdir = tmp_path / 'run'
   proc = subprocess.run([
       sys.executable, '-m', 'train.main', '--config=configs/finetune.py:task=translation,runlocal',
-      f'--workdir={workdir}', f'--config.data.train={train}', f'--config.data.dev={dev}', '--config.train.steps=1200',
-      '--config.optim.total_steps=1200', '--config.train.eval_every=1200', '--config.train.checkpoint_every=1200',
+      f'--workdir={workdir}', f'--config.data.train={train}', f'--config.data.dev={dev}', '--config.train.steps=600',
+      '--config.optim.total_steps=600', '--config.train.eval_every=600', '--config.train.checkpoint_every=600',
       '--config.optim.learning_rate=3e-3', f'--config.data.seq_len={lengths[0]}',
       f'--config.data.targets_len={lengths[1]}', '--config.data.batch_size=16', f'--config.model.preset={preset}'
   ], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
