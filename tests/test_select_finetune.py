@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -318,3 +319,20 @@ def test_a_seconds_budget_is_a_hard_limit_on_the_measured_seconds(starts, tmp_pa
   assert s.spent()['seconds'] <= 2.0 + 1.0 and s.plan.worst_case <= 2.0
   with open(paths['leaderboard']) as f:
     assert 'The search stopped early' in f.read()
+
+
+def test_sigterm_while_an_evaluation_scores_stops_the_search_and_records_nothing(tmp_path, monkeypatch):
+  # A zero-shot or in-context evaluation has no checkpoint to save: SIGTERM simply ends it (exit -15). The search must
+  # stop there (Preempted: exit 143, the same command resumes), not record the evaluation as failed and go on.
+  monkeypatch.setattr(fs.finetune_worker, 'COMMAND', 'import time; time.sleep(60)')
+  before = signal.getsignal(signal.SIGTERM)
+  timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+  timer.start()
+  t0 = time.time()
+  try:
+    with pytest.raises(search.Preempted, match='SIGTERM'):
+      fs.run_child({}, str(tmp_path / 'zs-0-seed0.log'), None, str(tmp_path))
+  finally:
+    timer.cancel()
+  assert time.time() - t0 < 30  # the child did not sleep its 60 s out
+  assert signal.getsignal(signal.SIGTERM) is before  # the search's own handler is back

@@ -488,7 +488,13 @@ def run_child(spec: dict, log_path: str, timeout: Optional[float], workdir: str)
     proc = subprocess.Popen([sys.executable, '-c', finetune_worker.COMMAND, spec_path], stdout=out,
                             stderr=subprocess.STDOUT, env=_child_env(workdir))
   main = threading.current_thread() is threading.main_thread()
-  before = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM)) if main else None
+  termed = []
+
+  def forward(*_):
+    termed.append(True)
+    proc.send_signal(signal.SIGTERM)
+
+  before = signal.signal(signal.SIGTERM, forward) if main else None
   try:
     while True:
       try:
@@ -508,6 +514,9 @@ def run_child(spec: dict, log_path: str, timeout: Optional[float], workdir: str)
     if main:
       signal.signal(signal.SIGTERM, before)
   proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait for it again
+  if termed:  # whatever the child did with it (a training run saved; a scoring one just ended): nothing is recorded
+    raise search.Preempted(f'SIGTERM: the evaluation in flight stopped ({os.path.basename(log_path)[:-4]}, exit '
+                           f'{proc.returncode}); rerun the same command to resume the selection.')
   return proc.returncode, usage.ru_maxrss * 1024.0, time.time() - t0
 
 
