@@ -11,7 +11,7 @@ within a compute budget by successive halving on the dev metric (train/selection
   python -m train.select --config=configs/select.py:mode=scaling ...              # loss against N and D, fitted
   python -m train.select --config=configs/select.py:mode=finetune --workdir=/tmp/choose \
       --config.data.train=../shared/data/sst2/train.tsv --config.data.dev=../shared/data/sst2/dev.tsv \
-      --config.search.budget=1800                           # pretrained models x strategies within 1800 s
+      --config.search.budget=3600                           # pretrained models x strategies within 3600 s
 
 Arguments: `mode=halving` (default) | `equal_compute` | `scaling` (config.scaling: one pre-training per size and
 token budget, L = E + A/N^alpha + B/D^beta fitted with bootstrap intervals) | `finetune` (no pre-training: starting
@@ -179,7 +179,7 @@ def _finetune(c):
   f.seq_len, f.batch_size, f.warmup_steps = 64, 32, 30
   s.budget_kind = 'seconds'     # 'seconds' (the cost model at this machine's calibrated FLOP/s, and the measured
   #                               seconds as a hard limit) | 'flops'
-  s.budget = 1800.0
+  s.budget = 3600.0              # the default candidates: in-context 4-shot scoring alone is ~850 s by the cost model
   s.rungs, s.eta, s.seeds = 3, 2, 1  # seeds: of the last rung's survivors and of in-context candidates (>= 3: t
   #                               intervals over seeds)
   s.choose = 'best'             # 'best' (highest mean dev metric) | 'cheapest_within' (the cheapest candidate within
