@@ -15,6 +15,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from train.core import host  # noqa: E402
+
+host.size_host_device_pool()  # before JAX starts: threads enough for 8 devices' collectives
+
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402

@@ -14,6 +14,7 @@ import time
 
 from configs import select as select_configs
 from train.core import evaluation
+from train.core import host
 from train import select
 
 WORKDIR = os.path.join('workdir', 'demo')
@@ -53,4 +54,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   sys.exit(main())

@@ -11,6 +11,7 @@ evaluation during fine-tuning runs, so the job reproduces what training logged f
 import os
 import sys
 
+from train.core import host
 from train.core.evaluation import evaluate_prompt, evaluate_run
 
 
@@ -49,4 +50,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   sys.exit(main())

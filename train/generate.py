@@ -12,6 +12,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from train.core import host
+
 _FROM = flags.DEFINE_string('from', None, 'Checkpoint: lmlab workdir, converted dir, Hugging Face dir or .gguf file.')
 _PROMPT = flags.DEFINE_multi_string('prompt', None, 'Prompt text; repeat the flag for a batch.')
 _METHOD = flags.DEFINE_enum('method', 'greedy', ['greedy', 'sample', 'beam'], 'How tokens are chosen.')
@@ -85,5 +87,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   logging.set_verbosity(logging.WARNING)
   app.run(lambda argv: sys.exit(main(argv)))

@@ -29,6 +29,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from train.core import failures
+from train.core import host
 from train.core import signals as signals_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,6 +318,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   _SIGNALS.install()
   logging.set_verbosity(logging.WARNING)
   try:

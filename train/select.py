@@ -97,5 +97,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   logging.set_verbosity(logging.WARNING)
   app.run(main, flags_parser=cli._parse_flags)

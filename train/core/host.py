@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import sys
 
 # mallopt parameters (malloc.h)
@@ -40,6 +41,24 @@ def tune_allocator() -> bool:
   ok &= mallopt(_M_TOP_PAD, 64 << 20) == 1
   _applied = bool(ok)
   return _applied
+
+
+def size_host_device_pool() -> int | None:
+  """NPROC for a process that splits the CPU into N > 1 devices (--xla_force_host_platform_device_count=N in
+  XLA_FLAGS): call before the first jax.devices(); an NPROC already set is left alone. -> the value set, or None.
+
+  XLA:CPU runs every device's share of a program, and the launch of the next program, on one pool of max(cores, N)
+  threads. A launch queued behind a running program waits for it while holding a thread, so when the running
+  program's last devices have not started yet they find no thread; the devices that did start wait for them in a
+  collective until XLA aborts the process ("Termination timeout ... Expected 2 threads to join the rendezvous"). A
+  2x2x2 mesh of 8 fake devices on 2 loaded cores did so in 3 of 5 runs. XLA sizes that pool from NPROC when it is set:
+  4 x N threads leave room for the launches of the programs queued behind (5 of 5 runs, twice)."""
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', ''))
+  if not match or int(match.group(1)) < 2 or os.environ.get('NPROC'):
+    return None
+  threads = max(4 * int(match.group(1)), os.cpu_count() or 1)
+  os.environ['NPROC'] = str(threads)
+  return threads
 
 
 def use_compilation_cache(workdir: str, min_compile_s: float = 0.5) -> bool:
