@@ -2,14 +2,13 @@
 killed in the middle and restarted with the same command ends with the same leaderboard as one never interrupted."""
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from configs import select as select_configs
+from tests import procs
 from train.selection import report
 from train.selection import search
 
@@ -109,17 +108,8 @@ def test_a_selection_killed_in_the_middle_resumes_to_the_same_leaderboard(tmp_pa
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'chosen:' in done.stdout and '[3/3]' in done.stdout, done.stdout[-2000:]
 
-  proc = subprocess.Popen(_select_cmd(killed), env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-  seen = []
-  for line in proc.stdout:  # kill it once the first evaluation is recorded: the second is under way
-    seen.append(line)
-    if line.startswith('[1/3]'):
-      time.sleep(1.0)
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, ''.join(seen)[-2000:]
+  # killed once the first evaluation is recorded: the second is under way
+  procs.kill_after_line(_select_cmd(killed), env=_env(cache), prefix='[1/3]', delay=1.0)
   again = subprocess.run(_select_cmd(killed), env=_env(cache), capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert _rows(killed) == _rows(whole)

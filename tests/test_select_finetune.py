@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 
 from configs import select as select_configs
+from tests import procs
 from train.core import cost as cost_lib
+from train.selection import finetune_candidates as fcands
+from train.selection import finetune_plan as fp
 from train.selection import finetune_report as ft_report
 from train.selection import finetune_search as fs
 from train.selection import search
@@ -28,14 +31,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cand(name, strategy='full', demonstrations=0):
-  return fs.Candidate(name, name, '/' + name, strategy, demonstrations=demonstrations)
+  return fcands.Candidate(name, name, '/' + name, strategy, demonstrations=demonstrations)
 
 
 def _costs(per_step, per_score, overhead=0.0):
   one = cost_lib.Cost(params=1000, trainable_params=100, flops_per_step=1.0, tokens_per_step=1,
                       bytes={'total': 2.0**20})
   names = list(per_score)
-  return fs.Costs(train={n: one if per_step.get(n) else None for n in names}, infer={n: one for n in names},
+  return fp.Costs(train={n: one if per_step.get(n) else None for n in names}, infer={n: one for n in names},
                   groups={n: 1 for n in names}, per_step={n: per_step.get(n, 0.0) for n in names},
                   per_score=dict(per_score), score_flops=dict(per_score), overhead=overhead, flops_per_sec=0.0,
                   dev_records=100, labels=('0', '1'))
@@ -51,7 +54,7 @@ def _config(budget, **search_fields):
 def test_the_plan_is_the_longest_whose_worst_case_fits_and_counts_every_evaluation():
   cands = [_cand('a'), _cand('b'), _cand('c'), _cand('zs', 'prompt'), _cand('icl', 'prompt', demonstrations=4)]
   costs = _costs({'a': 1.0, 'b': 2.0, 'c': 5.0}, {'a': 3.0, 'b': 3.0, 'c': 4.0, 'zs': 10.0, 'icl': 20.0}, overhead=1.0)
-  plan = fs.make_plan(_config(2000.0, eta=2, rungs=2, seeds=3), cands, costs)
+  plan = fp.make_plan(_config(2000.0, eta=2, rungs=2, seeds=3), cands, costs)
   assert plan.survivors == (3, 2) and plan.trained == ('a', 'b', 'c') and plan.inference == ('zs', 'icl')
   m = plan.rung_steps[0]
   assert plan.rung_steps == (m, 2 * m) and plan.worst_case <= 2000.0
@@ -59,33 +62,33 @@ def test_the_plan_is_the_longest_whose_worst_case_fits_and_counts_every_evaluati
   # the two dearest again from scratch for seeds 1 and 2; every evaluation with its overhead.
   by_hand = (11 + 3 * 21) + (8 * m + 10 + 3) + ((5 + 2) * m + 7 + 2) + 2 * ((5 + 2) * 2 * m + 7 + 2)
   assert plan.worst_case == pytest.approx(by_hand)
-  assert fs.worst_case(costs, cands, (m + 1, 2 * m + 2), plan.survivors, 3) > 2000.0  # one step longer: too dear
+  assert fp.worst_case(costs, cands, (m + 1, 2 * m + 2), plan.survivors, 3) > 2000.0  # one step longer: too dear
   assert plan.evaluations(cands) == 1 + 3 + 3 + 2 + 2 * 2
   capped = _config(2000.0, eta=2, rungs=2, seeds=3)
   capped.finetune.steps = 20
-  assert fs.make_plan(capped, cands, costs).rung_steps == (10, 20)
+  assert fp.make_plan(capped, cands, costs).rung_steps == (10, 20)
 
 
 def test_a_budget_too_small_and_bad_candidates_are_refused_by_name(tmp_path):
   costs = _costs({'a': 1.0}, {'a': 100.0, 'zs': 100.0})
   with pytest.raises(ValueError, match=r'config\.search\.budget=150 flops is too small.*needs'):
-    fs.make_plan(_config(150.0, rungs=2, seeds=1), [_cand('a'), _cand('zs', 'prompt')], costs)
+    fp.make_plan(_config(150.0, rungs=2, seeds=1), [_cand('a'), _cand('zs', 'prompt')], costs)
   c = select_configs.get_config('mode=finetune')
   c.candidates.minilm_full.init_from = str(tmp_path / 'nowhere')
   with pytest.raises(ValueError, match=r'config\.candidates\.minilm_full\.init_from=.*does not exist.*packaged'):
-    fs.candidates_of(c)
+    fcands.candidates_of(c)
   c = select_configs.get_config('mode=finetune')
   c.candidates.minilm_full.demonstrations = 4
   with pytest.raises(ValueError, match=r"minilm_full\.demonstrations=4.*strategy='prompt'"):
-    fs.candidates_of(c)
+    fcands.candidates_of(c)
   c = select_configs.get_config('mode=finetune')
   c.candidates.minilm_full.strategy = 'prompt+nonsense'
   with pytest.raises(ValueError, match=r'minilm_full\.strategy=.prompt\+nonsense'):
-    fs.candidates_of(c)
+    fcands.candidates_of(c)
   c = select_configs.get_config('mode=finetune')
   c.search.only = ('minilm_head', 'gpt9')
   with pytest.raises(ValueError, match=r"config\.search\.only names \['gpt9'\]"):
-    fs.candidates_of(c)
+    fcands.candidates_of(c)
 
 
 # ---- the leaderboard on hand-made scores -------------------------------------------------------------------------
@@ -103,8 +106,8 @@ def _hand_made_search(tmp_path, choose='best', within=1.0):
   config = _config(1e9, choose=choose, within_points=within, seeds=3, rungs=2)
   cands = [_cand('full'), _cand('lora'), _cand('head'), _cand('zs', 'prompt'), _cand('icl', 'prompt', 1)]
   costs = _costs({'full': 2.0, 'lora': 1.0, 'head': 0.5}, {n: 10.0 for n in ('full', 'lora', 'head', 'zs', 'icl')})
-  plan = fs.Plan((10, 20), (3, 2), 3, ('full', 'lora', 'head'), ('zs', 'icl'), 0.0, 1e9)
-  starts = {c.name: fs.Start(types.SimpleNamespace(arch='encoder'), '') for c in cands}
+  plan = fp.Plan((10, 20), (3, 2), 3, ('full', 'lora', 'head'), ('zs', 'icl'), 0.0, 1e9)
+  starts = {c.name: fcands.Start(types.SimpleNamespace(arch='encoder'), '') for c in cands}
   study = search.Study(str(tmp_path), [c.name for c in cands])
   s = fs.FtSearch(config, str(tmp_path), cands, starts, costs, plan, study, ('', ''))
   scored = {('full', 10, 0): 0.80, ('full', 20, 0): 0.86, ('full', 20, 1): 0.84, ('full', 20, 2): 0.88,
@@ -261,17 +264,8 @@ def test_a_tiny_selection_keeps_its_budget_and_a_killed_one_resumes_to_the_same_
   assert spent['units'] <= s.plan.worst_case <= s.plan.budget == 1e11
   assert len(s.study.done) == 7
 
-  proc = subprocess.Popen(_cmd(config, killed), env=_env(cache), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  seen = []
-  for line in proc.stdout:  # kill it once the first trained evaluation is recorded: the next is under way
-    seen.append(line)
-    if line.startswith('[4/7]'):
-      time.sleep(2.0)
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, ''.join(seen)[-2000:]
+  # killed once the first trained evaluation is recorded: the next is under way
+  procs.kill_after_line(_cmd(config, killed), env=_env(cache), cwd=REPO, prefix='[4/7]', delay=2.0)
   time.sleep(1.0)
   assert not _children_of(killed), 'an evaluation outlived the killed selection'
   again = subprocess.run(_cmd(config, killed), env=_env(cache), cwd=REPO, capture_output=True, text=True, timeout=900)
