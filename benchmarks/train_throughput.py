@@ -12,9 +12,13 @@ tokens/s, MFU against a jnp matmul peak measured in the same run, compile time (
 reads XLA's persistent compilation cache when --cache_dir is given) and the process's peak RSS.
 
   python benchmarks/train_throughput.py [--configs=a,b,c,d,llama,t5] [--procs=3] [--reference] [--json]
+      [--dtype=float32|bfloat16]
 
 --reference also runs, per config, Hugging Face torch eager (and torch.compile with --compile_reference) and the plain
 Flax script from ../shared/bench, and prints lmlab's ratio to each. Measure on a quiet machine (check `uptime`).
+--dtype=bfloat16 measures mixed precision instead (lmlab's ModelConfig dtype='bfloat16' over float32 parameters and
+optimizer, against torch.autocast bfloat16 in benchmarks/torch_autocast_reference.py; no plain Flax row): on a CPU
+with AMX both sides' matmuls run on its bfloat16 tiles. The CPU model and its extensions are printed with the table.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_BENCH = ROOT.parent / 'shared' / 'bench'
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 LR, WEIGHT_DECAY, MASK_PROB = 3e-4, 0.01, 0.15
 # kind, layers, heads, width, MLP width, vocab, batch, length (+ kv heads, decoder length where they apply)
@@ -73,11 +79,11 @@ def flops_per_step(c) -> float:
 # ------------------------------------------------------------------------------------------- lmlab's own step
 
 
-def model_config(c):
-  """The lmlab ModelConfig of a benchmark config."""
+def model_config(c, dtype: str = 'float32'):
+  """The lmlab ModelConfig of a benchmark config, computing in `dtype` over float32 parameters."""
   from model.config import preset
   common = dict(vocab_size=c['V'], d_model=c['d'], num_heads=c['H'], num_layers=c['L'], d_ff=c['ff'], dropout_rate=0.0,
-                attention_dropout_rate=0.0, mlp_dropout_rate=0.0)
+                attention_dropout_rate=0.0, mlp_dropout_rate=0.0, dtype=dtype)
   if c['kind'] == 'gpt':
     return preset('gpt2-tiny', max_len=max(c['T'], 64), **common)
   if c['kind'] == 'bert':
@@ -116,7 +122,7 @@ def synthetic_batch(c, seed=0):
               decoder_positions=np.broadcast_to(np.arange(td, dtype=np.int32), (b, td)).copy())
 
 
-def lmlab_step(c):
+def lmlab_step(c, dtype: str = 'float32'):
   """(jitted train step, initial state, global batch) built the way train.main builds them."""
   import ml_collections
   from train.core import optim
@@ -129,7 +135,7 @@ def lmlab_step(c):
       dict(objectives={objective: 1.0}, model=dict(preset='custom', overrides={}), optim=opt,
            mesh=dict(shape=(-1, 1, 1), rules=None), data=dict(batch_size=c['B'])))
   batch = synthetic_batch(c)
-  setup = trainer.make_setup(trainer.build_parts(config, model_config(c)), batch)
+  setup = trainer.make_setup(trainer.build_parts(config, model_config(c, dtype)), batch)
   train_fn, _ = trainer.jit_steps(setup)
   return train_fn, setup.init_fn(0), global_batch(batch, setup.batch_sharding)
 
@@ -138,14 +144,14 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(name: str, steps: int, cache_dir: str | None) -> dict:
+def worker(name: str, steps: int, cache_dir: str | None, dtype: str = 'float32') -> dict:
   """One process: compile, warm up, time `steps` steps of lmlab on config `name`."""
   import jax
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   c = CONFIGS[name]
-  r = time_steps(*lmlab_step(c), steps)
+  r = time_steps(*lmlab_step(c, dtype), steps)
   med = r['step_s_median']
   tokens = c['B'] * c['T']
   return dict(impl='lmlab', config=name, tok_s_median=tokens / med, peak_rss_mb=peak_rss_mb(),
@@ -201,16 +207,20 @@ def matmul_peak() -> float:
   return 2 * n ** 3 / min(ts) / 1e9
 
 
-def lmlab_runs(name, procs, cache_dir) -> list[dict]:
-  cmd = [sys.executable, __file__, f'--worker={name}', f'--steps={TIMED_STEPS[name]}']
+def lmlab_runs(name, procs, cache_dir, dtype='float32') -> list[dict]:
+  cmd = [sys.executable, __file__, f'--worker={name}', f'--steps={TIMED_STEPS[name]}', f'--dtype={dtype}']
   if cache_dir:
     cmd.append(f'--cache_dir={cache_dir}')
   return [run_json(cmd) for _ in range(procs)]
 
 
-def reference_runs(name, procs, compile_ref) -> dict[str, list[dict]]:
-  """torch eager (+ torch.compile) and plain Flax on the same config, from ../shared/bench or our torch script."""
+def reference_runs(name, procs, compile_ref, dtype='float32') -> dict[str, list[dict]]:
+  """torch eager (+ torch.compile) and plain Flax on the same config, from ../shared/bench or our torch script;
+  in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py)."""
   out = {}
+  if dtype == 'bfloat16':
+    script = str(ROOT / 'benchmarks' / 'torch_autocast_reference.py')
+    return {'torch-autocast': [run_json([sys.executable, script, name]) for _ in range(procs)]}
   if name in ('a', 'b', 'c', 'd'):
     if not SHARED_BENCH.exists():
       return {'torch-eager': [{'error': [f'{SHARED_BENCH} not found']}]}
@@ -247,23 +257,26 @@ def main():
   p.add_argument('--compile_reference', action='store_true', help='with --reference: torch.compile too')
   p.add_argument('--cache_dir', default=None, help="jax's persistent compilation cache for lmlab's processes")
   p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='compute dtype (parameters and optimizer stay float32)')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   p.add_argument('--steps', type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
-    print(json.dumps(worker(a.worker, a.steps or TIMED_STEPS[a.worker], a.cache_dir)), flush=True)
+    print(json.dumps(worker(a.worker, a.steps or TIMED_STEPS[a.worker], a.cache_dir, a.dtype)), flush=True)
     return
   names = [n for n in a.configs.split(',') if n]
   unknown = [n for n in names if n not in CONFIGS]
   if unknown:
     p.error(f'--configs: unknown {unknown}; known: {sorted(CONFIGS)}')
   peak = matmul_peak()
-  results = {'matmul_gflops': peak, 'uptime': os.getloadavg(), 'configs': {}}
+  results = {'machine': machine.describe(), 'dtype': a.dtype, 'matmul_gflops': peak, 'uptime': os.getloadavg(),
+             'configs': {}}
   for name in names:
     t0 = time.perf_counter()
-    entry = {'lmlab': summary(lmlab_runs(name, a.procs, a.cache_dir))}
+    entry = {'lmlab': summary(lmlab_runs(name, a.procs, a.cache_dir, a.dtype))}
     if a.reference:
-      entry.update({k: summary(v) for k, v in reference_runs(name, a.procs, a.compile_reference).items()})
+      entry.update({k: summary(v) for k, v in reference_runs(name, a.procs, a.compile_reference, a.dtype).items()})
     entry['mfu_lmlab'] = entry['lmlab'].get('tok_s', 0) * flops_per_step(
         CONFIGS[name]) / (CONFIGS[name]['B'] * CONFIGS[name]['T']) / 1e9 / peak
     results['configs'][name] = entry
@@ -275,7 +288,9 @@ def main():
 
 
 def print_table(results):
-  print(f"jnp fp32 matmul peak: {results['matmul_gflops']:.0f} GFLOP/s; load average {results['uptime']}")
+  print(results["machine"])
+  print(f"compute dtype {results['dtype']}; jnp fp32 matmul peak: {results['matmul_gflops']:.0f} GFLOP/s; load average "
+        f"{results['uptime']}")
   print(f"{'config':7} {'impl':14} {'tokens/s (median, range)':>32} {'lmlab / it':>10} {'compile s':>12} "
         f"{'peak RSS MB':>12}")
   for name, entry in results['configs'].items():
