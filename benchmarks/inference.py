@@ -25,6 +25,10 @@ process may use; --torch_threads=1,2 measures torch at each count (on a loaded m
 
   python benchmarks/inference.py [--parts=classify,zero_shot,in_context,generate] [--rounds=3] [--torch_threads=1,2]
       [--zero_shot_limit=0] [--in_context_limit=200] [--shots=4] [--max_new_tokens=32] [--json]
+      [--dtype=float32|bfloat16]
+
+--dtype=bfloat16 runs both sides in bfloat16, weights included (lmlab: ModelConfig dtype and param_dtype bfloat16;
+torch: the models .to(torch.bfloat16)); on a CPU with AMX both run their matmuls on its tiles.
 """
 from __future__ import annotations
 
@@ -143,24 +147,42 @@ def _torch_classify(bert, head, rows: list[list[int]], order, batch_size: int) -
       for r, i in enumerate(idx):
         ids[r, :len(rows[i])], mask[r, :len(rows[i])] = torch.tensor(rows[i]), 1
       hidden = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-      m = mask[..., None].float()
-      out[idx] = head((hidden * m).sum(1) / m.sum(1).clamp(min=1.0)).numpy()
+      m = mask[..., None].to(hidden.dtype)
+      out[idx] = head((hidden * m).sum(1) / m.sum(1).clamp(min=1.0)).float().numpy()
   return out
 
 
+def _to_dtype(init, dtype: str):
+  """A Pretrained computing and keeping its weights in dtype (float32: unchanged)."""
+  import jax
+  import jax.numpy as jnp
+  if dtype != 'float32':
+    init.cfg = init.cfg.replace(dtype=dtype, param_dtype=dtype)
+    init.params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               init.params)
+  return init
+
+
+def _torch_dtype(dtype: str):
+  import torch
+  return {'float32': torch.float32, 'bfloat16': torch.bfloat16}[dtype]
+
+
 def classify(a) -> dict:
+  import jax
   from train.core import pretrained
   from train.data import tokenizers
   from train.tasks import scoring
   minilm = pretrained.packaged('all-MiniLM-L6-v2')
   config = _finetune_config('full', a.seq_len, a.batch_size)
   config.model.classifier_pooling = 'mean'
-  init = pretrained.load(minilm)
+  init = _to_dtype(pretrained.load(minilm), a.dtype)
   records = _records(config)
   model, params, examples, fwd = _lmlab_scorer(config, init, records, tokenizers.Tokenizer.load(init.tokenizer_dir),
                                                a.batch_size)
   rows = [list(e['tokens'][:n]) for e, n in zip(examples, scoring.example_lengths(examples))]
-  bert, head = _torch_classifier(minilm, params)
+  bert, head = _torch_classifier(minilm, jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+  bert, head = bert.to(_torch_dtype(a.dtype)), head.to(_torch_dtype(a.dtype))
   file_order = list(range(len(rows)))
   by_length = sorted(file_order, key=lambda i: -len(rows[i]))
   run = lambda buckets: scoring.run_forward(fwd, params, examples, batch_size=a.batch_size, buckets=buckets)
@@ -178,9 +200,10 @@ def classify(a) -> dict:
       }, a.torch_threads)
   }, a.rounds)
   theirs = next(v['last'] for k, v in r.items() if k.startswith('torch'))
-  agree = float((r['lmlab (buckets)']['last'].argmax(-1) == theirs.argmax(-1)).mean())
-  diff = float(np.abs(r['lmlab (buckets)']['last'] - theirs).max())
-  return dict(part='classify', model='all-MiniLM-L6-v2 + linear head (mean pooling)', n=len(rows),
+  mine = np.asarray(r['lmlab (buckets)']['last'], np.float32)
+  agree = float((mine.argmax(-1) == theirs.argmax(-1)).mean())
+  diff = float(np.abs(mine - theirs).max())
+  return dict(part='classify', model=f'all-MiniLM-L6-v2 + linear head (mean pooling), {a.dtype}', n=len(rows),
               unit='examples/s', work=len(rows), times=r, first_call_s=compile_s,
               notes=f'predictions agree {100 * agree:.1f}%, max |logit diff| {diff:.1e}; batch {a.batch_size}, '
               f'seq_len {a.seq_len}, {np.mean([len(x) for x in rows]):.1f} tokens/sentence')
@@ -249,7 +272,7 @@ def prompt(a, shots: int, init, torch_side) -> dict:
   theirs = next(v['last'] for k, v in r.items() if k.startswith('torch'))
   agree = float((r['lmlab (buckets)']['last'] == theirs).mean())
   mode = f'{shots}-shot (balanced, seed 13)' if shots else 'zero-shot'
-  return dict(part='in_context' if shots else 'zero_shot', model=f'SmolLM2-135M fp32, {mode}', n=len(records),
+  return dict(part='in_context' if shots else 'zero_shot', model=f'SmolLM2-135M {a.dtype}, {mode}', n=len(records),
               unit='examples/s', work=len(records), times=r, first_call_s=compile_s,
               notes=f'accuracy {", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items())}; predictions agree '
               f'{100 * agree:.1f}%; {tokens:.0f} context tokens/query; batch {a.prompt_batch_size}, seq_len {seq_len}')
@@ -306,7 +329,7 @@ def generate(a, init, torch_side, batch: int) -> dict:
   mine, theirs = r['lmlab (KV cache)']['last'], next(v['last'] for k, v in r.items() if k.startswith('torch'))
   same = (mine == theirs).all(axis=1).mean()
   prefix = np.mean([np.argmin(np.append(m == t, False)) for m, t in zip(mine, theirs)])
-  return dict(part=f'generate_b{batch}', model=f'SmolLM2-135M fp32, greedy, batch {batch}', n=batch, unit='tokens/s',
+  return dict(part=f'generate_b{batch}', model=f'SmolLM2-135M {a.dtype}, greedy, batch {batch}', n=batch, unit='tokens/s',
               work=batch * a.max_new_tokens, times=r, first_call_s=compile_s,
               notes=f'{a.max_new_tokens} new tokens per row after {np.mean([len(x) for x in ids]):.0f}-token '
               f'prompts; rows identical {100 * same:.0f}%, mean agreeing prefix {prefix:.1f} tokens')
@@ -344,6 +367,8 @@ def main():
   p.add_argument('--full_length', action='store_true', help='zero_shot / in_context: lmlab without buckets too')
   p.add_argument('--max_new_tokens', type=int, default=32)
   p.add_argument('--json', action='store_true', help='also print one JSON line of the results')
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='both sides compute and keep weights in this dtype')
   a = p.parse_args()
   a.torch_threads = [int(x) for x in str(a.torch_threads).split(',') if x]
   parts = [x for x in a.parts.split(',') if x]
@@ -354,7 +379,8 @@ def main():
   if set(parts) & {'zero_shot', 'in_context', 'generate'}:
     import prompt_reference as ref  # benchmarks/prompt_reference.py
     with tempfile.TemporaryDirectory() as tmp:
-      init, torch_side = _smollm(tmp), ref.load(a.torch_threads[-1])
+      init, torch_side = _to_dtype(_smollm(tmp), a.dtype), ref.load(a.torch_threads[-1])
+      torch_side = (torch_side[0], torch_side[1].to(_torch_dtype(a.dtype)))
       for shots, name in ((0, 'zero_shot'), (a.shots, 'in_context')):
         if name in parts:
           results.append(prompt(a, shots, init, torch_side))
