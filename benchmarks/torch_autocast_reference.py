@@ -12,7 +12,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 SHARED_BENCH = HERE.parents[1] / 'shared' / 'bench'
 sys.path.insert(0, str(HERE))
 import torch_models_reference  # noqa: E402
-from train_throughput import CONFIGS, LR, TIMED_STEPS, WARMUP, WEIGHT_DECAY, flops_per_step  # noqa: E402
+from train_throughput import CONFIGS, LR, TIMED_STEPS, WEIGHT_DECAY, flops_per_step  # noqa: E402
 
 
 def model_and_inputs(name):
@@ -56,14 +55,7 @@ def main():
     opt.step()
     return loss.item()
 
-  first = step()
-  for _ in range(WARMUP - 1):
-    step()
-  ts, loss = [], None
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    loss = step()
-    ts.append(time.perf_counter() - t0)
+  first, ts, loss = torch_models_reference.time_step(step, steps)
   c = CONFIGS[a.config]
   med, tokens = statistics.median(ts), c['B'] * c['T']
   print(json.dumps({

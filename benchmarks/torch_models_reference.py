@@ -44,6 +44,19 @@ def batch(name):
   return dict(input_ids=enc, labels=labels)
 
 
+def time_step(step, steps: int):
+  """step() WARMUP times (the first's loss kept), then `steps` timed calls -> (first loss, seconds each, last loss)."""
+  first = step()
+  for _ in range(WARMUP - 1):
+    step()
+  ts, loss = [], None
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = step()
+    ts.append(time.perf_counter() - t0)
+  return first, ts, loss
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument('config', choices=['llama', 't5'])
@@ -65,14 +78,7 @@ def main():
     opt.step()
     return loss.item()
 
-  first = step()
-  for _ in range(WARMUP - 1):
-    step()
-  ts, loss = [], None
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    loss = step()
-    ts.append(time.perf_counter() - t0)
+  first, ts, loss = time_step(step, steps)
   c = CONFIGS[a.config]
   med = statistics.median(ts)
   tokens = c['B'] * c['T']
