@@ -152,10 +152,12 @@ def _torch_classify(bert, head, rows: list[list[int]], order, batch_size: int) -
   return out
 
 
-def _to_dtype(init, dtype: str):
-  """A Pretrained computing and keeping its weights in dtype (float32: unchanged)."""
+def _to_dtype(init, dtype: str, overrides: str = ''):
+  """A Pretrained computing and keeping its weights in dtype (float32: unchanged), with ModelConfig overrides."""
   import jax
   import jax.numpy as jnp
+  if overrides:
+    init.cfg = init.cfg.replace(**json.loads(overrides))
   if dtype != 'float32':
     init.cfg = init.cfg.replace(dtype=dtype, param_dtype=dtype)
     init.params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x,
@@ -176,7 +178,7 @@ def classify(a) -> dict:
   minilm = pretrained.packaged('all-MiniLM-L6-v2')
   config = _finetune_config('full', a.seq_len, a.batch_size)
   config.model.classifier_pooling = 'mean'
-  init = _to_dtype(pretrained.load(minilm), a.dtype)
+  init = _to_dtype(pretrained.load(minilm), a.dtype, a.overrides)
   records = _records(config)
   model, params, examples, fwd = _lmlab_scorer(config, init, records, tokenizers.Tokenizer.load(init.tokenizer_dir),
                                                a.batch_size)
@@ -369,6 +371,7 @@ def main():
   p.add_argument('--json', action='store_true', help='also print one JSON line of the results')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='both sides compute and keep weights in this dtype')
+  p.add_argument('--overrides', default='', help='lmlab ModelConfig fields as JSON, e.g. \'{"scan_unroll": 30}\'')
   a = p.parse_args()
   a.torch_threads = [int(x) for x in str(a.torch_threads).split(',') if x]
   parts = [x for x in a.parts.split(',') if x]
@@ -379,7 +382,7 @@ def main():
   if set(parts) & {'zero_shot', 'in_context', 'generate'}:
     import prompt_reference as ref  # benchmarks/prompt_reference.py
     with tempfile.TemporaryDirectory() as tmp:
-      init, torch_side = _to_dtype(_smollm(tmp), a.dtype), ref.load(a.torch_threads[-1])
+      init, torch_side = _to_dtype(_smollm(tmp), a.dtype, a.overrides), ref.load(a.torch_threads[-1])
       torch_side = (torch_side[0], torch_side[1].to(_torch_dtype(a.dtype)))
       for shots, name in ((0, 'zero_shot'), (a.shots, 'in_context')):
         if name in parts:
