@@ -76,22 +76,19 @@ def model_fields() -> ml_collections.ConfigDict:
   })
 
 
-def base() -> ml_collections.ConfigDict:
-  """Every field a pre-training run reads, with its default and what it means; family files change some of them."""
-  c = ml_collections.ConfigDict()
-  # yapf: disable (a table: one field per line, its meaning aligned beside it)
-  c.seed = 0                    # parameter init, dropout, data shuffling and masking all derive from it
-  c.objectives = {}             # pre-training objective -> loss weight: 'mlm', 'nsp', 'clm', 'rtd', 'span'
-  c.register_from = ()          # Python modules or .py files imported before the run resolves its objectives: the
-  #                               tasks, objectives and strategies they register (docs/extending.md). Kept in
-  #                               config.json, so train.evaluate and a later init_from register them too
-  c.loss = ml_collections.ConfigDict(dict(
+def _loss() -> ml_collections.ConfigDict:
+  """config.loss: the objectives' loss settings."""
+  return ml_collections.ConfigDict(dict(  # yapf: disable (one field per line, its meaning beside it)
       rtd_lambda=50.0,          # ELECTRA: loss = generator MLM + rtd_lambda * discriminator loss
       label_smoothing=0.0,      # clm/span: eps of the (1 - eps) one-hot + eps uniform target distribution
       z_loss=0.0,               # clm/span: adds z_loss * log(Z)^2 per target (keeps the softmax normalizer near 1)
       generator_temperature=1.0,  # ELECTRA: temperature of the generator's samples that replace masked tokens
   ))
-  c.model = ml_collections.ConfigDict(dict(
+
+
+def _model() -> ml_collections.ConfigDict:
+  """config.model: the architecture (a preset and its overrides) and the starting checkpoint."""
+  return ml_collections.ConfigDict(dict(  # yapf: disable (one field per line, its meaning beside it)
       preset='',                # a name from model/config.py PRESETS: 'bert-base', 'gpt2-small', 'llama-tiny', ...
       overrides=model_fields(),  # ModelConfig fields over the preset (--config.model.overrides.num_layers=4);
                                 # None: the preset's value. Fields and meanings: model/config.py ModelConfig
@@ -100,7 +97,11 @@ def base() -> ml_collections.ConfigDict:
       init_from='',             # start from a checkpoint: an lmlab workdir, a converted dir, a HF model dir or a
                                 # .gguf file; its architecture replaces the preset, and overrides still apply
   ))
-  c.data = ml_collections.ConfigDict(dict(
+
+
+def _data() -> ml_collections.ConfigDict:
+  """config.data: where the text comes from, its tokenizer, and how it becomes batches."""
+  return ml_collections.ConfigDict(dict(  # yapf: disable (one field per line, its meaning beside it)
       source='embedded',        # 'embedded' (stdlib docstrings, no files) | 'files' | 'tfds'
       embedded_kind='docs',     # 'docs' | 'code'
       path='',                  # files: a text file, a folder of .txt, or a comma-separated list
@@ -129,11 +130,11 @@ def base() -> ml_collections.ConfigDict:
                                 # epoch cuts the text anew (nanoGPT's random crops); eval windows stay fixed
       prefetch=2,               # batches prepared ahead on a thread pool (order unchanged); 0: none
   ))
-  c.optim = optim.default_config()  # fields and meanings: train/core/optim.py default_config()
-  c.optim.learning_rate = 5e-4
-  c.optim.warmup_steps = 100
-  c.optim.total_steps = 0  # 0: the schedule ends with the run (train.steps / optim.grad_accum_steps)
-  c.train = ml_collections.ConfigDict(dict(
+
+
+def _train() -> ml_collections.ConfigDict:
+  """config.train: steps, logging, evaluation, checkpoints and the divergence guards."""
+  return ml_collections.ConfigDict(dict(  # yapf: disable (one field per line, its meaning beside it)
       steps=10_000,             # train steps (batches) of the whole run; the lr schedule ends here too
       log_every=50,             # steps per logged window (console, metrics.jsonl, TensorBoard): metrics are averaged
       eval_every=1000,          # steps between evaluations on the held-out split; 0: only at the end
@@ -152,12 +153,33 @@ def base() -> ml_collections.ConfigDict:
       compilation_cache=True,   # JAX's persistent compilation cache in <workdir>/jax_cache (a rerun or resume starts
       #                           from the compiled step); a cache directory the user set wins
   ))
-  c.mesh = ml_collections.ConfigDict(dict(
+
+
+def _mesh() -> ml_collections.ConfigDict:
+  """config.mesh: how devices are arranged and parameters are sharded over them."""
+  return ml_collections.ConfigDict(dict(  # yapf: disable (one field per line, its meaning beside it)
       shape=(-1, 1, 1),         # devices along (data, fsdp, tensor); one -1 takes the rest, e.g. '(1,-1,1)' = FSDP
       rules=config_dict.placeholder(tuple),  # [[logical axis, mesh axes], ...], e.g. "[['embed', 'fsdp']]";
       #                           None: train/core/partitioning.py DEFAULT_RULES
   ))
+
+
+def base() -> ml_collections.ConfigDict:
+  """Every field a pre-training run reads, with its default and what it means; family files change some of them."""
+  c = ml_collections.ConfigDict()
+  # yapf: disable (a table: one field per line, its meaning aligned beside it)
+  c.seed = 0                    # parameter init, dropout, data shuffling and masking all derive from it
+  c.objectives = {}             # pre-training objective -> loss weight: 'mlm', 'nsp', 'clm', 'rtd', 'span'
+  c.register_from = ()          # Python modules or .py files imported before the run resolves its objectives: the
+  #                               tasks, objectives and strategies they register (docs/extending.md). Kept in
+  #                               config.json, so train.evaluate and a later init_from register them too
   # yapf: enable
+  c.loss, c.model, c.data = _loss(), _model(), _data()
+  c.optim = optim.default_config()  # fields and meanings: train/core/optim.py default_config()
+  c.optim.learning_rate = 5e-4
+  c.optim.warmup_steps = 100
+  c.optim.total_steps = 0  # 0: the schedule ends with the run (train.steps / optim.grad_accum_steps)
+  c.train, c.mesh = _train(), _mesh()
   return c
 
 
