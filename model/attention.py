@@ -234,7 +234,7 @@ def _softmax_attention_bwd(scale, res, dout):
   p = jnp.exp(_scores(scale, qh, kh, bias_g, mask_g, _HEAD_MAJOR) - lse)  # [B,K,G,T,S]
   f32 = jnp.float32  # accumulate every product in float32: in bfloat16, XLA:CPU's bfloat16-out products run 3-7x slower
   dv = jnp.einsum('BKGTS,BKGTH->BKSH', p.astype(vh.dtype), dout, preferred_element_type=f32)
-  dp = jnp.einsum('BKGTH,BKSH->BKGTS', dout, vh, preferred_element_type=jnp.float32)
+  dp = jnp.einsum('BKGTH,BKSH->BKGTS', dout, vh, preferred_element_type=f32)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
   ds = p * (dp - delta)  # 0 where masked: p is
   dbias = None
