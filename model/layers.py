@@ -334,7 +334,9 @@ class Mlp(nn.Module):
     # 'mlp_in' names what a remat policy may keep (model/config.py 'projections'): `projection`'s own VJP hides the
     # matmul from the dots policies, which would otherwise recompute it.
     wi = lambda name: checkpoint_name(proj(cfg.d_ff, ('embed', 'mlp'), name)(x), 'mlp_in')
-    hidden = act(wi('wi_0')) * wi('wi_1') if cfg.gated_mlp else act(wi('wi'))
+    f32 = lambda h: h.astype(jnp.float32)  # the activation (and its derivative) in float32, as norms and softmax
+    hidden = act(f32(wi('wi_0'))) * f32(wi('wi_1')) if cfg.gated_mlp else act(f32(wi('wi')))
+    hidden = hidden.astype(cfg.jnp_dtype)
     hidden = nn.Dropout(cfg.mlp_dropout_rate)(hidden, deterministic=self.deterministic)
     return proj(cfg.d_model, ('mlp', 'embed'), 'wo')(hidden)
 
