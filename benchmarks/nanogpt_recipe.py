@@ -67,13 +67,17 @@ _ANCHOR = flags.DEFINE_bool('anchor', False, "also run ../shared/anchors/run_nan
 _ANCHOR_SCRIPT = flags.DEFINE_string('anchor_script', str(SHARED / 'anchors' / 'run_nanogpt_cpu.sh'), 'the anchor')
 _PYTHON = flags.DEFINE_string('python', sys.executable, 'the Python (with torch) the anchor runs under')
 _JSON = flags.DEFINE_bool('json', False, 'print one JSON line with the results at the end')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           "lmlab's compute dtype (parameters and optimizer state stay float32); nanoGPT on a CPU "
+                           'computes in float32')
 
 BATCH, BLOCK, TRAIN_FRACTION = 12, 64, 0.9
 SPECIALS_NOTE = ("lmlab's char vocabulary = the file's 65 characters + <|endoftext|> (pad/bos/eos) + <unk>: a softmax "
                  "over {v} ids where nanoGPT's is over 65 (the 2 extra ids are never targets)")
 
 
-def recipe_config(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int = 0):
+def recipe_config(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int = 0,
+                  dtype: str = 'float32'):
   """configs/gpt.py:runlocal with nanoGPT's shakespeare-char CPU recipe over it."""
   from configs import gpt
   c = gpt.get_config('runlocal')
@@ -84,6 +88,7 @@ def recipe_config(data_path: str, *, steps: int, decay_steps: int, eval_batches:
   o.dropout_rate = o.attention_dropout_rate = o.mlp_dropout_rate = 0.0
   o.use_bias = False  # nanoGPT: bias=False in Linear layers
   o.activation = 'gelu'  # nanoGPT's nn.GELU() is the exact (erf) GELU
+  o.dtype = dtype
   c.data.source, c.data.path, c.data.name = 'files', data_path, 'nanogpt_recipe'
   c.data.document_split = 'verbatim'  # the text as it is in the file, split by characters
   c.data.eval_fraction = 1 - TRAIN_FRACTION
@@ -110,14 +115,16 @@ def split_text(path: str) -> tuple[str, str]:
   return text[:n], text[n:]
 
 
-def run_lmlab(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int, workdir: str) -> dict:
+def run_lmlab(data_path: str, *, steps: int, decay_steps: int, eval_batches: int, seed: int, workdir: str,
+              dtype: str = 'float32') -> dict:
   from train.core import trainer
   train_text, val_text = split_text(data_path)
   # Every window of 65 characters of the validation text (its final <|endoftext|> included) is one example.
   windows = (len(val_text) + 1) // (BLOCK + 1)
   if eval_batches <= 0 or eval_batches > windows // BATCH:
     eval_batches = windows // BATCH
-  config = recipe_config(data_path, steps=steps, decay_steps=decay_steps, eval_batches=eval_batches, seed=seed)
+  config = recipe_config(data_path, steps=steps, decay_steps=decay_steps, eval_batches=eval_batches, seed=seed,
+                         dtype=dtype)
   lines = []
 
   def log(msg):
@@ -186,7 +193,7 @@ def main(argv):
   with tempfile.TemporaryDirectory(prefix='nanogpt_recipe-') as tmp:
     workdir = _WORKDIR.value or os.path.join(tmp, 'run')
     lm = run_lmlab(_DATA.value, steps=steps, decay_steps=decay, eval_batches=_EVAL_BATCHES.value, seed=_SEED.value,
-                   workdir=workdir)
+                   workdir=workdir, dtype=_DTYPE.value)
   anchor = run_anchor(_ANCHOR_SCRIPT.value, _PYTHON.value, steps=steps, decay_steps=decay) if _ANCHOR.value else None
 
   print()
