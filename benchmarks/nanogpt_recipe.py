@@ -38,6 +38,7 @@ What differs from nanoGPT, and what was measured (the vocabulary note is printed
   python benchmarks/nanogpt_recipe.py                   # lmlab only: 2000 steps
   python benchmarks/nanogpt_recipe.py --steps=200       # a quick end-to-end check (the lr schedule still ends at 2000)
   python benchmarks/nanogpt_recipe.py --anchor          # then nanoGPT's run in the same invocation, side by side
+  python benchmarks/nanogpt_recipe.py --anchor --dtype=bfloat16  # lmlab computing in bfloat16 (float32 parameters)
 """
 import time
 
