@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from model.transformer import forward_compiler_options
+
 Scored = tuple[dict[str, float], list[dict[str, Any]]]
 
 
@@ -37,14 +39,15 @@ def forward_fn(model, keys: Sequence[str], *, params_sharding=None, batch_shardi
     out = model.apply({'params': params}, batch, deterministic=True)
     return {k: out[k] for k in keys}
 
+  options = forward_compiler_options()
   if mesh is None:
-    return jax.jit(fwd)
+    return jax.jit(fwd, compiler_options=options)
 
   def under_rules(params, batch):
     with nn.logical_axis_rules(rules), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
       return fwd(params, batch)
 
-  return jax.jit(under_rules, in_shardings=(params_sharding, batch_sharding))
+  return jax.jit(under_rules, in_shardings=(params_sharding, batch_sharding), compiler_options=options)
 
 
 def task_forward(task, model, data, **shardings) -> Callable:
