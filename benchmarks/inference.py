@@ -153,15 +153,21 @@ def _torch_classify(bert, head, rows: list[list[int]], order, batch_size: int) -
 
 
 def _to_dtype(init, dtype: str, overrides: str = ''):
-  """A Pretrained computing and keeping its weights in dtype (float32: unchanged), with ModelConfig overrides."""
+  """A Pretrained computing and keeping its weights in dtype (float32: unchanged), with ModelConfig overrides, laid
+  out for inference as the evaluate job lays it out (model/transformer.py inference_layout)."""
   import jax
   import jax.numpy as jnp
+  from model.transformer import inference_layout, unstack_layers
   if overrides:
-    init.cfg = init.cfg.replace(**json.loads(overrides))
+    cfg = init.cfg.replace(**json.loads(overrides))
+    if init.cfg.scan_layers and not cfg.scan_layers:
+      init.params = unstack_layers(init.params)
+    init.cfg = cfg
   if dtype != 'float32':
     init.cfg = init.cfg.replace(dtype=dtype, param_dtype=dtype)
     init.params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                init.params)
+  init.cfg, init.params = inference_layout(init.cfg, init.params)
   return init
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from model.heads import LanguageModel, count_params, init_params
-from model.transformer import ModelConfig, preset, stack_layers, unstack_layers
+from model.transformer import ModelConfig, inference_layout, preset, stack_layers, unstack_layers
 from model_params import random_params
 
 FAMILIES = ('bert-tiny', 'gpt2-tiny', 'llama-tiny', 't5-tiny')
@@ -208,6 +208,24 @@ def test_scanned_equals_unrolled(name):
     np.testing.assert_allclose(b[key][real], a[key][real], atol=1e-5, rtol=0, err_msg=key)
 
 
+def test_inference_layout_unrolls_only_a_stack_that_runs_in_one_iteration():
+  """A small scanned stack comes back unrolled with its params unstacked (the same outputs); one whose loop runs a
+  layer an iteration (scan_unroll=1) comes back as it was, every leaf the same array."""
+  cfg = tiny('gpt2-tiny')
+  params = params_for('gpt2-tiny')
+  assert cfg.layers_per_iteration(cfg.num_layers) == cfg.num_layers
+  small_cfg, small = inference_layout(cfg, params)
+  assert not small_cfg.scan_layers and 'layers_0' in small['transformer']['stack']
+  batch, real = _rich_batch(cfg)
+  a, b = run(cfg, params, batch), run(small_cfg, small, batch)
+  np.testing.assert_allclose(b[logits_key(cfg)][real], a[logits_key(cfg)][real], atol=1e-5, rtol=0)
+  looped = cfg.replace(scan_unroll=1)
+  same_cfg, same = inference_layout(looped, params)
+  assert same_cfg == looped and same is params
+  t5 = tiny('t5-tiny', num_decoder_layers=6, scan_unroll=0, d_model=512)  # its decoder stack would loop
+  assert inference_layout(t5, {'x': 1})[0] == t5
+
+
 def _grads(cfg, params, batch, weights):
   key = logits_key(cfg)
 
@@ -318,11 +336,11 @@ def test_bfloat16_gradients_close_to_float32(name):
 
 
 @pytest.mark.parametrize('transposed', [False, True])
-@pytest.mark.parametrize('rows, e, v', [(12, 16, 40), (5, 7, 9)])
+@pytest.mark.parametrize('rows, e, v', [(12, 16, 40), (5, 7, 9), (1, 16, 40), (300, 16, 40)])
 def test_bfloat16_projection_and_bias_gradients_against_float64(transposed, rows, e, v):
   """model/layers.py's projection (and the bias add) in bfloat16, forward and VJP, against the float64 formulas
   y = x w (x w^T for a tied table), dx = g w^T, dw = x^T g (g^T x), db = sum g; odd sizes take the transpose's
-  fallback."""
+  fallback; 1, 12 and 300 rows take the tied table's three forward forms (_mm_transposed)."""
   from model import layers
   rng = np.random.default_rng(0)
   x = rng.standard_normal((rows, e))

@@ -38,7 +38,7 @@ def main(argv):
 
   with tempfile.TemporaryDirectory() as tmp:
     try:
-      ckpt = pretrained.load(_FROM.value, save_dir=tmp)
+      ckpt = pretrained.load(_FROM.value, save_dir=tmp, inference=True)
     except (ValueError, FileNotFoundError) as e:
       print(f'error: {e}', file=sys.stderr)
       return 2

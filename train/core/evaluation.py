@@ -29,7 +29,7 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
   prompt = prompt_config(run_dir)
   if prompt is not None:
     return evaluate_prompt(prompt.model.init_from, prompt, data_path, out_dir, batch_size=batch_size, log=log)
-  loaded = pretrained.load_run(run_dir, step=step)
+  loaded = pretrained.load_run(run_dir, step=step, inference=True)
   config = loaded.config
   if config.get('train', {}).get('compilation_cache', True):  # the forward the run's dev evaluation compiled
     host.use_job_cache(run_dir, out_dir)
@@ -86,7 +86,7 @@ def evaluate_prompt(checkpoint: str, config, data_path: str, out_dir: str, *, ba
     data['label_names'] = tuple(
         task.labels.find(pipeline.sources(data.get('train') or data_path, config.data), config.data))
   data = type(config.data)(data)
-  init = pretrained.load(checkpoint, save_dir=os.path.join(out_dir, 'tokenizer'))
+  init = pretrained.load(checkpoint, save_dir=os.path.join(out_dir, 'tokenizer'), inference=True)
   host.use_job_cache(checkpoint if init.source == 'lmlab-run' else None, out_dir)
   task = resolve.run_task(task, config, init.cfg.arch)
   records = task.read(pipeline.sources(data_path, data), data)

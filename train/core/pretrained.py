@@ -21,7 +21,7 @@ import ml_collections
 from model import convert
 from model import heads as heads_lib
 from model.config import ModelConfig
-from model.transformer import stack_layers, unstack_layers
+from model.transformer import inference_layout, stack_layers, unstack_layers
 from train.core import checkpoint as ckpt_lib
 from train import tasks
 from train.core import resolve
@@ -83,9 +83,9 @@ def _step_of(ckpts: ckpt_lib.Checkpoints, step, workdir: str) -> int:
   return int(step)
 
 
-def load_run(workdir: str, *, step=None) -> LoadedRun:
+def load_run(workdir: str, *, step=None, inference: bool = False) -> LoadedRun:
   """A run's config.json, the module its objectives build (label counts and pooling included) and its params at
-  `step` ('latest' | 'best' | N)."""
+  `step` ('latest' | 'best' | N); with `inference`, a small stack unrolled (model/transformer.py inference_layout)."""
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   cfg, config = ModelConfig(**saved['model']), ml_collections.ConfigDict(saved['config'])
@@ -112,6 +112,8 @@ def load_run(workdir: str, *, step=None) -> LoadedRun:
     params = {'embed': params['embed'], 'transformer': params['discriminator'], 'rtd': params['rtd']}
   tok = os.path.join(workdir, 'tokenizer')
   tok = tok if os.path.exists(tok) else (config.data.get('tokenizer_path') or None)
+  if inference:
+    cfg, params = inference_layout(cfg, params)
   model = heads_lib.LanguageModel(cfg, heads=heads) if own else resolve.build_model(config, cfg)
   return LoadedRun(config, model, Pretrained(cfg, params, heads, tok, 'lmlab-run'), at)
 
@@ -124,11 +126,13 @@ def _electra_shapes(config, cfg: ModelConfig):
 
 
 def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
-         save_dir: Optional[str] = None) -> Pretrained:
-  """Any supported checkpoint -> Pretrained. A GGUF's tokenizer lives in its metadata: give save_dir to write it out."""
+         save_dir: Optional[str] = None, inference: bool = False) -> Pretrained:
+  """Any supported checkpoint -> Pretrained. A GGUF's tokenizer lives in its metadata: give save_dir to write it out.
+  inference: laid out for forward passes and decoding (model/transformer.py inference_layout: a small stack
+  unrolled), for jobs that train nothing."""
   kind = convert.checkpoint_kind(path)  # FileNotFoundError / ValueError naming the path and what it accepts
   if kind == 'lmlab-run':
-    return load_run(path, step=step).pretrained
+    return load_run(path, step=step, inference=inference).pretrained
   conv = convert.import_any(path, scan_layers=scan_layers)
   tokenizer_dir = conv.tokenizer_dir
   if conv.tokenizer is not None or (tokenizer_dir is None and save_dir):
@@ -140,6 +144,8 @@ def load(path: str, *, step: Optional[int] = None, scan_layers: bool = True,
   if conv.cfg.scan_layers != scan_layers:
     conv.params = stack_layers(conv.params) if scan_layers else unstack_layers(conv.params)
     conv.cfg = conv.cfg.replace(scan_layers=scan_layers)
+  if inference:
+    conv.cfg, conv.params = inference_layout(conv.cfg, conv.params)
   return Pretrained(conv.cfg, conv.params, tuple(conv.heads), tokenizer_dir, kind)
 
 
