@@ -118,8 +118,10 @@ def test_outputs_with_a_position_axis_keep_full_length():
 
 
 def test_bucket_lengths_are_few_and_end_at_seq_len():
-  assert scoring.bucket_lengths(128) == (16, 24, 32, 48, 64, 96, 128)
-  assert scoring.bucket_lengths(100)[-2:] == (96, 100)
+  assert scoring.bucket_lengths(128) == (16, 24, 32, 40, 48, 56, 64, 72, 88, 104, 120, 128)
+  assert scoring.bucket_lengths(100)[-2:] == (88, 100)
+  long = scoring.bucket_lengths(512)
+  assert all(b % 8 == 0 and b < a * 9 / 8 + 8 for a, b in zip(long, long[1:])) and len(long) == 22
   assert scoring.bucket_lengths(8) == (8,)
 
 

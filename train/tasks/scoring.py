@@ -66,13 +66,17 @@ def _padded_batches(examples: Sequence[Mapping[str, np.ndarray]], batch_size: in
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}, n
 
 
-def bucket_lengths(seq_len: int, smallest: int = 16) -> tuple[int, ...]:
-  """16, 24, 32, 48, 64, 96, ... below seq_len, then seq_len: powers of two and their midpoints, so a batch carries at
-  most a third more positions than its longest example needs, and a task compiles a handful of shapes."""
+def bucket_lengths(seq_len: int, smallest: int = 16, step: int = 8) -> tuple[int, ...]:
+  """16, 24, 32, ..., 64, 72, 88, 104, 120, 136, 160, ... below seq_len, then seq_len: multiples of `step`, each the
+  next multiple at or above 9/8 of the one before (at least `step` more), so that a batch of length-sorted rows pads
+  its longest row by fewer than `step` positions or an eighth. Lengths few batches would use are merged into the next
+  (MIN_BATCHES_PER_BUCKET), so a task compiles a handful of them. Against powers of two and their midpoints (16, 24,
+  32, 48, 64, 96, 128, 192, ...), SmolLM2's 4-shot SST-2 prompts (seq_len 512) carry 11% more positions than
+  length-sorted batches need instead of 24%, through 3 shapes instead of 2 (benchmarks/inference.py)."""
   out, n = [], smallest
   while n < seq_len:
     out.append(n)
-    n = n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3
+    n = max(n + step, -(-n * 9 // 8 // step) * step)
   return tuple(out) + (int(seq_len),)
 
 
