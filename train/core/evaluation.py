@@ -31,7 +31,9 @@ def evaluate_run(run_dir: str, data_path: str, out_dir: str, *, step: str = 'bes
     return evaluate_prompt(prompt.model.init_from, prompt, data_path, out_dir, batch_size=batch_size, log=log)
   loaded = pretrained.load_run(run_dir, step=step, inference=True)
   config = loaded.config
-  if config.get('train', {}).get('compilation_cache', True):  # the forward the run's dev evaluation compiled
+  # The forward the run's dev evaluation compiled, for a stack that loops; a small one is unrolled here
+  # (inference_layout) and compiles anew, in seconds, to run each pass without copying its weights out of the stack.
+  if config.get('train', {}).get('compilation_cache', True):
     host.use_job_cache(run_dir, out_dir)
   task = tasks.task_of(config.objectives)
   if task is None:
