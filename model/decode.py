@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from model import pytree
 from model.heads import LanguageModel
+from model.transformer import forward_compiler_options
 
 _NEG_INF = -1.0e9
 
@@ -172,7 +173,6 @@ class SampleState:
   rng: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'dcfg'))
 def _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, rng, dcfg: DecodeConfig):
   eos = _eos_id(model, dcfg)
   pad = model.cfg.pad_id
@@ -237,7 +237,6 @@ def _merge_finished(state: BeamState, seqs, scores, ends):
                               axis=1), keep_scores, jnp.take_along_axis(all_flags, keep, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'dcfg'))
 def _beam_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, dcfg: DecodeConfig):
   eos = _eos_id(model, dcfg)
   pad = model.cfg.pad_id
@@ -311,6 +310,15 @@ def generate(model: LanguageModel, params, prompt=None, *, prompt_mask=None, enc
   prompt, prompt_mask = to_i32(prompt), to_i32(prompt_mask)
   encoder_tokens, encoder_segment_ids = to_i32(encoder_tokens), to_i32(encoder_segment_ids)
   if config.method == 'beam':
-    return _beam_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, config)
+    return _jitted(_beam_loop, model.cfg.dtype)(model, params, prompt, prompt_mask, encoder_tokens,
+                                                 encoder_segment_ids, config)
   rng = jax.random.key(0) if rng is None else rng
-  return _sample_loop(model, params, prompt, prompt_mask, encoder_tokens, encoder_segment_ids, rng, config)
+  return _jitted(_sample_loop, model.cfg.dtype)(model, params, prompt, prompt_mask, encoder_tokens,
+                                                 encoder_segment_ids, rng, config)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(loop, dtype: str):
+  """jit(loop) with the decoding compiler options for a model computing in `dtype` (made once per pair, so the
+  compiled loops are cached as a decorated function's would be)."""
+  return jax.jit(loop, static_argnames=('model', 'dcfg'), compiler_options=forward_compiler_options(dtype) or None)

@@ -133,3 +133,21 @@ def test_bad_decode_config_names_the_field():
     dc.DecodeConfig(method='nucleus').validate()
   with pytest.raises(ValueError, match='top_p'):
     dc.DecodeConfig(top_p=0.0).validate()
+
+
+def test_bfloat16_decoding_compiles_without_loop_invariant_motion_and_decodes_the_same():
+  """On a CPU, decoding in bfloat16 is compiled without while-loop invariant code motion (model/transformer.py
+  forward_compiler_options: it hoisted float32 copies of every weight out of the token loop), float32 with it; the
+  option changes no token: generate equals the same loop jitted with XLA's default passes."""
+  assert tr.forward_compiler_options('float32') == {}
+  assert 'while-loop-invariant-code-motion' in tr.forward_compiler_options('bfloat16').get('xla_disable_hlo_passes', '')
+  model = _model('llama-tiny', eos_id=None, dtype='bfloat16', param_dtype='bfloat16')
+  prompt = _tokens((2, 5), seed=3)
+  mask = jnp.array([[1] * 5, [1] * 4 + [0]])
+  params = hd.init_params(model, jax.random.key(2), dict(tokens=prompt))
+  config = dc.DecodeConfig(max_new_tokens=6, eos_id=-1)
+  out, scores = dc.generate(model, params, prompt, prompt_mask=mask, config=config)
+  plain = jax.jit(dc._sample_loop, static_argnames=('model', 'dcfg'))  # pylint: disable=protected-access
+  ref, ref_scores = plain(model, params, prompt, mask, None, None, jax.random.key(0), config)
+  assert out.tolist() == ref.tolist()
+  np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 
+from model.transformer import forward_compiler_options
 from train.data import readers
 from train.data import task_examples as tex
 from train.tasks import losses
@@ -87,7 +88,7 @@ def generate_fn(model, data):
                                   encoder_segment_ids=batch['encoder_segment_ids'], config=config)
     return {'generated': tokens}
 
-  return jax.jit(fwd)
+  return jax.jit(fwd, compiler_options=forward_compiler_options(model.cfg.dtype) or None)  # decoding's options
 
 
 def score(outputs, examples_, records, data, tokenizer=None) -> scoring.Scored:
