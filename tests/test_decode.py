@@ -137,8 +137,8 @@ def test_bad_decode_config_names_the_field():
 
 def test_bfloat16_decoding_compiles_without_loop_invariant_motion_and_decodes_the_same():
   """On a CPU, decoding in bfloat16 is compiled without while-loop invariant code motion (model/transformer.py
-  forward_compiler_options: it hoisted float32 copies of every weight out of the token loop), float32 with it; the
-  option changes no token: generate equals the same loop jitted with XLA's default passes."""
+  forward_compiler_options; faster there), float32 with it; the option changes no token: generate equals the same
+  loop jitted with XLA's default passes."""
   assert tr.forward_compiler_options('float32') == {}
   assert 'while-loop-invariant-code-motion' in tr.forward_compiler_options('bfloat16').get('xla_disable_hlo_passes', '')
   model = _model('llama-tiny', eos_id=None, dtype='bfloat16', param_dtype='bfloat16')
