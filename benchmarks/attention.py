@@ -1,6 +1,7 @@
 """Attention implementations side by side: time per call and compiled temp memory at several sequence lengths.
 
-Baseline: `jax.nn.dot_product_attention` (XLA; cuDNN too on GPU). Ours: plain (materialized scores) and chunked
+Baseline: `jax.nn.dot_product_attention` (XLA; cuDNN too on GPU). Ours: plain (materialized scores; on one CPU device,
+large scores in groups of batch rows, model/attention.py batch_groups), the plain path in one group, and chunked
 (online softmax). `--modes=fwd,grad` times the forward call and the forward + backward of sum(output) with respect to
 q, k and v (what a training step pays). An implementation whose compiled temporaries exceed --max_temp_gib is reported
 with its size and not run, so one invocation can go to lengths where only the chunked one fits. Prints a table, the
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from model import attention as attn
+
+import machine  # benchmarks/machine.py
 
 _LENGTHS = flags.DEFINE_list('lengths', ['512', '1024', '2048', '4096'], 'Sequence lengths.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Batch size.')
@@ -37,6 +40,8 @@ def _impls(chunk):
       'jax.nn (baseline)': lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
       'plain': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]), implementation='plain'
                                              ),
+      'plain, one group': lambda q, k, v: attn.dot_product_attention(
+          q, k, v, mask=causal(q.shape[1], q.shape[0]).dense(), groups=1),
       'chunked': lambda q, k, v: attn.attention(q, k, v, mask_info=causal(q.shape[1], q.shape[0]), implementation=
                                                 'chunked', chunk_size=chunk),
   }
@@ -80,6 +85,7 @@ def _cell(name, fn, args, t, mode):
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
+  print(machine.describe())
   print(f'backend {jax.default_backend()}, B={_BATCH.value} N={_HEADS.value} K={_KV_HEADS.value} '
         f'H={_HEAD_DIM.value} {dtype.name}, causal, chunk {_CHUNK.value}')
   print(f'{"impl":<20}{"mode":>6}{"T":>7}{"ms/call":>12}{"temp MiB":>12}{"max |diff| vs baseline":>26}')
@@ -100,8 +106,9 @@ def main(argv):
         diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         print(f'{name:<20}{mode:>6}{t:>7}{cell[0]:>12.2f}{cell[1]:>12.1f}{diff:>26.2e}', flush=True)
       if 'plain' in ms and 'chunked' in ms:
-        ratios.append(f'{mode} T={t}: {ms["chunked"] / ms["plain"]:.2f}x')
-  print('chunked / plain time: ' + ', '.join(ratios))
+        ratios.append(f'{mode} T={t}: chunked {ms["chunked"] / ms["plain"]:.2f}x, one group '
+                      f'{ms["plain, one group"] / ms["plain"]:.2f}x (groups {attn.batch_groups(*q.shape[:3], t)})')
+  print('time / plain: ' + '; '.join(ratios))
 
 
 if __name__ == '__main__':

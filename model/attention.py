@@ -167,13 +167,14 @@ def _bias_blocks(bias: Optional[jax.Array], num_kv_heads: int):
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
                           bias: Optional[jax.Array] = None, scale: Optional[float] = None, dropout_rate: float = 0.0,
-                          dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+                          dropout_rng: Optional[jax.Array] = None, groups: Optional[int] = None) -> jax.Array:
   """softmax(q k^T * scale + bias, masked) v, the plain way.
 
   q [B,T,N,H]; k, v [B,S,K,H] with N a multiple of K (grouped-query; K == 1 is multi-query); mask [B|1, 1|N, T, S]
   bool; bias [B|1, N, T, S]; scale defaults to 1/sqrt(H). Scores and softmax run in float32. Returns [B,T,N,H].
   Without dropout the gradient is `_softmax_attention`'s, which keeps each row's log-sum-exp instead of the [T, S]
-  probabilities for the backward pass.
+  probabilities for the backward pass, and `groups` groups of batch rows (a divisor of B; None: `batch_groups`) run
+  one after another.
   """
   kheads = k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -187,8 +188,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Opt
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum('BKGTS,BSKH->BTKGH', weights.astype(v.dtype), v)
   else:  # head-major inside: XLA:CPU runs the batched [T,H] x [H,S] products fastest with B, K, G leading
-    heads = _softmax_attention(float(scale), jnp.transpose(qg, (0, 2, 3, 1, 4)), jnp.transpose(k, (0, 2, 1, 3)),
-                               jnp.transpose(v, (0, 2, 1, 3)), bias_g, mask)  # [B,K,G,T,H]
+    groups = batch_groups(q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if groups is None else groups
+    if q.shape[0] % groups:
+      raise ValueError(f'groups={groups} does not divide the batch of {q.shape[0]} rows.')
+    heads = _softmax_attention(float(scale), groups, jnp.transpose(qg, (0, 2, 3, 1, 4)),
+                               jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), bias_g, mask)  # [B,K,G,T,H]
     out = jnp.transpose(heads, (0, 3, 1, 2, 4))
   return out.reshape(q.shape)
 
@@ -205,32 +209,83 @@ def _scores(scale, qg, k, bias_g, mask_g, layout='BTKGH,BSKH->BKGTS'):
   return scores if mask_g is None else jnp.where(mask_g, scores, _MASK_VALUE)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _softmax_attention(scale, qh, kh, vh, bias_g, mask_g):
+# XLA:CPU writes the [B,K,G,T,S] float32 scores out and reads them back for the mask, the max, the exponential, the
+# sum and both products. Above this many bytes of them, one CPU device takes the batch rows in groups, one group after
+# another, so that a group's scores stay near the cache (benchmarks/attention.py, 'plain' against 'plain, one group').
+GROUP_SCORES_BYTES = 4 << 20
+
+
+def batch_groups(b: int, n: int, t: int, s: int) -> int:
+  """How many groups of batch rows the plain path runs one after another: 1 (all at once) unless this is a lone CPU
+  device and the float32 scores [B,N,T,S] exceed GROUP_SCORES_BYTES; then the fewest groups that divide B with each
+  group's scores within that size (a sharded batch, and accelerators, keep one group)."""
+  total = 4 * b * n * t * s
+  if total <= GROUP_SCORES_BYTES or jax.default_backend() != 'cpu' or jax.device_count() != 1:
+    return 1
+  return next((g for g in range(2, b + 1) if b % g == 0 and total // g <= GROUP_SCORES_BYTES), b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _softmax_attention(scale, groups, qh, kh, vh, bias_g, mask_g):
   """Head-major attention: qh [B,K,G,T,H], kh and vh [B,K,S,H] -> [B,K,G,T,H]. Its VJP recomputes the probabilities
   from the saved log-sum-exp (FlashAttention's backward in one block), so a layer keeps O(T) numbers per head for
-  its backward pass instead of O(T * S), and a scanned stack has no [layers, B, K, G, T, S] buffer to zero-fill."""
-  return _softmax_attention_fwd(scale, qh, kh, vh, bias_g, mask_g)[0]
+  its backward pass instead of O(T * S), and a scanned stack has no [layers, B, K, G, T, S] buffer to zero-fill.
+  groups > 1: the same, over that many groups of batch rows in turn (lax.map)."""
+  return _softmax_attention_fwd(scale, groups, qh, kh, vh, bias_g, mask_g)[0]
 
 
-def _softmax_attention_fwd(scale, qh, kh, vh, bias_g, mask_g):
+def _in_groups(fn, groups, *xs):
+  """fn(*xs) over `groups` groups of the batch rows, one after another (lax.map), the outputs' groups merged back into
+  one batch axis; an x that is None or has a batch of 1 (a mask or bias every row shares) goes to each group whole."""
+  rows = [x is not None and x.shape[0] != 1 for x in xs]
+  split = tuple(x.reshape(groups, x.shape[0] // groups, *x.shape[1:]) for x, r in zip(xs, rows) if r)
+
+  def one(parts):
+    parts = iter(parts)
+    return fn(*[next(parts) if r else x for x, r in zip(xs, rows)])
+
+  return jax.tree.map(lambda y: y.reshape(-1, *y.shape[2:]), jax.lax.map(one, split))
+
+
+def _attend(scale, qh, kh, vh, bias_g, mask_g):
+  """-> (output [B,K,G,T,H], each row's log-sum-exp [B,K,G,T,1]), all batch rows at once."""
   scores = _scores(scale, qh, kh, bias_g, mask_g, _HEAD_MAJOR)
   top = jnp.max(scores, axis=-1, keepdims=True)
   e = jnp.exp(scores - top)
   total = jnp.sum(e, axis=-1, keepdims=True)
   out = (jnp.einsum('BKGTS,BKSH->BKGTH', e.astype(vh.dtype), vh, preferred_element_type=jnp.float32) /
          total).astype(vh.dtype)  # normalized on [T,H], not on [T,S]
+  return out, top + jnp.log(total)
+
+
+def _softmax_attention_fwd(scale, groups, qh, kh, vh, bias_g, mask_g):
+  attend = functools.partial(_attend, scale)
+  args = (qh, kh, vh, bias_g, mask_g)
+  out, lse = attend(*args) if groups == 1 else _in_groups(attend, groups, *args)
   # Named, so that a remat policy can keep them (model/config.py 'matmuls') and not redo this forward.
   out = checkpoint_name(out, 'attention_out')
-  return out, (qh, kh, vh, bias_g, mask_g, out, checkpoint_name(top + jnp.log(total), 'attention_lse'))
+  return out, (qh, kh, vh, bias_g, mask_g, out, checkpoint_name(lse, 'attention_lse'))
 
 
-def _softmax_attention_bwd(scale, res, dout):
+def _softmax_attention_bwd(scale, groups, res, dout):
+  """The gradients of `_attend`, per group of batch rows where the forward ran in groups; a bias shared by every row
+  gets the sum of its groups' gradients."""
+  qh, kh, vh, bias_g, mask_g, out, lse = res
+  grads = functools.partial(_attend_grads, scale)
+  args = (qh, kh, vh, bias_g, mask_g, out, lse, dout)
+  if groups == 1:
+    return grads(*args)
+  dq, dk, dv, dbias, _ = _in_groups(grads, groups, *args)
+  if dbias is not None and bias_g.shape[0] == 1:
+    dbias = dbias.sum(axis=0, keepdims=True)
+  return dq, dk, dv, dbias, None
+
+
+def _attend_grads(scale, qh, kh, vh, bias_g, mask_g, out, lse, dout):
   """p = exp(scores - lse); dV = p^T dO; dS = p (dO V^T - rowsum(dO * O)); dQ = dS K scale; dK = dS^T Q scale;
   dBias = dS (summed over a broadcast batch). A masked entry has p = 0, so no gradient, unless its whole row is
   masked (padding that may see no key; segment ids never make one): then, as its output is the mean of the values,
   its uniform p passes the row's gradient on to q and k."""
-  qh, kh, vh, bias_g, mask_g, out, lse = res
   p = jnp.exp(_scores(scale, qh, kh, bias_g, mask_g, _HEAD_MAJOR) - lse)  # [B,K,G,T,S]
   f32 = jnp.float32  # accumulate every product in float32: in bfloat16, XLA:CPU's bfloat16-out products run 3-7x slower
   dv = jnp.einsum('BKGTS,BKGTH->BKSH', p.astype(vh.dtype), dout, preferred_element_type=f32)

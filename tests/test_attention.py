@@ -294,6 +294,49 @@ def test_plain_and_chunked_gradients_equal_autodiff(case):
     np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=2e-5, rtol=1e-5, err_msg=f'chunked {name}')
 
 
+@pytest.mark.parametrize('rows_per_group', [1, 2])
+@pytest.mark.parametrize('case', ['causal_segments_gqa', 'bias_batch1', 'bias_per_example_cross'])
+def test_plain_attention_in_batch_groups_equals_all_rows_at_once(case, rows_per_group, monkeypatch):
+  """Above GROUP_SCORES_BYTES of float32 scores, one CPU device runs the plain path over groups of batch rows in
+  turn: the same output and gradients (dq, dk, dv; a bias shared over the batch gets the sum over groups) as all rows
+  at once, with a mask per example or shared, grouped queries, and uneven lengths."""
+  b, (t, s), n, kh = 4, (13, 21) if case == 'bias_per_example_cross' else (19, 19), 4, 2
+  r = np.random.default_rng(rows_per_group + len(case))
+  q = jnp.asarray(r.normal(size=(b, t, n, H)), jnp.float32)
+  k, v = (jnp.asarray(r.normal(size=(b, s, kh, H)), jnp.float32) for _ in range(2))
+  w = jnp.asarray(r.normal(size=(b, t, n, H)), jnp.float32)
+  if case == 'causal_segments_gqa':
+    seg = jnp.asarray([[1] * 7 + [2] * 12, [1] * 19, [1] * 15 + [0] * 4, [3] * 10 + [1] * 9], jnp.int32)
+    mask = attn.make_mask_info(causal=True, q_segment_ids=seg, q_len=t, kv_len=s, batch=b).dense()  # [B,1,T,S]
+  else:
+    mask = attn.causal_mask(jnp.arange(t)[None], jnp.arange(s)[None]) if case == 'bias_batch1' else None  # [1,1,T,S]
+  bias = jnp.asarray(r.normal(size=(1 if case == 'bias_batch1' else b, n, t, s)), jnp.float32)
+
+  def grads():
+    loss = lambda q, k, v, bias: jnp.sum(w * attn.dot_product_attention(q, k, v, mask=mask, bias=bias))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
+
+  assert attn.batch_groups(b, n, t, s) == 1  # small scores: all rows at once
+  whole = grads()
+  monkeypatch.setattr(attn, 'GROUP_SCORES_BYTES', 4 * rows_per_group * n * t * s)
+  assert attn.batch_groups(b, n, t, s) == b // rows_per_group
+  grouped = grads()
+  for name, x, y in zip(('loss', 'dq', 'dk', 'dv', 'dbias'), jax.tree.leaves(whole), jax.tree.leaves(grouped)):
+    assert x.shape == y.shape, name
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=2e-5, rtol=1e-5, err_msg=name)
+
+
+def test_batch_groups_only_split_large_scores_on_one_cpu_device():
+  """Groups divide the batch with each group's float32 scores within GROUP_SCORES_BYTES; small scores, a batch of one
+  row and a batch that cannot be split finer keep what they can."""
+  assert jax.default_backend() == 'cpu' and jax.device_count() == 1
+  assert attn.batch_groups(8, 8, 256, 256) == 4  # 16 MiB of scores -> 4 MiB each
+  assert attn.batch_groups(8, 12, 128, 128) == 2  # 6 MiB -> 3 MiB
+  assert attn.batch_groups(16, 4, 128, 128) == 1  # 4 MiB: at the limit, one group
+  assert attn.batch_groups(1, 8, 2048, 2048) == 1  # one row cannot be split
+  assert attn.batch_groups(6, 8, 512, 512) == 6  # 48 MiB: even one row each is over the limit
+
+
 def test_plain_attention_keeps_no_score_sized_residual_for_its_backward():
   """What the plain path's VJP holds between forward and backward: q, k, v, the output and a log-sum-exp per row (and
   the boolean mask), never a float [B,N,T,S] array, so a scanned stack has no per-layer score buffer to fill."""
