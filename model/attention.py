@@ -189,8 +189,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Opt
     out = jnp.einsum('BKGTS,BSKH->BTKGH', weights.astype(v.dtype), v)
   else:  # head-major inside: XLA:CPU runs the batched [T,H] x [H,S] products fastest with B, K, G leading
     groups = batch_groups(q.shape[0], q.shape[2], q.shape[1], k.shape[1]) if groups is None else groups
-    if q.shape[0] % groups:
-      raise ValueError(f'groups={groups} does not divide the batch of {q.shape[0]} rows.')
+    if groups < 1 or q.shape[0] % groups:
+      raise ValueError(f'dot_product_attention(groups={groups}): the batch of {q.shape[0]} rows splits into a divisor '
+                       f'of {q.shape[0]} groups; pass one, or None for batch_groups to choose.')
     heads = _softmax_attention(float(scale), groups, jnp.transpose(qg, (0, 2, 3, 1, 4)),
                                jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3)), bias_g, mask)  # [B,K,G,T,H]
     out = jnp.transpose(heads, (0, 3, 1, 2, 4))

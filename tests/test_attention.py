@@ -335,6 +335,9 @@ def test_batch_groups_only_split_large_scores_on_one_cpu_device():
   assert attn.batch_groups(16, 4, 128, 128) == 1  # 4 MiB: at the limit, one group
   assert attn.batch_groups(1, 8, 2048, 2048) == 1  # one row cannot be split
   assert attn.batch_groups(6, 8, 512, 512) == 6  # 48 MiB: even one row each is over the limit
+  q = jnp.zeros((4, 8, 2, H))
+  with pytest.raises(ValueError, match=r'groups=3\): the batch of 4 rows splits into a divisor of 4'):
+    attn.dot_product_attention(q, q, q, groups=3)
 
 
 def test_plain_attention_keeps_no_score_sized_residual_for_its_backward():

@@ -257,7 +257,10 @@ def plot(s: fs.FtSearch, rows, path: str) -> None:
   ax.set_ylabel(f'dev {s.config.metric} (bars: 95% interval)')
   ax.set_title(f'{s.config.task}: starting points x strategies')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='best')
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7, loc='best')
+  else:  # no candidate has a dev score yet and the task has no majority class: say so instead of an empty legend
+    ax.text(0.5, 0.5, 'no candidate scored on dev within the budget', transform=ax.transAxes, ha='center')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
