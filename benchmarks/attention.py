@@ -9,6 +9,7 @@ chunked / plain time ratio per length, and asserts nothing.
 
   python benchmarks/attention.py --lengths=512,2048,4096 --batch=1 --heads=8 --head_dim=64
   python benchmarks/attention.py --lengths=1024,2048,4096,8192,16384 --modes=fwd,grad --repeats=2
+  python benchmarks/attention.py --lengths=256 --batch=8 --kv_heads=4 --head_dim=32 --modes=fwd,grad --torch
 """
 import time
 
@@ -30,6 +31,8 @@ _CHUNK = flags.DEFINE_integer('chunk', 256, 'Chunk size of the chunked implement
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per cell.')
 _MODES = flags.DEFINE_list('modes', ['fwd'], "fwd: the attention call; grad: forward + backward of sum(output).")
+_TORCH = flags.DEFINE_bool('torch', False, "CPU only: also torch's scaled_dot_product_attention (causal, grouped "
+                           "heads) on the same arrays, one process")
 _MAX_TEMP = flags.DEFINE_float('max_temp_gib', 4.0, 'Compile but do not run an implementation needing more '
                                'temporary memory than this.')
 
@@ -54,7 +57,8 @@ def _with_mode(fn, mode):
   if mode == 'fwd':
     return fn
   grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
-  return lambda q, k, v: grad(q, k, v)[0]  # dq (all three are computed; one is compared)
+  # dq, dk and dv flattened into one array, so that XLA computes all three (it drops what a program does not return)
+  return lambda q, k, v: jnp.concatenate([g.ravel() for g in grad(q, k, v)])
 
 
 def _time(compiled, args, repeats):
@@ -82,6 +86,30 @@ def _cell(name, fn, args, t, mode):
   return out, (ms, temp)
 
 
+def _torch_cell(q, k, v, mode, repeats):
+  """torch.nn.functional.scaled_dot_product_attention on the same arrays -> (output like _with_mode's, ms/call)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).transpose(1, 2).contiguous().requires_grad_(mode != 'fwd')
+                for x in (q, k, v))  # [B,N,T,H]
+  sdpa = torch.nn.functional.scaled_dot_product_attention
+
+  def call():
+    out = sdpa(tq, tk, tv, is_causal=True, enable_gqa=True)
+    if mode == 'fwd':
+      return out.detach().transpose(1, 2).reshape(-1)
+    grads = torch.autograd.grad(out.sum(), (tq, tk, tv))
+    return torch.cat([g.transpose(1, 2).reshape(-1) for g in grads])
+
+  with torch.no_grad() if mode == 'fwd' else torch.enable_grad():
+    out = call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      call()
+    ms = (time.perf_counter() - start) / repeats * 1e3
+  return jnp.asarray(out.numpy()), ms
+
+
 def main(argv):
   del argv
   dtype = jnp.dtype(_DTYPE.value)
@@ -105,6 +133,10 @@ def main(argv):
         ref = out if ref is None else ref
         diff = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32))))
         print(f'{name:<20}{mode:>6}{t:>7}{cell[0]:>12.2f}{cell[1]:>12.1f}{diff:>26.2e}', flush=True)
+      if _TORCH.value and dtype == jnp.float32:
+        out, ms['torch sdpa'] = _torch_cell(q, k, v, mode, _REPEATS.value)
+        diff = float(jnp.max(jnp.abs(out - ref.ravel())))
+        print(f'{"torch sdpa":<20}{mode:>6}{t:>7}{ms["torch sdpa"]:>12.2f}{"-":>12}{diff:>26.2e}', flush=True)
       if 'plain' in ms and 'chunked' in ms:
         ratios.append(f'{mode} T={t}: chunked {ms["chunked"] / ms["plain"]:.2f}x, one group '
                       f'{ms["plain, one group"] / ms["plain"]:.2f}x (groups {attn.batch_groups(*q.shape[:3], t)})')
