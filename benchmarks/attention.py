@@ -5,7 +5,8 @@ large scores in groups of batch rows, model/attention.py batch_groups), the plai
 (online softmax). `--modes=fwd,grad` times the forward call and the forward + backward of sum(output) with respect to
 q, k and v (what a training step pays). An implementation whose compiled temporaries exceed --max_temp_gib is reported
 with its size and not run, so one invocation can go to lengths where only the chunked one fits. Prints a table, the
-chunked / plain time ratio per length, and asserts nothing.
+chunked and one-group / plain time ratios per length, and asserts nothing. `--torch` adds torch's fused
+scaled_dot_product_attention on the same arrays (float32).
 
   python benchmarks/attention.py --lengths=512,2048,4096 --batch=1 --heads=8 --head_dim=64
   python benchmarks/attention.py --lengths=1024,2048,4096,8192,16384 --modes=fwd,grad --repeats=2
