@@ -27,6 +27,10 @@ process may use; --torch_threads=1,2 measures torch at each count (on a loaded m
       [--zero_shot_limit=0] [--in_context_limit=200] [--shots=4] [--max_new_tokens=32] [--json]
       [--dtype=float32|bfloat16]
 
+Both sides run in this one process under the malloc settings lmlab's command-line jobs restart themselves with
+(train/core/host.py: glibc.malloc.hugetlb=1 where glibc and the kernel allow it; LMLAB_MALLOC=system leaves glibc's
+defaults), printed with the CPU.
+
 --dtype=bfloat16 runs both sides in bfloat16, weights included (lmlab: ModelConfig dtype and param_dtype bfloat16;
 torch: the models .to(torch.bfloat16)); on a CPU with AMX both run their matmuls on its tiles.
 """
@@ -50,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import machine  # noqa: E402  (benchmarks/machine.py)
+from train.core import host  # noqa: E402
 
 DATA = Path(os.environ.get('LMLAB_DATA', ROOT.parent / 'shared' / 'data'))
 TEMPLATE, VERBALIZER = 'Review: {sentence}\nSentiment:', '0:negative;1:positive'
@@ -403,4 +408,5 @@ def main():
 
 
 if __name__ == '__main__':
+  host.relaunch_with_huge_pages()  # as lmlab's jobs run (train/core/host.py); torch, in this process, gets it too
   main()

@@ -1,6 +1,7 @@
 """What a benchmark ran on, printed beside its figures: the CPU model, its vector extensions (AVX-512, AMX: the
-instructions oneDNN/MKL and XLA's CPU backend pick kernels by), the cores this process may use, the load average and
-any XLA_FLAGS, so that a row measured on one machine is never read as another's.
+instructions oneDNN/MKL and XLA's CPU backend pick kernels by), the cores this process may use, the load average,
+any XLA_FLAGS and glibc's tunables (train/core/host.py: the jobs run malloc with huge pages), so that a row measured
+on one machine is never read as another's.
 
   python benchmarks/machine.py     # the one line
 """
@@ -37,7 +38,7 @@ def cpu_extensions() -> list[str]:
 
 
 def describe() -> str:
-  """One line: model, extensions, usable cores, load average, XLA_FLAGS."""
+  """One line: model, extensions, usable cores, load average, XLA_FLAGS, GLIBC_TUNABLES."""
   flags = cpu_extensions()
   amx = [f for f in flags if f.startswith('amx')]
   avx512 = [f for f in flags if f.startswith('avx512')]
@@ -46,7 +47,7 @@ def describe() -> str:
   load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
   return (f'CPU: {cpu_model()}; {cores} cores usable; {" ".join(rest) or "no AVX2"}; '
           f'AVX-512: {" ".join(avx512) or "none"}; AMX: {" ".join(amx) or "none"}; load average {load}; '
-          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
 
 
 if __name__ == '__main__':

@@ -19,10 +19,16 @@ Flax script from ../shared/bench, and prints lmlab's ratio to each. Measure on a
 --dtype=bfloat16 measures mixed precision instead (lmlab's ModelConfig dtype='bfloat16' over float32 parameters and
 optimizer, against torch.autocast bfloat16 in benchmarks/torch_autocast_reference.py; no plain Flax row): on a CPU
 with AMX both sides' matmuls run on its bfloat16 tiles. The CPU model and its extensions are printed with the table.
+
+Memory: lmlab's processes run under the malloc settings its command-line jobs restart themselves with
+(train/core/host.py relaunch_with_huge_pages: glibc.malloc.hugetlb=1 where glibc and the kernel allow it), torch's and
+plain Flax's under the environment this script was given, as their users run them; --reference_malloc=same runs
+them under lmlab's settings too. The faults column is lmlab's minor page faults per timed step.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -37,6 +43,7 @@ SHARED_BENCH = ROOT.parent / 'shared' / 'bench'
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 import machine  # noqa: E402  (benchmarks/machine.py)
+from train.core import host  # noqa: E402
 
 LR, WEIGHT_DECAY, MASK_PROB = 3e-4, 0.01, 0.15
 # kind, layers, heads, width, MLP width, vocab, batch, length (+ kv heads, decoder length where they apply)
@@ -170,19 +177,21 @@ def time_steps(train_fn, state, batch, steps: int) -> dict:
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   ts = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     t0 = time.perf_counter()
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     ts.append(time.perf_counter() - t0)
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
   return dict(compile_s=compile_s, step_s_median=statistics.median(ts), loss_first=loss_first,
-              loss_last=float(m['loss']))
+              loss_last=float(m['loss']), faults_per_step=faults)
 
 
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-def run_json(cmd, cwd=None, env=None) -> dict:
+def _run_json(cmd, cwd=None, env=None) -> dict:
   """Runs a command that prints one JSON line last; returns it (or {'error': ...})."""
   out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
   lines = [ln for ln in out.stdout.splitlines() if ln.startswith('{')]
@@ -207,17 +216,24 @@ def matmul_peak() -> float:
   return 2 * n ** 3 / min(ts) / 1e9
 
 
+def lmlab_environment() -> dict:
+  """The environment lmlab's command-line jobs run under (they restart themselves into it: train/core/host.py)."""
+  return host.huge_pages_environment() or dict(os.environ)
+
+
 def lmlab_runs(name, procs, cache_dir, dtype='float32') -> list[dict]:
   cmd = [sys.executable, __file__, f'--worker={name}', f'--steps={TIMED_STEPS[name]}', f'--dtype={dtype}']
   if cache_dir:
     cmd.append(f'--cache_dir={cache_dir}')
-  return [run_json(cmd) for _ in range(procs)]
+  return [_run_json(cmd, env=lmlab_environment()) for _ in range(procs)]
 
 
-def reference_runs(name, procs, compile_ref, dtype='float32') -> dict[str, list[dict]]:
+def reference_runs(name, procs, compile_ref, dtype='float32', env=None) -> dict[str, list[dict]]:
   """torch eager (+ torch.compile) and plain Flax on the same config, from ../shared/bench or our torch script;
-  in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py)."""
+  in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py). env: their environment (None:
+  this process's)."""
   out = {}
+  run_json = functools.partial(_run_json, env=env)
   if dtype == 'bfloat16':
     script = str(ROOT / 'benchmarks' / 'torch_autocast_reference.py')
     return {'torch-autocast': [run_json([sys.executable, script, name]) for _ in range(procs)]}
@@ -237,13 +253,20 @@ def reference_runs(name, procs, compile_ref, dtype='float32') -> dict[str, list[
   return out
 
 
+def malloc_line(reference_malloc: str) -> str:
+  """Which glibc tunables each side ran under."""
+  mine = lmlab_environment().get('GLIBC_TUNABLES', '')
+  given = mine if reference_malloc == 'same' else os.environ.get('GLIBC_TUNABLES', '')
+  return f'GLIBC_TUNABLES: lmlab {mine!r}, references {given!r} (transparent huge pages: {host.thp_mode() or "none"})'
+
+
 def summary(runs: list[dict]) -> dict:
   ok = [r for r in runs if 'error' not in r]
   if not ok:
     return {'error': runs[0].get('error') if runs else 'no runs'}
   tok = [r['tok_s_median'] for r in ok]
   s = dict(tok_s=statistics.median(tok), tok_s_min=min(tok), tok_s_max=max(tok), procs=len(ok))
-  for key in ('compile_s', 'peak_rss_mb', 'loss_first', 'loss_last'):
+  for key in ('compile_s', 'peak_rss_mb', 'loss_first', 'loss_last', 'faults_per_step'):
     if key in ok[0]:
       s[key] = [round(r[key], 3) for r in ok]
   return s
@@ -255,6 +278,8 @@ def main():
   p.add_argument('--procs', type=int, default=3, help='processes per measurement (median and range over them)')
   p.add_argument('--reference', action='store_true', help='also run torch eager and plain Flax in this invocation')
   p.add_argument('--compile_reference', action='store_true', help='with --reference: torch.compile too')
+  p.add_argument('--reference_malloc', default='given', choices=('given', 'same'),
+                 help="the references' environment: as given to this script, or the malloc settings lmlab's run with")
   p.add_argument('--cache_dir', default=None, help="jax's persistent compilation cache for lmlab's processes")
   p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -270,13 +295,15 @@ def main():
   if unknown:
     p.error(f'--configs: unknown {unknown}; known: {sorted(CONFIGS)}')
   peak = matmul_peak()
-  results = {'machine': machine.describe(), 'dtype': a.dtype, 'matmul_gflops': peak, 'uptime': os.getloadavg(),
+  results = {'machine': machine.describe(), 'dtype': a.dtype, 'malloc': malloc_line(a.reference_malloc), 'matmul_gflops': peak, 'uptime': os.getloadavg(),
              'configs': {}}
   for name in names:
     t0 = time.perf_counter()
     entry = {'lmlab': summary(lmlab_runs(name, a.procs, a.cache_dir, a.dtype))}
     if a.reference:
-      entry.update({k: summary(v) for k, v in reference_runs(name, a.procs, a.compile_reference, a.dtype).items()})
+      env = lmlab_environment() if a.reference_malloc == 'same' else None
+      runs = reference_runs(name, a.procs, a.compile_reference, a.dtype, env)
+      entry.update({k: summary(v) for k, v in runs.items()})
     entry['mfu_lmlab'] = entry['lmlab'].get('tok_s', 0) * flops_per_step(
         CONFIGS[name]) / (CONFIGS[name]['B'] * CONFIGS[name]['T']) / 1e9 / peak
     results['configs'][name] = entry
@@ -289,10 +316,11 @@ def main():
 
 def print_table(results):
   print(results["machine"])
+  print(results['malloc'])
   print(f"compute dtype {results['dtype']}; jnp fp32 matmul peak: {results['matmul_gflops']:.0f} GFLOP/s; load average "
         f"{results['uptime']}")
   print(f"{'config':7} {'impl':14} {'tokens/s (median, range)':>32} {'lmlab / it':>10} {'compile s':>12} "
-        f"{'peak RSS MB':>12}")
+        f"{'peak RSS MB':>12} {'faults/step':>12}")
   for name, entry in results['configs'].items():
     mine = entry['lmlab'].get('tok_s')
     for impl, s in entry.items():
@@ -305,7 +333,8 @@ def print_table(results):
       rng = f"{s['tok_s']:,.0f} ({s['tok_s_min']:,.0f}-{s['tok_s_max']:,.0f})"
       comp = '/'.join(f'{x:.1f}' for x in s.get('compile_s', []))
       rss = f"{max(s['peak_rss_mb']):,.0f}" if 'peak_rss_mb' in s else ''
-      print(f'{name:7} {impl:14} {rng:>32} {ratio:>10} {comp:>12} {rss:>12}')
+      faults = f"{statistics.median(s['faults_per_step']):,.0f}" if 'faults_per_step' in s else ''
+      print(f'{name:7} {impl:14} {rng:>32} {ratio:>10} {comp:>12} {rss:>12} {faults:>12}')
     if results['dtype'] == 'float32':  # the peak is float32's: a bfloat16 step on AMX would read over 100%
       print(f"{name:7} {'lmlab MFU':14} {100 * entry['mfu_lmlab']:31.1f}%")
 

@@ -1,4 +1,5 @@
-"""What every test shares: one persistent JAX compilation cache for the whole suite, and the longest modules first.
+"""What every test shares: one persistent JAX compilation cache for the whole suite, glibc's malloc tunables as the
+jobs set them, and the longest modules first.
 
 The xdist workers and the `python -m train.main` subprocesses the CLI tests start inherit JAX_COMPILATION_CACHE_DIR,
 so a program the suite has compiled once (the runlocal train and eval steps most of them run) is read back instead
@@ -13,9 +14,16 @@ their own order, so that the last minutes are not one long test on one worker wh
 import os
 import tempfile
 
+from train.core import host
+
 
 def pytest_configure(config):
   del config
+  # glibc's malloc tunables as the command-line jobs run with (train/core/host.py): the xdist workers and the CLI
+  # subprocesses start with them instead of restarting themselves
+  huge_pages = host.huge_pages_environment()
+  if huge_pages:
+    os.environ['GLIBC_TUNABLES'] = huge_pages['GLIBC_TUNABLES']
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return
   path = os.path.join(tempfile.gettempdir(), f'lmlab-tests-jax-cache-{os.getuid()}')

@@ -54,5 +54,6 @@ def main():
 
 
 if __name__ == '__main__':
+  host.relaunch_with_huge_pages()  # glibc reads its malloc tunables at start (train/core/host.py)
   host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
   sys.exit(main())
