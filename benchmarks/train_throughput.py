@@ -191,7 +191,7 @@ def time_steps(train_fn, state, batch, steps: int) -> dict:
 # ------------------------------------------------------------------------------------------------ the driver
 
 
-def _run_json(cmd, cwd=None, env=None) -> dict:
+def run_json(cmd, cwd=None, env=None) -> dict:
   """Runs a command that prints one JSON line last; returns it (or {'error': ...})."""
   out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
   lines = [ln for ln in out.stdout.splitlines() if ln.startswith('{')]
@@ -225,7 +225,8 @@ def lmlab_runs(name, procs, cache_dir, dtype='float32') -> list[dict]:
   cmd = [sys.executable, __file__, f'--worker={name}', f'--steps={TIMED_STEPS[name]}', f'--dtype={dtype}']
   if cache_dir:
     cmd.append(f'--cache_dir={cache_dir}')
-  return [_run_json(cmd, env=lmlab_environment()) for _ in range(procs)]
+  env = lmlab_environment()
+  return [run_json(cmd, env=env) for _ in range(procs)]
 
 
 def reference_runs(name, procs, compile_ref, dtype='float32', env=None) -> dict[str, list[dict]]:
@@ -233,23 +234,23 @@ def reference_runs(name, procs, compile_ref, dtype='float32', env=None) -> dict[
   in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py). env: their environment (None:
   this process's)."""
   out = {}
-  run_json = functools.partial(_run_json, env=env)
+  run = functools.partial(run_json, env=env)
   if dtype == 'bfloat16':
     script = str(ROOT / 'benchmarks' / 'torch_autocast_reference.py')
-    return {'torch-autocast': [run_json([sys.executable, script, name]) for _ in range(procs)]}
+    return {'torch-autocast': [run([sys.executable, script, name]) for _ in range(procs)]}
   if name in ('a', 'b', 'c', 'd'):
     if not SHARED_BENCH.exists():
       return {'torch-eager': [{'error': [f'{SHARED_BENCH} not found']}]}
     base = [sys.executable]
-    out['torch-eager'] = [run_json(base + ['torch_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
+    out['torch-eager'] = [run(base + ['torch_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
     if compile_ref:
-      out['torch-compile'] = [run_json(base + ['torch_train_bench.py', name, '--compile'], cwd=SHARED_BENCH)]
-    out['plain-flax'] = [run_json(base + ['jax_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
+      out['torch-compile'] = [run(base + ['torch_train_bench.py', name, '--compile'], cwd=SHARED_BENCH)]
+    out['plain-flax'] = [run(base + ['jax_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
   else:
     script = str(ROOT / 'benchmarks' / 'torch_models_reference.py')
-    out['torch-eager'] = [run_json([sys.executable, script, name]) for _ in range(procs)]
+    out['torch-eager'] = [run([sys.executable, script, name]) for _ in range(procs)]
     if compile_ref:
-      out['torch-compile'] = [run_json([sys.executable, script, name, '--compile'])]
+      out['torch-compile'] = [run([sys.executable, script, name, '--compile'])]
   return out
 
 
@@ -295,7 +296,8 @@ def main():
   if unknown:
     p.error(f'--configs: unknown {unknown}; known: {sorted(CONFIGS)}')
   peak = matmul_peak()
-  results = {'machine': machine.describe(), 'dtype': a.dtype, 'malloc': malloc_line(a.reference_malloc), 'matmul_gflops': peak, 'uptime': os.getloadavg(),
+  results = {'machine': machine.describe(), 'dtype': a.dtype, 'malloc': malloc_line(a.reference_malloc),
+             'matmul_gflops': peak, 'uptime': os.getloadavg(),
              'configs': {}}
   for name in names:
     t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from train.core import host
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  # after a relaunch (train/core/host.py), not before: JAX and the models load once
+  # after host.start_job's restart, not before it: JAX and the models load once
   from train.core.evaluation import evaluate_prompt, evaluate_run  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string(
       'from', None, 'A fine-tuning run (its workdir); with --config, any checkpoint (an lmlab run, a '
@@ -51,6 +51,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  host.relaunch_with_huge_pages()  # glibc reads its malloc tunables at start (train/core/host.py)
-  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
+  host.start_job()  # malloc's huge pages and the device pool, before JAX starts (train/core/host.py)
   sys.exit(main())

@@ -318,8 +318,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.relaunch_with_huge_pages()  # glibc reads its malloc tunables at start (train/core/host.py)
-  host.size_host_device_pool()  # before JAX starts its CPU client (train/core/host.py)
+  host.start_job()  # malloc's huge pages and the device pool, before JAX starts (train/core/host.py)
   _SIGNALS.install()
   logging.set_verbosity(logging.WARNING)
   try:

@@ -33,7 +33,7 @@ def tune_allocator() -> bool:
   if _applied is not None:
     return _applied
   _applied = False
-  if os.environ.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux'):
+  if _glibc_defaults_wanted(os.environ):
     return _applied
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
@@ -56,13 +56,13 @@ def huge_pages_environment(environ: dict | None = None) -> dict | None:
 
   XLA:CPU allocates a step's temporaries (one buffer of tens to hundreds of MiB) anew on every execution from its
   worker threads. Their malloc arenas cannot hold a block that large, so glibc maps it fresh each time and the kernel
-  faults it in one 4 KiB page at a time (93,000 faults a LLaMA step). With glibc.malloc.hugetlb=1 malloc asks the
-  kernel for 2 MiB pages (madvise MADV_HUGEPAGE), 512 times fewer faults. glibc reads its tunables only when a
-  process starts, hence relaunch_with_huge_pages."""
+  faults it in one 4 KiB page at a time. With glibc.malloc.hugetlb=1 malloc asks the kernel for 2 MiB pages (madvise
+  MADV_HUGEPAGE): a float32 LLaMA step of benchmarks/train_throughput.py faulted 92,800 times without, 600 with.
+  glibc reads its tunables only when a process starts, hence relaunch_with_huge_pages."""
   env = dict(os.environ if environ is None else environ)
   tunables = env.get('GLIBC_TUNABLES', '')
-  if (env.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux') or
-      'glibc.malloc.hugetlb' in tunables or _glibc_version() < (2, 35) or thp_mode() != 'madvise'):
+  if (_glibc_defaults_wanted(env) or 'glibc.malloc.hugetlb' in tunables or _glibc_version() < (2, 35) or
+      thp_mode() != 'madvise'):
     return None
   env['GLIBC_TUNABLES'] = f'{tunables}:{_HUGE_PAGES}' if tunables else _HUGE_PAGES
   return env
@@ -82,6 +82,18 @@ def relaunch_with_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
   except OSError:
     return
+
+
+def start_job() -> None:
+  """First thing in a command-line job's __main__: the restart under huge pages, then the device pool's size, both
+  before JAX starts its CPU client."""
+  relaunch_with_huge_pages()
+  size_host_device_pool()
+
+
+def _glibc_defaults_wanted(env) -> bool:
+  """LMLAB_MALLOC=system in env, or not Linux (no glibc malloc to tune)."""
+  return env.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux')
 
 
 def _glibc_version() -> tuple[int, ...]:
