@@ -27,9 +27,9 @@ process may use; --torch_threads=1,2 measures torch at each count (on a loaded m
       [--zero_shot_limit=0] [--in_context_limit=200] [--shots=4] [--max_new_tokens=32] [--json]
       [--dtype=float32|bfloat16]
 
-Both sides run in this one process under the malloc settings lmlab's command-line jobs restart themselves with
-(train/core/host.py: glibc.malloc.hugetlb=1 where glibc and the kernel allow it; LMLAB_MALLOC=system leaves glibc's
-defaults), printed with the CPU.
+Both sides run in this one process, started as lmlab's command-line jobs start (train/core/host.py start_job:
+single-device programs run inline, malloc keeps freed memory; LMLAB_MALLOC=system leaves glibc's defaults), printed
+with the CPU.
 
 --dtype=bfloat16 runs both sides in bfloat16, weights included (lmlab: ModelConfig dtype and param_dtype bfloat16;
 torch: the models .to(torch.bfloat16)); on a CPU with AMX both run their matmuls on its tiles.
@@ -408,5 +408,5 @@ def main():
 
 
 if __name__ == '__main__':
-  host.relaunch_with_huge_pages()  # as lmlab's jobs run (train/core/host.py); torch, in this process, gets it too
+  host.start_job()  # as lmlab's jobs start (train/core/host.py); torch, in this process, gets the tuned malloc too
   main()

@@ -1,6 +1,6 @@
 """What a benchmark ran on, printed beside its figures: the CPU model, its vector extensions (AVX-512, AMX: the
 instructions oneDNN/MKL and XLA's CPU backend pick kernels by), the cores this process may use, the load average,
-any XLA_FLAGS and glibc's tunables (train/core/host.py: the jobs run malloc with huge pages), so that a row measured
+any XLA_FLAGS and glibc's tunables, so that a row measured
 on one machine is never read as another's.
 
   python benchmarks/machine.py     # the one line

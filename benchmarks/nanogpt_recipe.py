@@ -226,4 +226,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from train.core import host  # noqa: E402
+  host.start_job()  # lmlab in this process starts as its command-line jobs do (train/core/host.py)
   app.run(main)

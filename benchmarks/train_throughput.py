@@ -20,15 +20,13 @@ Flax script from ../shared/bench, and prints lmlab's ratio to each. Measure on a
 optimizer, against torch.autocast bfloat16 in benchmarks/torch_autocast_reference.py; no plain Flax row): on a CPU
 with AMX both sides' matmuls run on its bfloat16 tiles. The CPU model and its extensions are printed with the table.
 
-Memory: lmlab's processes run under the malloc settings its command-line jobs restart themselves with
-(train/core/host.py relaunch_with_huge_pages: glibc.malloc.hugetlb=1 where glibc and the kernel allow it), torch's and
-plain Flax's under the environment this script was given, as their users run them; --reference_malloc=same runs
-them under lmlab's settings too. The faults column is lmlab's minor page faults per timed step.
+lmlab's processes start as its command-line jobs do (train/core/host.py start_job: single-device programs run inline,
+malloc keeps freed memory), torch's and plain Flax's under the environment this script was given, as their users run
+them. The faults column is lmlab's minor page faults per timed step.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -216,25 +214,18 @@ def matmul_peak() -> float:
   return 2 * n ** 3 / min(ts) / 1e9
 
 
-def lmlab_environment() -> dict:
-  """The environment lmlab's command-line jobs run under (they restart themselves into it: train/core/host.py)."""
-  return host.huge_pages_environment() or dict(os.environ)
-
-
 def lmlab_runs(name, procs, cache_dir, dtype='float32') -> list[dict]:
   cmd = [sys.executable, __file__, f'--worker={name}', f'--steps={TIMED_STEPS[name]}', f'--dtype={dtype}']
   if cache_dir:
     cmd.append(f'--cache_dir={cache_dir}')
-  env = lmlab_environment()
-  return [run_json(cmd, env=env) for _ in range(procs)]
+  return [run_json(cmd) for _ in range(procs)]
 
 
-def reference_runs(name, procs, compile_ref, dtype='float32', env=None) -> dict[str, list[dict]]:
+def reference_runs(name, procs, compile_ref, dtype='float32') -> dict[str, list[dict]]:
   """torch eager (+ torch.compile) and plain Flax on the same config, from ../shared/bench or our torch script;
-  in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py). env: their environment (None:
-  this process's)."""
+  in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py)."""
   out = {}
-  run = functools.partial(run_json, env=env)
+  run = run_json
   if dtype == 'bfloat16':
     script = str(ROOT / 'benchmarks' / 'torch_autocast_reference.py')
     return {'torch-autocast': [run([sys.executable, script, name]) for _ in range(procs)]}
@@ -254,11 +245,8 @@ def reference_runs(name, procs, compile_ref, dtype='float32', env=None) -> dict[
   return out
 
 
-def malloc_line(reference_malloc: str) -> str:
-  """Which glibc tunables each side ran under."""
-  mine = lmlab_environment().get('GLIBC_TUNABLES', '')
-  given = mine if reference_malloc == 'same' else os.environ.get('GLIBC_TUNABLES', '')
-  return f'GLIBC_TUNABLES: lmlab {mine!r}, references {given!r} (transparent huge pages: {host.thp_mode() or "none"})'
+MALLOC_LINE = ("lmlab's processes start as its jobs do (train/core/host.py start_job: single-device programs inline, "
+               'malloc keeps freed memory); the references as given')
 
 
 def summary(runs: list[dict]) -> dict:
@@ -279,8 +267,6 @@ def main():
   p.add_argument('--procs', type=int, default=3, help='processes per measurement (median and range over them)')
   p.add_argument('--reference', action='store_true', help='also run torch eager and plain Flax in this invocation')
   p.add_argument('--compile_reference', action='store_true', help='with --reference: torch.compile too')
-  p.add_argument('--reference_malloc', default='given', choices=('given', 'same'),
-                 help="the references' environment: as given to this script, or the malloc settings lmlab's run with")
   p.add_argument('--cache_dir', default=None, help="jax's persistent compilation cache for lmlab's processes")
   p.add_argument('--json', action='store_true', help='print one JSON document instead of the table')
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -289,6 +275,7 @@ def main():
   p.add_argument('--steps', type=int, default=None, help=argparse.SUPPRESS)
   a = p.parse_args()
   if a.worker:
+    host.start_job()  # as lmlab's command-line jobs start, before JAX does
     print(json.dumps(worker(a.worker, a.steps or TIMED_STEPS[a.worker], a.cache_dir, a.dtype)), flush=True)
     return
   names = [n for n in a.configs.split(',') if n]
@@ -296,15 +283,14 @@ def main():
   if unknown:
     p.error(f'--configs: unknown {unknown}; known: {sorted(CONFIGS)}')
   peak = matmul_peak()
-  results = {'machine': machine.describe(), 'dtype': a.dtype, 'malloc': malloc_line(a.reference_malloc),
+  results = {'machine': machine.describe(), 'dtype': a.dtype, 'malloc': MALLOC_LINE,
              'matmul_gflops': peak, 'uptime': os.getloadavg(),
              'configs': {}}
   for name in names:
     t0 = time.perf_counter()
     entry = {'lmlab': summary(lmlab_runs(name, a.procs, a.cache_dir, a.dtype))}
     if a.reference:
-      env = lmlab_environment() if a.reference_malloc == 'same' else None
-      runs = reference_runs(name, a.procs, a.compile_reference, a.dtype, env)
+      runs = reference_runs(name, a.procs, a.compile_reference, a.dtype)
       entry.update({k: summary(v) for k, v in runs.items()})
     entry['mfu_lmlab'] = entry['lmlab'].get('tok_s', 0) * flops_per_step(
         CONFIGS[name]) / (CONFIGS[name]['B'] * CONFIGS[name]['T']) / 1e9 / peak

@@ -1,5 +1,5 @@
-"""What every test shares: one persistent JAX compilation cache for the whole suite, glibc's malloc tunables as the
-jobs set them, and the longest modules first.
+"""What every test shares: one persistent JAX compilation cache for the whole suite, programs run inline and malloc
+tuned as the jobs set them, and the longest modules first.
 
 The xdist workers and the `python -m train.main` subprocesses the CLI tests start inherit JAX_COMPILATION_CACHE_DIR,
 so a program the suite has compiled once (the runlocal train and eval steps most of them run) is read back instead
@@ -19,11 +19,10 @@ from train.core import host
 
 def pytest_configure(config):
   del config
-  # glibc's malloc tunables as the command-line jobs run with (train/core/host.py): the xdist workers and the CLI
-  # subprocesses start with them instead of restarting themselves
-  huge_pages = host.huge_pages_environment()
-  if huge_pages:
-    os.environ['GLIBC_TUNABLES'] = huge_pages['GLIBC_TUNABLES']
+  # programs run inline and malloc tuned, as in the command-line jobs (train/core/host.py start_job); this runs in
+  # every xdist worker before its tests start JAX's CPU client, and the CLI subprocesses set it themselves
+  host.run_programs_inline()
+  host.tune_allocator()
   if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
     return
   path = os.path.join(tempfile.gettempdir(), f'lmlab-tests-jax-cache-{os.getuid()}')

@@ -1,5 +1,5 @@
-"""train/core/host.py: the thread pool a process that splits its CPU into several devices asks XLA for, and the
-restart under glibc's huge-page tunable.
+"""train/core/host.py: the thread pool a process that splits its CPU into several devices asks XLA for, and programs
+run inline so that a step's buffers are reused instead of faulted in afresh.
 
 XLA:CPU sizes the pool that runs every device's share of a program (and the launch of the next one) from NPROC when it
 is set, else max(cores, devices); with max(2 cores, 8 devices) threads a 2x2x2 mesh on 2 loaded cores deadlocked in a
@@ -7,6 +7,7 @@ collective in 3 of 5 runs (colabs/sharding.ipynb, XLA's "Termination timeout ...
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,60 +37,77 @@ def test_nproc_is_four_threads_per_fake_device_unless_the_user_set_it(monkeypatc
   assert returned == (None if nproc or expected is None else int(expected))
 
 
-def test_the_command_line_jobs_set_it_before_jax_starts_its_cpu_client_and_restart_once_for_huge_pages():
+def test_the_command_line_jobs_set_it_before_jax_starts_its_cpu_client():
   """train.main in a fresh interpreter with 8 fake devices: the CPU client it starts sees NPROC (read at client start),
   so the pool XLA makes has 32 threads (more on a host with more cores); asserted through the environment the job's
-  own process ends with. Where glibc and the kernel allow it, the job first restarted itself once (the command runs
-  twice, not more) with glibc.malloc.hugetlb=1, the user's other tunables kept."""
+  own process ends with, and the dispatch setting JAX starts its client with."""
   code = ('import runpy, sys, os\n'
-          'print("start", flush=True)\n'
           'sys.argv = ["train.main", "--helpfull"]\n'
           'try:\n'
           '  runpy.run_module("train.main", run_name="__main__")\n'
           'except SystemExit:\n'
           '  pass\n'
+          'import jax\n'
           'print("NPROC=" + os.environ.get("NPROC", ""))\n'
-          'print("GLIBC_TUNABLES=" + os.environ.get("GLIBC_TUNABLES", ""))\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu',
-             GLIBC_TUNABLES='glibc.malloc.perturb=0')
+          'print("async=" + str(jax.config._read("jax_cpu_enable_async_dispatch")))\n')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
   env.pop('NPROC', None)
-  env.pop('LMLAB_MALLOC', None)
-  relaunched = host.huge_pages_environment(env)
+  env.pop('JAX_CPU_ENABLE_ASYNC_DISPATCH', None)
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   lines = out.stdout.strip().splitlines()
   want = f'NPROC={max(32, os.cpu_count())}'  # 4 threads per device, or every core where there are more
-  assert lines[-2] == want, out.stdout[-2000:] + out.stderr[-2000:]
-  tunables = relaunched['GLIBC_TUNABLES'] if relaunched else 'glibc.malloc.perturb=0'
-  assert lines[-1] == f'GLIBC_TUNABLES={tunables}', out.stdout[-2000:]
-  assert lines.count('start') == (2 if relaunched else 1), out.stdout[-2000:]
+  assert lines[-2:] == [want, 'async=False'], out.stdout[-2000:] + out.stderr[-2000:]
 
 
-@pytest.mark.parametrize('environ, thp, glibc, expected', [
-    ({}, 'madvise', (2, 36), 'glibc.malloc.hugetlb=1'),
-    ({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, 'madvise', (2, 35),
-     'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'),  # the user's tunables kept
-    ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, 'madvise', (2, 36), None),  # the user's own choice
-    ({'LMLAB_MALLOC': 'system'}, 'madvise', (2, 36), None),
-    ({}, 'always', (2, 36), None),  # every large mapping gets huge pages already
-    ({}, 'never', (2, 36), None),
-    ({}, '', (2, 36), None),  # no THP in this kernel
-    ({}, 'madvise', (2, 34), None),  # the tunable came with glibc 2.35
-    ({}, 'madvise', (), None),  # musl and other C libraries
-])
-def test_huge_pages_environment_adds_the_tunable_only_where_it_changes_something(
-    monkeypatch, environ, thp, glibc, expected):
-  monkeypatch.setattr(host, 'thp_mode', lambda: thp)
-  monkeypatch.setattr(host, '_glibc_version', lambda: glibc)
-  monkeypatch.setattr(sys, 'platform', 'linux')
-  env = host.huge_pages_environment(dict(environ, PATH='/bin'))
-  if expected is None:
-    assert env is None
-  else:
-    assert env['GLIBC_TUNABLES'] == expected and env['PATH'] == '/bin'
+_FAULTS = """
+import json, resource
+from train.core import host
+host.start_job()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: (jnp.tanh(x @ x.T) @ x).sum())  # an [N, N] float32 temporary of 81 MiB
+x = jnp.ones((4608, 256), jnp.float32) / 256
+for _ in range(2):
+  f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+  f(x).block_until_ready()
+print(json.dumps({'faults': (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3,
+                  'async': jax.config._read('jax_cpu_enable_async_dispatch')}))
+"""
 
 
-def test_thp_mode_reads_the_bracketed_word(tmp_path):
-  path = tmp_path / 'enabled'
-  path.write_text('always [madvise] never\n')
-  assert host.thp_mode(str(path)) == 'madvise'
-  assert host.thp_mode(str(tmp_path / 'missing')) == ''
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="glibc's malloc and Linux's fault counts")
+def test_a_jobs_program_reuses_its_temporary_instead_of_faulting_it_in_on_every_call():
+  """A program with an 81 MiB temporary after host.start_job(): run inline, the buffer comes from the caller's heap,
+  which tune_allocator keeps, so calls after the first fault (next to) no pages. Under JAX's asynchronous dispatch
+  (JAX_CPU_ENABLE_ASYNC_DISPATCH=true keeps it) a worker thread's arena cannot hold the block and maps it afresh:
+  20,700 faults a call on a kernel whose transparent huge pages are 'madvise' or 'never', far fewer under 'always'."""
+  runs = {}
+  for keep_async in ('', 'true'):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_CPU_ENABLE_ASYNC_DISPATCH=keep_async)
+    env.pop('LMLAB_MALLOC', None)
+    out = subprocess.run([sys.executable, '-c', _FAULTS], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs[keep_async] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert runs['']['async'] is False and runs['true']['async'] is True, runs
+  assert runs['']['faults'] < 500, runs  # 81 MiB in 4 KiB pages would be 20,736
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      always = '[always]' in f.read()
+  except OSError:
+    always = False
+  if not always:
+    assert runs['true']['faults'] > 10_000, runs  # what inline dispatch saves, so this test can tell the two apart
+
+
+def test_run_programs_inline_keeps_the_users_asynchronous_dispatch(monkeypatch):
+  import jax
+  before = jax.config._read('jax_cpu_enable_async_dispatch')
+  try:
+    monkeypatch.setenv('JAX_CPU_ENABLE_ASYNC_DISPATCH', 'true')
+    assert host.run_programs_inline() is False and jax.config._read('jax_cpu_enable_async_dispatch') is True
+    monkeypatch.delenv('JAX_CPU_ENABLE_ASYNC_DISPATCH')
+    assert host.run_programs_inline() is True and jax.config._read('jax_cpu_enable_async_dispatch') is False
+  finally:
+    jax.config.update('jax_cpu_enable_async_dispatch', before)  # this process's client has started: no effect there

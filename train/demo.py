@@ -54,5 +54,5 @@ def main():
 
 
 if __name__ == '__main__':
-  host.start_job()  # malloc's huge pages and the device pool, before JAX starts (train/core/host.py)
+  host.start_job()  # the device pool, programs run inline, malloc tuned, before JAX starts (train/core/host.py)
   sys.exit(main())

@@ -17,7 +17,7 @@ from train.core import host
 def main(argv=None) -> int:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  # after host.start_job's restart, not before it: JAX and the models load once
+  # after host.start_job, which sets what JAX reads when it is imported (train/core/host.py)
   from train.core.evaluation import evaluate_prompt, evaluate_run  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string(
       'from', None, 'A fine-tuning run (its workdir); with --config, any checkpoint (an lmlab run, a '
@@ -51,5 +51,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  host.start_job()  # malloc's huge pages and the device pool, before JAX starts (train/core/host.py)
+  host.start_job()  # the device pool, programs run inline, malloc tuned, before JAX starts (train/core/host.py)
   sys.exit(main())

@@ -87,6 +87,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host.start_job()  # malloc's huge pages and the device pool, before JAX starts (train/core/host.py)
+  host.start_job()  # the device pool, programs run inline, malloc tuned, before JAX starts (train/core/host.py)
   logging.set_verbosity(logging.WARNING)
   app.run(lambda argv: sys.exit(main(argv)))

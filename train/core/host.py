@@ -1,16 +1,21 @@
-"""Process-wide settings for running XLA on a CPU host, applied once before a train step is compiled.
+"""Process-wide settings for running XLA on a CPU host, applied once at a job's start (`start_job`).
 
 The allocator: glibc's malloc hands every request above its mmap threshold (at most 32 MiB) a fresh mmap and gives it
-back with munmap on free. XLA:CPU allocates a step's temporaries (activations kept for the backward pass, logits, the
-scan's stacked residuals: tens to hundreds of MiB each) anew on every execution, so every step page-faults and has the
-kernel zero all of that memory again before the first byte is computed. `tune_allocator` makes malloc serve large
-requests from its heap and keep freed memory for the next step instead (mallopt: no mmap, no trimming), which is what
-a caching allocator does for torch and what TCMalloc does for TensorFlow. The process then keeps its peak heap until
-it exits. That covers the main thread's arena only: XLA allocates from its worker threads, whose arenas cannot hold a
-block above 64 MiB, so their largest requests are still mapped fresh on every execution. The command-line jobs
-therefore restart themselves once at start-up under glibc.malloc.hugetlb=1 (`relaunch_with_huge_pages`), which has
-the kernel back those blocks with 2 MiB pages instead of 4 KiB ones. LMLAB_MALLOC=system in the environment leaves
-glibc's defaults alone (no mallopt, no restart).
+back with munmap on free. XLA:CPU allocates a program's temporaries (activations kept for the backward pass, logits,
+the scan's stacked residuals: tens to hundreds of MiB each) anew on every execution, so every step page-faulted and
+had the kernel zero all of that memory again before the first byte was computed. `tune_allocator` makes malloc serve
+large requests from its heap and keep freed memory for the next step instead (mallopt: no mmap, no trimming), which
+is what a caching allocator does for torch and what TCMalloc does for TensorFlow. The process then keeps its peak heap
+until it exits. LMLAB_MALLOC=system in the environment leaves glibc's defaults alone.
+
+That holds for the thread that allocates: a glibc thread arena cannot hold a block above 64 MiB. With JAX's
+asynchronous dispatch XLA:CPU runs each program on a worker thread, which maps its largest blocks fresh on every
+execution whatever mallopt says (a float32 LLaMA step of benchmarks/train_throughput.py: 92,800 page faults).
+`run_programs_inline` turns that dispatch off for single-device programs (jax_cpu_enable_async_dispatch; programs
+over several devices stay asynchronous): the calling thread runs the program, its buffers come from the heap above
+and are reused, 0 faults a step. The host then cannot queue the next step while one runs, which on a CPU, whose cores
+the host shares with XLA, cost nothing measured (the nanoGPT recipe's loop, docs/results.md).
+JAX_CPU_ENABLE_ASYNC_DISPATCH=true in the environment keeps JAX's asynchronous dispatch.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import sys
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 _applied: bool | None = None
-_HUGE_PAGES = 'glibc.malloc.hugetlb=1'  # a glibc tunable (2.35+): MADV_HUGEPAGE on what malloc maps
+_ASYNC_DISPATCH = 'JAX_CPU_ENABLE_ASYNC_DISPATCH'  # true: keep JAX's asynchronous CPU dispatch (run_programs_inline)
 _cache_dir: str | None = None  # the compilation cache this module set (a later run in the process moves it)
 
 
@@ -48,71 +53,27 @@ def tune_allocator() -> bool:
   return _applied
 
 
-def huge_pages_environment(environ: dict | None = None) -> dict | None:
-  """The environment under which glibc's malloc backs large blocks with transparent huge pages, or None when the
-  process already runs that way or cannot: not Linux, glibc older than 2.35, the kernel's THP mode not 'madvise'
-  ('always' backs them already, 'never' not at all), GLIBC_TUNABLES already naming glibc.malloc.hugetlb, or
-  LMLAB_MALLOC=system.
-
-  XLA:CPU allocates a step's temporaries (one buffer of tens to hundreds of MiB) anew on every execution from its
-  worker threads. Their malloc arenas cannot hold a block that large, so glibc maps it fresh each time and the kernel
-  faults it in one 4 KiB page at a time. With glibc.malloc.hugetlb=1 malloc asks the kernel for 2 MiB pages (madvise
-  MADV_HUGEPAGE): a float32 LLaMA step of benchmarks/train_throughput.py faulted 92,800 times without, 600 with.
-  glibc reads its tunables only when a process starts, hence relaunch_with_huge_pages."""
-  env = dict(os.environ if environ is None else environ)
-  tunables = env.get('GLIBC_TUNABLES', '')
-  if (_glibc_defaults_wanted(env) or 'glibc.malloc.hugetlb' in tunables or _glibc_version() < (2, 35) or
-      thp_mode() != 'madvise'):
-    return None
-  env['GLIBC_TUNABLES'] = f'{tunables}:{_HUGE_PAGES}' if tunables else _HUGE_PAGES
-  return env
-
-
-def relaunch_with_huge_pages() -> None:
-  """Restarts this command-line job (the same interpreter, flags and arguments, the same process id) under
-  huge_pages_environment() when that changes anything; call first thing in a job's __main__. Returns when it does
-  not, and when the restart cannot be made (no sys.orig_argv, exec refused), running on as it was."""
-  env = huge_pages_environment()
-  argv = getattr(sys, 'orig_argv', None)
-  if env is None or not argv or not sys.executable:
-    return
-  sys.stdout.flush()
-  sys.stderr.flush()
-  try:
-    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
-  except OSError:
-    return
+def run_programs_inline() -> bool:
+  """XLA:CPU runs each single-device program in the thread that calls it (jax_cpu_enable_async_dispatch=False); call
+  before JAX starts its CPU client. JAX_CPU_ENABLE_ASYNC_DISPATCH=true in the environment keeps JAX's asynchronous
+  dispatch instead (JAX itself reads no variable for it). -> True if programs run inline."""
+  import jax  # pylint: disable=g-import-not-at-top
+  keep_async = os.environ.get(_ASYNC_DISPATCH, '').strip().lower() in ('1', 'true', 'yes', 'on')
+  jax.config.update('jax_cpu_enable_async_dispatch', keep_async)
+  return not keep_async
 
 
 def start_job() -> None:
-  """First thing in a command-line job's __main__: the restart under huge pages, then the device pool's size, both
-  before JAX starts its CPU client."""
-  relaunch_with_huge_pages()
+  """First thing in a command-line job's __main__, before JAX starts its CPU client: the device pool's size, programs
+  run inline and the allocator tuned (see the module's docstring)."""
   size_host_device_pool()
+  run_programs_inline()
+  tune_allocator()
 
 
 def _glibc_defaults_wanted(env) -> bool:
   """LMLAB_MALLOC=system in env, or not Linux (no glibc malloc to tune)."""
   return env.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux')
-
-
-def _glibc_version() -> tuple[int, ...]:
-  """(2, 36) for glibc 2.36; () for another C library."""
-  try:
-    name, version = os.confstr('CS_GNU_LIBC_VERSION').split()
-    return tuple(int(x) for x in version.split('.')[:2]) if name == 'glibc' else ()
-  except (AttributeError, ValueError, OSError):
-    return ()
-
-
-def thp_mode(path: str = '/sys/kernel/mm/transparent_hugepage/enabled') -> str:
-  """'always', 'madvise' or 'never' (the bracketed word of the kernel's setting); '' where there is none."""
-  try:
-    with open(path) as f:
-      match = re.search(r'\[(\w+)\]', f.read())
-  except OSError:
-    return ''
-  return match.group(1) if match else ''
 
 
 def size_host_device_pool() -> int | None:

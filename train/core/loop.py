@@ -4,6 +4,8 @@ drives.
 
 Steps are dispatched asynchronously, but the loop waits for the step before last before it goes on, so at most two
 steps are queued: a signal (train/core/signals.py) is honoured within two steps, and the queued batches hold little memory.
+(The command-line jobs run a single CPU device's programs inline, train/core/host.py: there a step's call returns
+when it is done.)
 """
 from __future__ import annotations
 
