@@ -75,6 +75,8 @@ def main() -> None:
   with open(spec_path) as f:
     spec = json.load(f)
   _die_with_parent(int(spec['parent']))
+  from train.core import host  # pylint: disable=g-import-not-at-top
+  host.start_job()  # as the command-line jobs start, before JAX does (train/core/host.py)
   from train.selection import search  # pylint: disable=g-import-not-at-top
   try:
     result = run(spec)
