@@ -225,23 +225,22 @@ def reference_runs(name, procs, compile_ref, dtype='float32') -> dict[str, list[
   """torch eager (+ torch.compile) and plain Flax on the same config, from ../shared/bench or our torch script;
   in bfloat16, torch eager under autocast (benchmarks/torch_autocast_reference.py)."""
   out = {}
-  run = run_json
   if dtype == 'bfloat16':
     script = str(ROOT / 'benchmarks' / 'torch_autocast_reference.py')
-    return {'torch-autocast': [run([sys.executable, script, name]) for _ in range(procs)]}
+    return {'torch-autocast': [run_json([sys.executable, script, name]) for _ in range(procs)]}
   if name in ('a', 'b', 'c', 'd'):
     if not SHARED_BENCH.exists():
       return {'torch-eager': [{'error': [f'{SHARED_BENCH} not found']}]}
     base = [sys.executable]
-    out['torch-eager'] = [run(base + ['torch_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
+    out['torch-eager'] = [run_json(base + ['torch_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
     if compile_ref:
-      out['torch-compile'] = [run(base + ['torch_train_bench.py', name, '--compile'], cwd=SHARED_BENCH)]
-    out['plain-flax'] = [run(base + ['jax_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
+      out['torch-compile'] = [run_json(base + ['torch_train_bench.py', name, '--compile'], cwd=SHARED_BENCH)]
+    out['plain-flax'] = [run_json(base + ['jax_train_bench.py', name], cwd=SHARED_BENCH) for _ in range(procs)]
   else:
     script = str(ROOT / 'benchmarks' / 'torch_models_reference.py')
-    out['torch-eager'] = [run([sys.executable, script, name]) for _ in range(procs)]
+    out['torch-eager'] = [run_json([sys.executable, script, name]) for _ in range(procs)]
     if compile_ref:
-      out['torch-compile'] = [run([sys.executable, script, name, '--compile'])]
+      out['torch-compile'] = [run_json([sys.executable, script, name, '--compile'])]
   return out
 
 

@@ -38,8 +38,8 @@ def tune_allocator() -> bool:
   if _applied is not None:
     return _applied
   _applied = False
-  if _glibc_defaults_wanted(os.environ):
-    return _applied
+  if os.environ.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux'):
+    return _applied  # glibc's defaults asked for, or no glibc malloc to tune
   try:
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
     mallopt = libc.mallopt
@@ -69,11 +69,6 @@ def start_job() -> None:
   size_host_device_pool()
   run_programs_inline()
   tune_allocator()
-
-
-def _glibc_defaults_wanted(env) -> bool:
-  """LMLAB_MALLOC=system in env, or not Linux (no glibc malloc to tune)."""
-  return env.get('LMLAB_MALLOC', '').lower() == 'system' or not sys.platform.startswith('linux')
 
 
 def size_host_device_pool() -> int | None:
